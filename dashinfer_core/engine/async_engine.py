@@ -1,0 +1,165 @@
+"""AsyncEngine: the step loop on its own thread, one asyncio stream per request.
+
+Callers validate and tokenize in their own thread (bad input raises at once, before anything is
+queued); adds and aborts are handed to the loop thread, which owns the LLMEngine. Each step's
+outputs are pushed to the streams with `call_soon_threadsafe`. A stream closed early (client gone,
+task cancelled, `break` out of `async for`) aborts its request, which frees its blocks on the next
+loop turn. If the loop itself crashes, every pending stream gets EngineDeadError instead of hanging.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from ..config import EngineConfig
+from ..errors import DuplicateRequestError, EngineDeadError
+from ..outputs import RequestOutput
+from ..sampling_params import SamplingParams
+from .llm_engine import EngineStats, LLMEngine
+from .sequence import Request
+
+logger = logging.getLogger(__name__)
+
+
+class RequestFailedError(RuntimeError):
+    """The engine ended this request with an error; other requests are unaffected."""
+
+    def __init__(self, request_id: str, message: str):
+        self.request_id = request_id
+        super().__init__(f"request {request_id} failed: {message}")
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig | None = None, **engine_options):
+        self.engine = LLMEngine(config or EngineConfig.from_kwargs(**engine_options))
+        self.tokenizer = self.engine.tokenizer
+        self._cond = threading.Condition()
+        self._pending_adds: list[Request] = []
+        self._pending_aborts: list[str] = []
+        self._streams: dict[str, _Stream] = {}
+        self._dead: BaseException | None = None
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="dashinfer-step-loop", daemon=True)
+        self._thread.start()
+
+    # ---- public API ----------------------------------------------------------------------------
+    async def generate(self, prompt: str | list[int], sampling_params: SamplingParams | None = None,
+                       request_id: str | None = None, priority: int = 0) -> AsyncIterator[RequestOutput]:
+        """Stream RequestOutputs (with delta_text / delta_token_ids) until the request finishes."""
+        request_id = request_id or uuid.uuid4().hex
+        if self._dead is not None:
+            raise EngineDeadError(f"the engine's step loop has stopped: {self._dead}")
+        request = self.engine.build_request(request_id, prompt, sampling_params, priority)
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        with self._cond:
+            if request_id in self._streams:
+                raise DuplicateRequestError(request_id)
+            self._streams[request_id] = stream
+            self._pending_adds.append(request)
+            self._cond.notify()
+        finished = False
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                if item.error is not None:
+                    finished = True
+                    raise RequestFailedError(request_id, item.error)
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        with self._cond:
+            self._pending_aborts.append(request_id)
+            self._cond.notify()
+
+    def get_request_status(self, request_id: str) -> str | None:
+        with self._cond:
+            if any(r.request_id == request_id for r in self._pending_adds):
+                return "waiting"
+        return self.engine.get_request_status(request_id)
+
+    def get_stats(self) -> EngineStats:
+        return self.engine.stats()
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread.is_alive() and self._dead is None
+
+    def shutdown(self, timeout: float | None = 10.0) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join(timeout)
+
+    # ---- the loop thread -----------------------------------------------------------------------
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not (self._stopping or self._pending_adds or self._pending_aborts
+                               or self.engine.has_unfinished_requests()):
+                        self._cond.wait()
+                    if self._stopping:
+                        break
+                    adds, self._pending_adds = self._pending_adds, []
+                    aborts, self._pending_aborts = self._pending_aborts, []
+                for request in adds:
+                    try:
+                        self.engine.add(request)
+                    except Exception as exc:
+                        self._deliver_error(request.request_id, exc)
+                for request_id in aborts:
+                    out = self.engine.abort_request(request_id)
+                    if out is not None:
+                        self._deliver(out)
+                for out in self.engine.step():
+                    self._deliver(out)
+        except BaseException as exc:  # the loop is dead: fail everyone rather than hang them
+            logger.exception("the engine step loop crashed")
+            self._dead = exc
+        finally:
+            reason = self._dead or RuntimeError("engine shut down")
+            with self._cond:
+                pending = list(self._streams)
+            for request_id in pending:
+                self._deliver_error(request_id, EngineDeadError(f"the engine's step loop has stopped: {reason}"))
+
+    def _deliver(self, out: RequestOutput) -> None:
+        with self._cond:
+            stream = self._streams.get(out.request_id)
+            if stream is not None and out.finished:
+                del self._streams[out.request_id]
+        if stream is None:
+            return
+        try:
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
+        except RuntimeError:  # the caller's event loop is gone: nobody will read the rest
+            if not out.finished:
+                self.abort(out.request_id)
+
+    def _deliver_error(self, request_id: str, exc: BaseException) -> None:
+        with self._cond:
+            stream = self._streams.pop(request_id, None)
+        if stream is not None:
+            try:
+                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, exc)
+            except RuntimeError:
+                pass

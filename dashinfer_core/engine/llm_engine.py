@@ -1,0 +1,222 @@
+"""LLMEngine: validates and queues requests, and runs the step loop (schedule -> forward ->
+sample -> append/stop -> outputs -> free). Not thread-safe: AsyncEngine drives it from one thread.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from dataclasses import dataclass
+
+from ..cache.block_manager import BlockManager
+from ..config import EngineConfig
+from ..errors import DuplicateRequestError, InvalidParameterError, PromptTooLongError
+from ..outputs import RequestOutput
+from ..sampling_params import SamplingParams
+from .output_processor import OutputProcessor
+from .runner import ModelRunner, SampleRow
+from .scheduler import Scheduler
+from .sequence import Request, Sequence, SequenceStatus
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineStats:
+    num_blocks: int
+    num_free_blocks: int
+    num_running: int
+    num_waiting: int
+    num_preemptions: int
+    num_requests: int
+    num_steps: int
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig | None = None):
+        self.config = config or EngineConfig()
+        self.runner = ModelRunner(self.config)
+        self.tokenizer = load_tokenizer(self.config.tokenizer or self.runner.model_dir)
+        self.max_model_len = self.runner.max_model_len
+        self.vocab_size = self.runner.vocab_size
+        self.eos_token_ids = self.runner.model_cfg.eos_token_ids or tuple(
+            t for t in (self.tokenizer.eos_token_id,) if t is not None)
+        self.block_manager = BlockManager(self.runner.kv_cache.num_blocks, self.config.block_size)
+        budget = self.config.max_num_batched_tokens or (2048 if self.runner.device.type == "cuda" else 512)
+        self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, budget,
+                                   self.config.enable_chunked_prefill)
+        # HF tokenizers may reconfigure themselves inside encode(); the AsyncEngine encodes in the
+        # caller's thread while the loop thread decodes, so both go through this lock.
+        self.tokenizer_lock = threading.Lock()
+        self.output_processor = OutputProcessor(self.tokenizer, self.eos_token_ids, self.max_model_len,
+                                                self.tokenizer_lock)
+        self.requests: dict[str, Request] = {}
+        self._seed_rng = random.Random(self.config.seed)
+        self.num_steps = 0
+
+    # ---- requests ------------------------------------------------------------------------------
+    def build_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                      priority: int = 0) -> Request:
+        """Validate and tokenize; touches no engine state, so any thread may call it."""
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise InvalidParameterError("sampling_params", f"must be a SamplingParams, got {type(params).__name__}")
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidParameterError("prompt", "must not be empty")
+            with self.tokenizer_lock:
+                token_ids = self.tokenizer.encode(prompt)
+            prompt_text = prompt
+        else:
+            prompt_text, token_ids = None, list(prompt)
+            bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
+            if bad:
+                raise InvalidParameterError("prompt_token_ids", f"ids must be integers in [0, {self.vocab_size}), "
+                                            f"got {bad[0]!r}")
+        if not token_ids:
+            raise InvalidParameterError("prompt", "must not be empty (it has no tokens)")
+        if len(token_ids) >= self.max_model_len:
+            raise PromptTooLongError(len(token_ids), self.max_model_len)
+        if params.max_tokens > self.max_model_len:
+            raise InvalidParameterError("max_tokens", f"must be <= the context length {self.max_model_len}, "
+                                        f"got {params.max_tokens}")
+        if params.logprobs is not None and params.logprobs > self.config.max_logprobs:
+            raise InvalidParameterError("logprobs", f"must be <= {self.config.max_logprobs}, got {params.logprobs}")
+        bad_ids = [t for t in params.stop_token_ids if t >= self.vocab_size]
+        if bad_ids:
+            raise InvalidParameterError("stop_token_ids", f"ids must be < the vocabulary size {self.vocab_size}, "
+                                        f"got {bad_ids[0]}")
+        if not isinstance(priority, int):
+            raise InvalidParameterError("priority", f"must be an integer, got {priority!r}")
+        seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(47)
+        return Request(request_id=str(request_id), prompt=prompt_text, prompt_token_ids=token_ids,
+                       params=params, seed=seed, priority=priority)
+
+    def add(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise DuplicateRequestError(request.request_id)
+        self.requests[request.request_id] = request
+        seq = Sequence(request=request, index=0, token_ids=list(request.prompt_token_ids),
+                       num_prompt_tokens=len(request.prompt_token_ids))
+        request.sequences.append(seq)
+        self.scheduler.add(seq)
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                    priority: int = 0) -> Request:
+        if request_id in self.requests:
+            raise DuplicateRequestError(request_id)
+        request = self.build_request(request_id, prompt, params, priority)
+        self.add(request)
+        return request
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        for seq in request.sequences:
+            self.scheduler.remove(seq)
+            if not seq.is_finished:
+                self.output_processor.finish(seq, "abort")
+        request.forked = True  # never fork completions of an aborted request
+        while len(request.sequences) < request.params.n:  # unforked completions end as aborted too
+            child = self._new_child(request)
+            self.output_processor.finish(child, "abort")
+        return self.output_processor.make_output(request)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def get_request_status(self, request_id: str) -> str | None:
+        request = self.requests.get(request_id)
+        if request is None:
+            return None
+        if any(s.status is SequenceStatus.RUNNING for s in request.sequences):
+            return "running"
+        return "waiting"
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_blocks=self.block_manager.num_blocks, num_free_blocks=self.block_manager.num_free_blocks,
+            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            num_preemptions=self.scheduler.num_preemptions, num_requests=len(self.requests),
+            num_steps=self.num_steps)
+
+    # ---- the step ------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled batch; returns an output for every request that changed."""
+        batch = self.scheduler.schedule()
+        if batch.is_empty:
+            return []
+        self.num_steps += 1
+        rows: list[SampleRow] = []
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+            if seq.num_computed_tokens + n < seq.num_tokens:
+                continue  # a prefill chunk that does not reach the end yet
+            rows.append(SampleRow(seq, i))
+            request = seq.request
+            if request.params.n > 1 and not request.forked:
+                rows.extend(SampleRow(child, i) for child in self._fork(seq, n))
+        result = self.runner.execute(batch, rows)
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            seq.num_computed_tokens += n
+        touched: dict[str, Request] = {}
+        now = time.monotonic()
+        for k, row in enumerate(rows):
+            seq, request = row.seq, row.seq.request
+            touched[request.request_id] = request
+            if request.first_token_time is None:
+                request.first_token_time = now
+            try:
+                self.output_processor.append_token(seq, result.token_ids[k], _logprobs_of(result, k, seq))
+            except Exception as exc:  # one request's failure must not stop the others
+                logger.exception("request %s failed while processing its output", request.request_id)
+                request.error = f"{type(exc).__name__}: {exc}"
+                for s in request.sequences:
+                    if not s.is_finished:
+                        self.output_processor.finish(s, "error")
+        outputs = []
+        for request in touched.values():
+            for seq in request.sequences:
+                if seq.is_finished:
+                    self.scheduler.remove(seq)
+            outputs.append(self.output_processor.make_output(request))
+            if outputs[-1].finished:
+                self.requests.pop(request.request_id, None)
+        return outputs
+
+    def _fork(self, parent: Sequence, num_new: int) -> list[Sequence]:
+        """Completions 1..n-1 share the parent's blocks, including those this step fills."""
+        request = parent.request
+        request.forked = True
+        children = []
+        for _ in range(1, request.params.n):
+            child = self._new_child(request)
+            self.block_manager.fork(parent, child)
+            child.num_computed_tokens = parent.num_computed_tokens + num_new
+            self.scheduler.add_running(child)
+            children.append(child)
+        return children
+
+    @staticmethod
+    def _new_child(request: Request) -> Sequence:
+        child = Sequence(request=request, index=len(request.sequences), token_ids=list(request.prompt_token_ids),
+                         num_prompt_tokens=len(request.prompt_token_ids))
+        request.sequences.append(child)
+        return child
+
+
+def _logprobs_of(result, k: int, seq: Sequence) -> dict[int, float] | None:
+    wanted = seq.params.logprobs
+    if wanted is None or result.logprobs is None:
+        return None
+    entry = {result.token_ids[k]: result.logprobs[k]}
+    if wanted > 0:
+        for tok, lp in zip(result.top_token_ids[k][:wanted], result.top_logprobs[k][:wanted]):
+            entry.setdefault(tok, lp)
+    return entry
+
+
+def load_tokenizer(path):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(path))

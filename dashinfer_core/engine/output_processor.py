@@ -1,0 +1,123 @@
+"""After each sampled token: incremental detokenization, stop checks, and the RequestOutput deltas.
+
+Stop strings never reach the caller: text is searched for them as it grows, cut at the match, and
+while streaming the tail that could still become a stop string is held back until it cannot.
+"""
+from __future__ import annotations
+
+import time
+
+from ..outputs import CompletionOutput, RequestOutput
+from .sequence import Request, Sequence, SequenceStatus
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer, eos_token_ids: tuple[int, ...], max_model_len: int, tokenizer_lock):
+        self.tokenizer = tokenizer
+        self.tokenizer_lock = tokenizer_lock
+        self.eos_token_ids = set(eos_token_ids)
+        self.max_model_len = max_model_len
+
+    def append_token(self, seq: Sequence, token: int, logprobs: dict[int, float] | None = None) -> None:
+        params = seq.params
+        seq.token_ids.append(token)
+        if logprobs is not None:
+            seq.logprobs.append(logprobs)
+            seq.cumulative_logprob += logprobs.get(token, 0.0)
+        # EOS, stop ids and stop strings count only after min_tokens (the sampler bans the ids).
+        may_stop = seq.num_output_tokens > params.min_tokens
+        is_stop_token = (token in params.stop_token_ids) or (not params.ignore_eos and token in self.eos_token_ids)
+        if is_stop_token and may_stop:
+            self.finish(seq, "stop", stop_reason=token)
+            return
+        checked_len = len(seq.text)
+        self._detokenize(seq)
+        if params.stop and may_stop and self._check_stop_strings(seq, checked_len):
+            return
+        if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            self.finish(seq, "length")
+
+    @staticmethod
+    def finish(seq: Sequence, reason: str, stop_reason=None) -> None:
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        seq.stop_reason = stop_reason
+
+    # ---- text ----------------------------------------------------------------------------------
+    def _detokenize(self, seq: Sequence) -> None:
+        """Decode only a small window of recent tokens: text up to read_offset is final, and the
+        window from prefix_offset gives the tokenizer enough context to space words correctly."""
+        out = seq.output_token_ids
+        skip = seq.params.skip_special_tokens
+        with self.tokenizer_lock:
+            prefix = self.tokenizer.decode(out[seq.detok_prefix_offset:seq.detok_read_offset],
+                                           skip_special_tokens=skip)
+            full = self.tokenizer.decode(out[seq.detok_prefix_offset:], skip_special_tokens=skip)
+        # A trailing U+FFFD means a multi-byte character is still incomplete: wait for more tokens.
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            seq.text += full[len(prefix):]
+            seq.detok_prefix_offset = seq.detok_read_offset
+            seq.detok_read_offset = len(out)
+
+    def _check_stop_strings(self, seq: Sequence, checked_len: int) -> bool:
+        params = seq.params
+        # Only a match ending in the new text is new: earlier text was checked on earlier tokens.
+        start = max(0, checked_len - params.max_stop_len + 1)
+        best = None
+        for stop in params.stop:
+            idx = seq.text.find(stop, start)
+            if idx != -1 and (best is None or idx < best[0]):
+                best = (idx, stop)
+        if best is None:
+            return False
+        idx, stop = best
+        seq.text = seq.text[: idx + (len(stop) if params.include_stop_str_in_output else 0)]
+        self.finish(seq, "stop", stop_reason=stop)
+        return True
+
+    @staticmethod
+    def _sendable_text_len(seq: Sequence) -> int:
+        """Length of text safe to stream: all of it, minus a tail that is a prefix of a stop string."""
+        text, stops = seq.text, seq.params.stop
+        if seq.is_finished or not stops:
+            return len(text)
+        for k in range(min(seq.params.max_stop_len - 1, len(text)), 0, -1):
+            tail = text[-k:]
+            if any(s.startswith(tail) for s in stops):
+                return len(text) - k
+        return len(text)
+
+    # ---- outputs -------------------------------------------------------------------------------
+    def make_output(self, request: Request) -> RequestOutput:
+        completions = []
+        for seq in request.sequences:
+            sendable = max(self._sendable_text_len(seq), seq.num_text_sent)
+            out_ids = seq.output_token_ids
+            completions.append(CompletionOutput(
+                index=seq.index,
+                text=seq.text[:sendable],
+                token_ids=list(out_ids),
+                delta_text=seq.text[seq.num_text_sent:sendable],
+                delta_token_ids=out_ids[seq.num_tokens_sent:],
+                finish_reason=seq.finish_reason,
+                stop_reason=seq.stop_reason,
+                logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
+                cumulative_logprob=seq.cumulative_logprob if seq.params.logprobs is not None else None,
+            ))
+            seq.num_text_sent = sendable
+            seq.num_tokens_sent = len(out_ids)
+        finished = request.finished or request.error is not None
+        first = request.sequences[0] if request.sequences else None
+        return RequestOutput(
+            request_id=request.request_id,
+            prompt=request.prompt,
+            prompt_token_ids=request.prompt_token_ids,
+            outputs=completions,
+            finished=finished,
+            num_cached_tokens=first.num_cached_tokens if first else 0,
+            num_cpu_cached_tokens=first.num_cpu_cached_tokens if first else 0,
+            error=request.error,
+            arrival_time=request.arrival_time,
+            first_token_time=request.first_token_time,
+            finished_time=time.monotonic() if finished else None,
+        )

@@ -1,0 +1,203 @@
+"""ModelRunner: owns the model, the KV cache and the sampler; turns a scheduled batch into one
+flattened varlen forward and samples the next token of every sequence that completed its tokens.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..cache.kv_cache import KVCache, bytes_per_block
+from ..config import EngineConfig
+from ..layers.attention import AttentionMetadata, TorchAttention
+from ..layers.sampler import Sampler, SamplerOutput, SamplingTensors
+from ..loader import load_model, resolve_model_dir
+from .scheduler import ScheduledBatch
+from .sequence import Sequence
+
+logger = logging.getLogger(__name__)
+
+CPU_DEFAULT_KV_BYTES = 1 << 30
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        from ..errors import InvalidParameterError
+        raise InvalidParameterError("device", "CUDA was requested but torch sees no CUDA device")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[name]
+
+
+@dataclass
+class SampleRow:
+    """One token to draw: for `seq`, from the logits of the last token of batch entry `batch_index`."""
+    seq: Sequence
+    batch_index: int
+
+
+@dataclass
+class StepResult:
+    token_ids: list[int]
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[float]] | None = None
+    top_token_ids: list[list[int]] | None = None
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        if config.num_threads and self.device.type == "cpu":
+            torch.set_num_threads(config.num_threads)
+        self.model_dir = resolve_model_dir(config.model)
+        from ..models import load_model_config
+        model_cfg = load_model_config(self.model_dir)
+        max_len = config.max_model_len or model_cfg.max_position_embeddings
+        if model_cfg.sliding_window:
+            max_len = min(max_len, model_cfg.sliding_window)  # attention never reaches past it
+        self.model, self.model_cfg = load_model(self.model_dir, self.dtype, self.device, max_len)
+        self.vocab_size = self.model_cfg.vocab_size
+        self.block_size = config.block_size
+        self.kv_cache = self._allocate_kv_cache()
+        self.max_model_len = min(max_len, self.kv_cache.num_blocks * self.block_size)
+        if self.max_model_len < max_len:
+            logger.warning("KV cache holds %d tokens: max_model_len lowered from %d to %d",
+                           self.kv_cache.num_blocks * self.block_size, max_len, self.max_model_len)
+        self.attention = TorchAttention()
+        self.sampler = Sampler()
+
+    def _allocate_kv_cache(self) -> KVCache:
+        cfg = self.model_cfg
+        per_block = bytes_per_block(cfg.num_layers, self.block_size, cfg.num_kv_heads, cfg.head_dim, self.dtype)
+        budget = self.config.kv_cache_memory
+        if budget is None:
+            if self.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(self.device)
+                budget = int(free * self.config.gpu_memory_utilization)
+            else:
+                budget = CPU_DEFAULT_KV_BYTES
+        num_blocks = budget // per_block
+        if num_blocks < 1:
+            from ..errors import InvalidParameterError
+            raise InvalidParameterError("kv_cache_memory", f"{budget} bytes hold no KV block; one block of "
+                                        f"{self.block_size} tokens needs {per_block} bytes")
+        return KVCache(cfg.num_layers, num_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim,
+                       self.dtype, self.device)
+
+    # ---- one step ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch, rows: list[SampleRow]) -> StepResult | None:
+        self.kv_cache.copy_blocks(batch.block_copies)
+        input_ids, positions, meta = self._prepare_inputs(batch)
+        self.attention.prepare(meta, self.block_size)
+        hidden = self.model(input_ids, positions, self.kv_cache.layers, meta, self.attention)
+        if not rows:
+            return None
+        last_token = [meta.query_start_loc_host[r.batch_index + 1] - 1 for r in rows]
+        logits = self.model.compute_logits(hidden[torch.tensor(last_token, device=self.device)])
+        out = self.sampler(logits, self._sampling_tensors(rows))
+        return self._to_host(out)
+
+    def _prepare_inputs(self, batch: ScheduledBatch):
+        bs = self.block_size
+        token_chunks, position_chunks, slot_chunks, seq_lens = [], [], [], []
+        max_blocks = max(len(s.block_table) for s in batch.seqs)
+        block_tables = np.zeros((len(batch.seqs), max_blocks), dtype=np.int32)
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+            start = seq.num_computed_tokens
+            token_chunks.append(seq.token_ids[start:start + n])
+            positions = np.arange(start, start + n, dtype=np.int64)
+            table = np.asarray(seq.block_table, dtype=np.int64)
+            block_tables[i, :len(table)] = table
+            position_chunks.append(positions)
+            slot_chunks.append(table[positions // bs] * bs + positions % bs)
+            seq_lens.append(start + n)
+        query_start = np.zeros(len(batch.seqs) + 1, dtype=np.int64)
+        np.cumsum(batch.num_new_tokens, out=query_start[1:])
+        to_dev = lambda a, dt: torch.from_numpy(np.asarray(a)).to(device=self.device, dtype=dt)  # noqa: E731
+        input_ids = to_dev(np.fromiter((t for c in token_chunks for t in c), dtype=np.int64), torch.int64)
+        positions = to_dev(np.concatenate(position_chunks), torch.int64)
+        meta = AttentionMetadata(
+            slot_mapping=to_dev(np.concatenate(slot_chunks), torch.int64),
+            query_start_loc=to_dev(query_start, torch.int32),
+            seq_lens=to_dev(np.asarray(seq_lens), torch.int32),
+            block_tables=to_dev(block_tables, torch.int32),
+            num_decodes=batch.num_decodes,
+            max_seq_len=max(seq_lens),
+            max_query_len=max(batch.num_new_tokens),
+            query_start_loc_host=query_start.tolist(),
+            seq_lens_host=seq_lens,
+        )
+        return input_ids, positions, meta
+
+    def _sampling_tensors(self, rows: list[SampleRow]) -> SamplingTensors:
+        params = [r.seq.params for r in rows]
+        dev = self.device
+        greedy = [p.greedy for p in params]
+        vocab = self.vocab_size
+        t = SamplingTensors(
+            greedy=torch.tensor(greedy, device=dev),
+            temperature=torch.tensor([1.0 if g else p.temperature for g, p in zip(greedy, params)],
+                                     dtype=torch.float32, device=dev),
+            top_k=torch.tensor([vocab if p.top_k == -1 else min(p.top_k, vocab) for p in params], device=dev),
+            top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev),
+            min_p=torch.tensor([p.min_p for p in params], dtype=torch.float32, device=dev),
+            seeds=torch.tensor([r.seq.seed for r in rows], dtype=torch.int64, device=dev),
+            steps=torch.tensor([r.seq.num_output_tokens for r in rows], dtype=torch.int64, device=dev),
+            all_greedy=all(greedy),
+            use_top_k=any(p.top_k != -1 and not g for g, p in zip(greedy, params)),
+            use_top_p=any(p.top_p < 1.0 and not g for g, p in zip(greedy, params)),
+            use_min_p=any(p.min_p > 0.0 and not g for g, p in zip(greedy, params)),
+            num_logprobs=max((p.logprobs for p in params if p.logprobs is not None), default=-1),
+        )
+        if any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params):
+            self._add_penalties(t, rows)
+        banned = [(i, tok) for i, r in enumerate(rows) if r.seq.num_output_tokens < r.seq.params.min_tokens
+                  for tok in self._stop_ids(r.seq)]
+        if banned:
+            t.banned_rows = torch.tensor([b[0] for b in banned], device=dev)
+            t.banned_tokens = torch.tensor([b[1] for b in banned], device=dev)
+        return t
+
+    def _stop_ids(self, seq: Sequence) -> list[int]:
+        eos = [] if seq.params.ignore_eos else list(self.model_cfg.eos_token_ids)
+        return [t for t in eos + seq.params.stop_token_ids if t < self.vocab_size]
+
+    def _add_penalties(self, t: SamplingTensors, rows: list[SampleRow]) -> None:
+        dev, vocab = self.device, self.vocab_size
+
+        def padded(lists):
+            width = max(1, max(len(x) for x in lists))
+            arr = np.full((len(lists), width), vocab, dtype=np.int64)
+            for i, x in enumerate(lists):
+                arr[i, :len(x)] = x
+            return torch.from_numpy(arr).to(dev)
+
+        params = [r.seq.params for r in rows]
+        t.repetition_penalty = torch.tensor([p.repetition_penalty for p in params], dtype=torch.float32, device=dev)
+        t.presence_penalty = torch.tensor([p.presence_penalty for p in params], dtype=torch.float32, device=dev)
+        t.frequency_penalty = torch.tensor([p.frequency_penalty for p in params], dtype=torch.float32, device=dev)
+        t.prompt_and_output_ids = padded([r.seq.token_ids for r in rows])
+        t.output_ids = padded([r.seq.output_token_ids for r in rows])
+
+    @staticmethod
+    def _to_host(out: SamplerOutput) -> StepResult:
+        result = StepResult(token_ids=out.token_ids.tolist())
+        if out.logprobs is not None:
+            result.logprobs = out.logprobs.tolist()
+        if out.top_logprobs is not None:
+            result.top_logprobs = out.top_logprobs.tolist()
+            result.top_token_ids = out.top_token_ids.tolist()
+        return result

@@ -1,0 +1,149 @@
+"""Continuous-batching scheduler with chunked prefill and preemption by recompute.
+
+Each step it fills a token budget (`max_num_batched_tokens`) and a sequence cap (`max_num_seqs`):
+first the running sequences that decode (one token each), then running sequences part-way through
+their prompt (chunked prefill), then waiting sequences in (priority, arrival) order. When a running
+sequence needs a block and none is free, the lowest-priority, newest running sequence not yet in
+this step is preempted: its blocks are freed and it goes back to waiting, to be recomputed later
+from its tokens (prompt + what it already generated), which reproduces the same continuation.
+"""
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+from ..cache.block_manager import BlockManager
+from .sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledBatch:
+    seqs: list[Sequence]  # decodes first (one token each), then prefill chunks
+    num_new_tokens: list[int]
+    num_decodes: int
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.seqs
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 enable_chunked_prefill: bool = True):
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.enable_chunked_prefill = enable_chunked_prefill
+        self.waiting: list[Sequence] = []  # sorted by priority_key
+        self.running: list[Sequence] = []  # sorted by priority_key
+        self.num_preemptions = 0
+
+    # ---- queue management ----------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        bisect.insort(self.waiting, seq, key=lambda s: s.priority_key)
+
+    def add_running(self, seq: Sequence) -> None:
+        """A forked completion joins the running set directly (its prompt is computed)."""
+        seq.status = SequenceStatus.RUNNING
+        bisect.insort(self.running, seq, key=lambda s: s.priority_key)
+
+    def remove(self, seq: Sequence) -> None:
+        """Take a finished or aborted sequence out of the queues and free its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- one step ------------------------------------------------------------------------------
+    def schedule(self) -> ScheduledBatch:
+        budget = self.max_num_batched_tokens
+        batch = ScheduledBatch(seqs=[], num_new_tokens=[], num_decodes=0)
+        scheduled: set[int] = set()
+
+        decodes = [s for s in self.running if s.num_uncomputed_tokens == 1]
+        prefills = [s for s in self.running if s.num_uncomputed_tokens > 1]
+        for seq in decodes + prefills:
+            if budget == 0 or len(batch.seqs) >= self.max_num_seqs:
+                break
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # preempted earlier in this step
+            num_new = self._chunk(seq, budget)
+            if num_new == 0:
+                continue
+            if not self._allocate_or_preempt(seq, num_new, batch, scheduled):
+                continue  # seq itself was preempted
+            self._append(batch, seq, num_new, scheduled)
+            budget -= num_new
+
+        # Admit waiting sequences, unless this step had to preempt (no room to spare).
+        while self.waiting and not batch.preempted and budget > 0 and len(batch.seqs) < self.max_num_seqs:
+            seq = self.waiting[0]
+            num_new = self._chunk(seq, budget)
+            if num_new == 0:
+                break
+            if not self.block_manager.allocate(seq, seq.num_computed_tokens + num_new, batch.block_copies):
+                break
+            self.waiting.pop(0)
+            self.add_running(seq)
+            self._append(batch, seq, num_new, scheduled)
+            budget -= num_new
+        self._order_decodes_first(batch)
+        return batch
+
+    # ---- helpers -------------------------------------------------------------------------------
+    def _chunk(self, seq: Sequence, budget: int) -> int:
+        remaining = seq.num_uncomputed_tokens
+        if remaining <= budget:
+            return remaining
+        return budget if self.enable_chunked_prefill else 0
+
+    def _allocate_or_preempt(self, seq: Sequence, num_new: int, batch: ScheduledBatch,
+                             scheduled: set[int]) -> bool:
+        target = seq.num_computed_tokens + num_new
+        while not self.block_manager.allocate(seq, target, batch.block_copies):
+            victim = self._pick_victim(seq, scheduled)
+            self._preempt(victim, batch)
+            if victim is seq:
+                return False
+        return True
+
+    def _pick_victim(self, seq: Sequence, scheduled: set[int]) -> Sequence:
+        # running is sorted by priority_key: the last entry not yet scheduled is the least
+        # important and newest; if every other one is in the batch already, preempt seq itself.
+        for candidate in reversed(self.running):
+            if candidate is not seq and candidate.seq_id not in scheduled:
+                return candidate
+        return seq
+
+    def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        batch.preempted.append(seq)
+        self.add(seq)
+
+    @staticmethod
+    def _append(batch: ScheduledBatch, seq: Sequence, num_new: int, scheduled: set[int]) -> None:
+        batch.seqs.append(seq)
+        batch.num_new_tokens.append(num_new)
+        scheduled.add(seq.seq_id)
+
+    @staticmethod
+    def _order_decodes_first(batch: ScheduledBatch) -> None:
+        pairs = sorted(zip(batch.seqs, batch.num_new_tokens), key=lambda p: p[1] != 1)
+        batch.seqs = [p[0] for p in pairs]
+        batch.num_new_tokens = [p[1] for p in pairs]
+        batch.num_decodes = sum(1 for p in pairs if p[1] == 1)

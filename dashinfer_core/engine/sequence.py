@@ -1,0 +1,105 @@
+"""Request and sequence state.
+
+A Request is what a caller submitted; it owns `n` Sequences (one per completion). A Sequence holds
+its tokens (prompt + output), how many of them have K/V in the cache (`num_computed_tokens`), and
+its block table. Prefill, chunked prefill, decode and recompute after preemption are all the same
+thing: compute tokens [num_computed_tokens, len(token_ids)) and sample once all are computed.
+"""
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from dataclasses import dataclass, field
+
+from ..sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+_seq_counter = itertools.count()
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seed: int  # the request's seed, or one drawn for it when params.seed is None
+    priority: int = 0  # lower runs first (vLLM's convention)
+    arrival_time: float = field(default_factory=time.monotonic)
+    arrival_order: int = field(default_factory=lambda: next(_seq_counter))
+    sequences: list["Sequence"] = field(default_factory=list)
+    # Completions 1..n-1 are forked from completion 0 once the prompt is computed (they share its
+    # blocks), so the prompt is prefilled once.
+    forked: bool = False
+    error: str | None = None
+    first_token_time: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return len(self.sequences) == self.params.n and all(s.is_finished for s in self.sequences)
+
+
+@dataclass(eq=False)
+class Sequence:
+    request: Request
+    index: int  # which of the request's n completions
+    token_ids: list[int]
+    num_prompt_tokens: int
+    seq_id: int = field(default_factory=lambda: next(_seq_counter))
+    status: SequenceStatus = SequenceStatus.WAITING
+    num_computed_tokens: int = 0
+    block_table: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    # Prompt tokens whose K/V came from the prefix cache at admission (device tier, CPU tier).
+    num_cached_tokens: int = 0
+    num_cpu_cached_tokens: int = 0
+    num_preemptions: int = 0
+    # Output text state (see output_processor): text decoded so far, and how much was sent out.
+    text: str = ""
+    num_text_sent: int = 0
+    num_tokens_sent: int = 0
+    detok_prefix_offset: int = 0
+    detok_read_offset: int = 0
+    logprobs: list[dict[int, float]] = field(default_factory=list)
+    cumulative_logprob: float = 0.0
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.params
+
+    @property
+    def priority_key(self) -> tuple[int, int, int]:
+        return (self.request.priority, self.request.arrival_order, self.index)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    @property
+    def seed(self) -> int:
+        # Each completion of an n > 1 request samples from its own stream.
+        return (self.request.seed + 1_000_003 * self.index) & 0x7FFFFFFFFFFF

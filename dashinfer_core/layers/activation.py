@@ -1,0 +1,10 @@
+"""SiLU-and-mul: the gated MLP's activation on the fused [gate | up] projection."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up

@@ -1,0 +1,37 @@
+"""Linear layers. A merged linear holds several HF projections side by side (q|k|v, gate|up) so one
+matmul serves them; the loader fills each shard from its own HF tensor."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
+                 shard_sizes: tuple[int, ...] | None = None):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.shard_sizes = shard_sizes or (out_features,)
+        assert sum(self.shard_sizes) == out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
+
+    def shard_range(self, shard: int) -> tuple[int, int]:
+        start = sum(self.shard_sizes[:shard])
+        return start, start + self.shard_sizes[shard]
+
+    def load(self, name: str, tensor: torch.Tensor, shard: int = 0) -> None:
+        """Copy an HF weight or bias into shard `shard` of this layer."""
+        target = self.weight if name == "weight" else self.bias
+        if target is None:
+            raise ValueError(f"checkpoint has a bias for a layer built without one ({tensor.shape})")
+        start, end = self.shard_range(shard)
+        expected = (end - start,) + tuple(target.shape[1:])
+        if tuple(tensor.shape) != expected:
+            raise ValueError(f"{name} shard {shard}: checkpoint shape {tuple(tensor.shape)} != {expected}")
+        target.data[start:end].copy_(tensor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)

@@ -1,0 +1,132 @@
+"""Batched sampling on the device: penalties, greedy, temperature, min-p, top-k, top-p, logprobs.
+
+Randomness comes from a counter-based hash of (sequence seed, output index, token id) rather than a
+stateful generator, so a seeded request draws the same numbers whatever batch it shares, after a
+preemption and recompute, and on any device; and the whole batch is drawn in one vectorised op.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+
+
+@dataclass
+class SamplingTensors:
+    """Per-row sampling parameters for the rows that sample this step."""
+    greedy: torch.Tensor  # [S] bool
+    temperature: torch.Tensor  # [S] float32 (1.0 on greedy rows)
+    top_k: torch.Tensor  # [S] int64, vocab size when off
+    top_p: torch.Tensor  # [S] float32
+    min_p: torch.Tensor  # [S] float32
+    seeds: torch.Tensor  # [S] int64
+    steps: torch.Tensor  # [S] int64: index of the output token being drawn
+    all_greedy: bool
+    use_top_k: bool
+    use_top_p: bool
+    use_min_p: bool
+    # Penalties (None when no row uses them).
+    repetition_penalty: torch.Tensor | None = None  # [S]
+    presence_penalty: torch.Tensor | None = None  # [S]
+    frequency_penalty: torch.Tensor | None = None  # [S]
+    prompt_and_output_ids: torch.Tensor | None = None  # [S, L] padded with vocab_size
+    output_ids: torch.Tensor | None = None  # [S, L] padded with vocab_size
+    # (row, token id) pairs that must not be sampled this step (EOS before min_tokens).
+    banned_rows: torch.Tensor | None = None
+    banned_tokens: torch.Tensor | None = None
+    # Top logprobs to return: the largest count any row asked for; -1 = no row asked.
+    num_logprobs: int = -1
+    # [S, vocab] bool allowed-token masks for guided rows, applied before sampling.
+    allowed_mask: torch.Tensor | None = None
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: torch.Tensor  # [S] int64
+    logprobs: torch.Tensor | None = None  # [S] float32: logprob of the sampled token
+    top_logprobs: torch.Tensor | None = None  # [S, K]
+    top_token_ids: torch.Tensor | None = None  # [S, K]
+
+
+class Sampler:
+    def __call__(self, logits: torch.Tensor, t: SamplingTensors) -> SamplerOutput:
+        logits = logits.float()
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if t.num_logprobs >= 0 else None
+        logits = apply_penalties(logits, t)
+        if t.banned_rows is not None:
+            logits[t.banned_rows, t.banned_tokens] = float("-inf")
+        if t.allowed_mask is not None:
+            logits = logits.masked_fill(~t.allowed_mask, float("-inf"))
+        if t.all_greedy:
+            tokens = logits.argmax(dim=-1)
+        else:
+            tokens = torch.where(t.greedy, logits.argmax(dim=-1), sample(logits, t))
+        out = SamplerOutput(token_ids=tokens)
+        if raw_logprobs is not None:
+            out.logprobs = raw_logprobs.gather(1, tokens[:, None]).squeeze(1)
+            if t.num_logprobs > 0:
+                out.top_logprobs, out.top_token_ids = raw_logprobs.topk(t.num_logprobs, dim=-1)
+        return out
+
+
+def apply_penalties(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+    vocab = logits.shape[1]
+    if t.repetition_penalty is not None:
+        seen = torch.zeros(logits.shape[0], vocab + 1, dtype=torch.bool, device=logits.device)
+        seen.scatter_(1, t.prompt_and_output_ids, True)
+        seen = seen[:, :vocab]
+        rp = t.repetition_penalty[:, None]
+        penalized = torch.where(logits > 0, logits / rp, logits * rp)
+        logits = torch.where(seen, penalized, logits)
+    if t.frequency_penalty is not None:
+        counts = torch.zeros(logits.shape[0], vocab + 1, dtype=logits.dtype, device=logits.device)
+        counts.scatter_add_(1, t.output_ids, torch.ones_like(t.output_ids, dtype=logits.dtype))
+        counts = counts[:, :vocab]
+        logits = logits - t.frequency_penalty[:, None] * counts - t.presence_penalty[:, None] * (counts > 0)
+    return logits
+
+
+def sample(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+    """Draw one token per row from the filtered, tempered distribution (greedy rows: ignored)."""
+    logits = logits / t.temperature[:, None]
+    if t.use_min_p:
+        probs = torch.softmax(logits, dim=-1)
+        threshold = probs.max(dim=-1, keepdim=True).values * t.min_p[:, None]
+        logits = logits.masked_fill(probs < threshold, float("-inf"))
+    if t.use_top_k or t.use_top_p:
+        logits = top_k_top_p(logits, t.top_k, t.top_p)
+    probs = torch.softmax(logits, dim=-1)
+    # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p.
+    uniform = counter_uniform(t.seeds, t.steps, logits.shape[1])
+    return (probs / -torch.log(uniform)).argmax(dim=-1)
+
+
+def top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    ranks = torch.arange(logits.shape[1], device=logits.device)[None, :]
+    sorted_logits = sorted_logits.masked_fill(ranks >= top_k[:, None], float("-inf"))
+    sorted_probs = torch.softmax(sorted_logits, dim=-1)
+    # Keep the smallest prefix whose mass reaches top_p: drop a token once the mass before it does.
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    sorted_logits = sorted_logits.masked_fill(mass_before >= top_p[:, None], float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (xorshift-multiply rounds) on int64 tensors holding values < 2**32.
+    Both multipliers are < 2**31, so products stay below 2**63: no signed overflow."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x5BD1E995) & _MASK32
+    return x ^ (x >> 16)
+
+
+def counter_uniform(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[S, vocab] uniforms in (0, 1) that depend only on (seed, step, token id)."""
+    row = _mix32((seeds & _MASK32) ^ _mix32(((seeds >> 32) & _MASK32) ^ _mix32(steps & _MASK32)))
+    cols = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)
+    bits = _mix32(_mix32(row[:, None] ^ cols[None, :]) ^ row[:, None])
+    return (bits.to(torch.float64) + 0.5).div_(2.0 ** 32).to(torch.float32).clamp_(1e-7, 1.0 - 1e-7)

@@ -1,0 +1,92 @@
+"""LLM: the synchronous offline API (vLLM's shape): generate() and chat() over a batch of prompts."""
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence as SequenceABC
+
+from .config import EngineConfig
+from .engine.llm_engine import LLMEngine
+from .errors import InvalidParameterError
+from .outputs import RequestOutput
+from .sampling_params import SamplingParams
+
+Conversation = list[dict[str, str]]
+
+
+class LLM:
+    """`LLM()` loads the embedded SmolLM2-135M-Instruct; `LLM(path, **engine_options)` an HF directory.
+    Engine options are the fields of EngineConfig (dtype, device, max_num_seqs, block_size, ...)."""
+
+    def __init__(self, model: str | None = None, **engine_options):
+        config = engine_options.pop("config", None) or EngineConfig.from_kwargs(model=model, **engine_options)
+        self.engine = LLMEngine(config)
+        self._ids = itertools.count()
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: str | list[str] | list[list[int]],
+                 sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 priority: list[int] | None = None, use_tqdm: bool = False) -> list[RequestOutput]:
+        """Run every prompt (text, or a list of token ids) to completion; outputs in prompt order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params_list = _per_prompt(sampling_params, len(prompts), "sampling_params")
+        priorities = _per_prompt(priority if priority is not None else 0, len(prompts), "priority")
+        # Validate every prompt before queueing any, so a bad one leaves nothing behind.
+        requests = [self.engine.build_request(f"llm-{next(self._ids)}", p, sp, pr)
+                    for p, sp, pr in zip(prompts, params_list, priorities)]
+        for request in requests:
+            self.engine.add(request)
+        return self._run(requests, use_tqdm)
+
+    def chat(self, messages: Conversation | list[Conversation],
+             sampling_params: SamplingParams | list[SamplingParams] | None = None,
+             add_generation_prompt: bool = True, chat_template_kwargs: dict | None = None,
+             use_tqdm: bool = False) -> list[RequestOutput]:
+        """Render each conversation with the tokenizer's chat template, then generate."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        token_lists = [apply_chat_template(self.engine.tokenizer, conv, add_generation_prompt,
+                                           **(chat_template_kwargs or {})) for conv in conversations]
+        return self.generate(token_lists, sampling_params, use_tqdm=use_tqdm)
+
+    def _run(self, requests, use_tqdm: bool) -> list[RequestOutput]:
+        final: dict[str, RequestOutput] = {}
+        wanted = {r.request_id for r in requests}
+        progress = None
+        if use_tqdm:
+            from tqdm import tqdm
+            progress = tqdm(total=len(requests), desc="Generating", unit="req")
+        try:
+            while len(final) < len(wanted):
+                for out in self.engine.step():
+                    if out.finished and out.request_id in wanted:
+                        final[out.request_id] = out
+                        if progress:
+                            progress.update(1)
+        except BaseException:
+            for request in requests:  # leave no half-run request holding KV blocks
+                self.engine.abort_request(request.request_id)
+            raise
+        finally:
+            if progress:
+                progress.close()
+        return [final[r.request_id] for r in requests]
+
+
+def apply_chat_template(tokenizer, conversation: Conversation, add_generation_prompt: bool = True,
+                        **kwargs) -> list[int]:
+    if not getattr(tokenizer, "chat_template", None):
+        raise InvalidParameterError("messages", "this model's tokenizer has no chat template")
+    text = tokenizer.apply_chat_template(conversation, tokenize=False,
+                                         add_generation_prompt=add_generation_prompt, **kwargs)
+    # The template already holds any BOS it wants; adding special tokens again would double it.
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def _per_prompt(value, count: int, field: str) -> list:
+    if isinstance(value, SequenceABC) and not isinstance(value, (str, bytes)):
+        if len(value) != count:
+            raise InvalidParameterError(field, f"got {len(value)} values for {count} prompts")
+        return list(value)
+    return [value] * count

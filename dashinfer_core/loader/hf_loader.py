@@ -1,0 +1,63 @@
+"""Load an HF model directory: config.json plus one or several (sharded) safetensors files.
+
+Weights are read only from safetensors (never pickle). Tensors are cast to the engine dtype on the
+way in; a progress bar shows for checkpoints with many shards.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from ..errors import UnsupportedModelError
+from ..models import ModelConfig, load_model_config, model_class
+from .default_model import default_model_dir
+
+
+def resolve_model_dir(model: str | None) -> Path:
+    if model is None or model == "default":
+        return default_model_dir()
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        raise UnsupportedModelError(f"model: directory {model!r} does not exist (give an HF model directory, "
+                                    "or None / 'default' for the embedded SmolLM2-135M-Instruct)")
+    if not (path / "config.json").is_file():
+        raise UnsupportedModelError(f"model: {model!r} has no config.json; is it an HF model directory?")
+    return path
+
+
+def safetensors_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [model_dir / s for s in shards]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise UnsupportedModelError(f"model: {model_dir} has no *.safetensors weights "
+                                    "(pickled .bin checkpoints are not loaded, for safety)")
+    return files
+
+
+def iter_safetensors(model_dir: Path, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+    from tqdm import tqdm
+
+    files = safetensors_files(model_dir)
+    for path in tqdm(files, desc="Loading safetensors", disable=len(files) < 2, unit="shard"):
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                tensor = f.get_tensor(name)
+                yield name, tensor.to(dtype) if tensor.is_floating_point() else tensor
+
+
+def load_model(model_dir: Path, dtype: torch.dtype, device: torch.device,
+               max_positions: int) -> tuple[torch.nn.Module, ModelConfig]:
+    cfg = load_model_config(model_dir)
+    cls = model_class(cfg)
+    with torch.device(device):
+        model = cls(cfg, dtype, max_positions)
+    model.load_weights(iter_safetensors(model_dir, dtype))
+    model.eval()
+    return model, cfg

@@ -1,0 +1,166 @@
+"""The Llama family in one file: Llama 2/3, Mistral, SmolLM2, Qwen2/2.5 (q/k/v biases) and Qwen3
+(per-head q/k RMSNorm). Decoder-only, pre-norm, GQA, rotary embeddings, gated SiLU MLP.
+
+The forward takes one flattened varlen batch (`input_ids` [T], `positions` [T]) plus the attention
+metadata, writes K/V into the paged cache and returns hidden states [T, hidden]; `compute_logits`
+projects only the rows that will sample.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..layers.activation import silu_and_mul
+from ..layers.attention import AttentionMetadata
+from ..layers.linear import Linear
+from ..layers.norm import RMSNorm
+from ..layers.rotary import RotaryEmbedding, apply_rotary
+from .model_config import ModelConfig
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.qkv_proj = Linear(cfg.hidden_size, q_size + 2 * kv_size, cfg.qkv_bias, dtype,
+                               shard_sizes=(q_size, kv_size, kv_size))
+        self.o_proj = Linear(q_size, cfg.hidden_size, cfg.o_bias, dtype)
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
+        self.scale = self.head_dim ** -0.5
+
+    def forward(self, x, cos, sin, k_cache, v_cache, meta: AttentionMetadata, backend):
+        num_tokens = x.shape[0]
+        qkv = self.qkv_proj(x)
+        q, k, v = qkv.split(self.qkv_proj.shard_sizes, dim=-1)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = backend.forward(q, k, v, k_cache, v_cache, meta, self.scale)
+        return self.o_proj(out.reshape(num_tokens, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype):
+        super().__init__()
+        inter = cfg.intermediate_size
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * inter, cfg.mlp_bias, dtype, shard_sizes=(inter, inter))
+        self.down_proj = Linear(inter, cfg.hidden_size, cfg.mlp_bias, dtype)
+
+    def forward(self, x):
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.self_attn = Attention(cfg, dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.mlp = MLP(cfg, dtype)
+
+    def forward(self, x, residual, cos, sin, k_cache, v_cache, meta, backend):
+        if residual is None:
+            residual = x
+            h = self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, cos, sin, k_cache, v_cache, meta, backend)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, max_positions: int):
+        super().__init__()
+        if cfg.hidden_act != "silu":
+            raise ValueError(f"hidden_act {cfg.hidden_act!r} is not supported (only 'silu')")
+        self.cfg = cfg
+        self.embed_tokens = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype),
+                                         requires_grad=False)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, dtype) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Parameter(
+            torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype), requires_grad=False)
+        self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, dtype)
+
+    def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata, backend):
+        x = F.embedding(input_ids, self.embed_tokens)
+        cos, sin = self.rotary.cos_sin(positions)
+        residual = None
+        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
+            x, residual = layer(x, residual, cos, sin, k_cache, v_cache, meta, backend)
+        x, _ = self.norm(x, residual)
+        return x
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.embed_tokens if self.lm_head is None else self.lm_head
+        return F.linear(hidden, weight)
+
+    # ---- weights -------------------------------------------------------------------------------
+    # HF projection name -> (our merged layer, shard index)
+    _SHARDS = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+               "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Fill parameters from HF-named tensors; raises on unknown or missing names."""
+        loaded: set[tuple[str, str, int]] = set()
+        for name, tensor in weights:
+            if "rotary_emb.inv_freq" in name or (name == "lm_head.weight" and self.lm_head is None):
+                continue  # derived buffers, or a stored copy of tied embeddings
+            if name in ("model.embed_tokens.weight", "lm_head.weight"):
+                param = self.embed_tokens if name.startswith("model.") else self.lm_head
+                _copy_checked(name, param, tensor)
+                loaded.add((name, "weight", 0))
+                continue
+            parts = name.split(".")
+            if parts[0] != "model" or len(parts) < 3:
+                raise ValueError(f"unexpected weight {name!r} in checkpoint")
+            module_path, kind = parts[1:-1], parts[-1]
+            shard = 0
+            if module_path[-1] in self._SHARDS:
+                module_path[-1], shard = self._SHARDS[module_path[-1]]
+            module = self.get_submodule(".".join(module_path)) if _has_module(self, module_path) else None
+            if isinstance(module, Linear):
+                module.load(kind, tensor, shard)
+            elif isinstance(module, RMSNorm) and kind == "weight":
+                _copy_checked(name, module.weight, tensor)
+            else:
+                raise ValueError(f"unexpected weight {name!r} in checkpoint")
+            loaded.add((".".join(module_path), kind, shard))
+        missing = sorted(self._expected_weights() - loaded)
+        if missing:
+            raise ValueError(f"checkpoint is missing {len(missing)} weights, e.g. {missing[:3]}")
+
+    def _expected_weights(self) -> set[tuple[str, str, int]]:
+        expected = {("model.embed_tokens.weight", "weight", 0)}
+        if self.lm_head is not None:
+            expected.add(("lm_head.weight", "weight", 0))
+        for path, module in self.named_modules():
+            if isinstance(module, Linear):
+                kinds = ["weight"] + (["bias"] if module.bias is not None else [])
+                expected |= {(path, kind, s) for kind in kinds for s in range(len(module.shard_sizes))}
+            elif isinstance(module, RMSNorm):
+                expected.add((path, "weight", 0))
+        return expected
+
+
+def _has_module(root: nn.Module, path: list[str]) -> bool:
+    try:
+        root.get_submodule(".".join(path))
+        return True
+    except AttributeError:
+        return False
+
+
+def _copy_checked(name: str, param: torch.Tensor, tensor: torch.Tensor) -> None:
+    if tuple(param.shape) != tuple(tensor.shape):
+        raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != {tuple(param.shape)}")
+    param.data.copy_(tensor)

@@ -1,0 +1,93 @@
+"""Test helpers: tiny model builders and HF reference generation."""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+TINY_COMMON = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                   # Wider than the default 0.02 so logits are spread out and greedy ties are rare.
+                   initializer_range=0.25)
+
+
+def tiny_config(family: str):
+    import transformers
+    if family == "llama":
+        return transformers.LlamaConfig(
+            **TINY_COMMON, tie_word_embeddings=False,
+            rope_parameters={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                             "high_freq_factor": 4.0, "original_max_position_embeddings": 64,
+                             "rope_theta": 10000.0})
+    if family == "mistral":
+        return transformers.MistralConfig(
+            **TINY_COMMON, tie_word_embeddings=False,
+            rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})
+    if family == "qwen2":
+        return transformers.Qwen2Config(**TINY_COMMON, tie_word_embeddings=True)
+    if family == "qwen3":
+        return transformers.Qwen3Config(**TINY_COMMON, head_dim=32, tie_word_embeddings=False)
+    raise ValueError(family)
+
+
+def build_tiny_model(family: str, path: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
+    """A random-weight model of `family` saved as an HF directory, with SmolLM2's tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    torch.manual_seed(seed)
+    cfg = tiny_config(family)
+    cfg.eos_token_id = 2
+    cfg.bos_token_id = 1
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    if family == "qwen2":  # Qwen2 starts its q/k/v biases at zero: make them matter
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.5)
+    if family == "qwen3":
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.q_norm.weight.normal_(1.0, 0.3)
+                layer.self_attn.k_norm.weight.normal_(1.0, 0.3)
+    model.save_pretrained(str(path))
+    AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(str(path))
+    return path
+
+
+def mixed_prompts(count: int, vocab: int = 49152, min_len: int = 3, max_len: int = 90, seed: int = 0):
+    """Token-id prompts of mixed lengths (avoiding special ids 0..16)."""
+    rng = random.Random(seed)
+    return [[rng.randrange(17, vocab) for _ in range(rng.randint(min_len, max_len))] for _ in range(count)]
+
+
+@dataclass
+class Reference:
+    tokens: list[int]
+    top2_gaps: list[float]  # per generated step: top-1 minus top-2 logit
+
+
+def hf_greedy(model, prompt: list[int], max_new_tokens: int, eos_ids=()) -> Reference:
+    """HF transformers greedy generation of one unpadded prompt, with each step's top-2 gap."""
+    out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                         max_new_tokens=max_new_tokens, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True, eos_token_id=list(eos_ids) or None,
+                         pad_token_id=0)
+    tokens = out.sequences[0, len(prompt):].tolist()
+    gaps = []
+    for step_logits in out.logits:
+        top2 = step_logits[0].float().topk(2).values
+        gaps.append(float(top2[0] - top2[1]))
+    return Reference(tokens, gaps)
+
+
+TIE_TOLERANCE = 1e-4
+
+
+def compare_greedy(ours: list[int], ref: Reference) -> str:
+    """'match', 'tie' (first difference at a numerical tie in HF's logits) or 'mismatch'."""
+    n = min(len(ours), len(ref.tokens))
+    for i in range(n):
+        if ours[i] != ref.tokens[i]:
+            return "tie" if ref.top2_gaps[i] < TIE_TOLERANCE else "mismatch"
+    return "match" if len(ours) == len(ref.tokens) else "mismatch"
