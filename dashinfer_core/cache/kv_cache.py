@@ -1,5 +1,6 @@
-"""The paged KV cache tensors: per layer, K and V of shape [num_blocks, block_size, num_kv_heads,
-head_dim], all views of one allocation so that block copies touch every layer in one op."""
+"""The paged KV cache tensors: per layer, K and V of shape [num_blocks, num_kv_heads, block_size,
+head_dim] (head-major blocks; see layers/attention.py), all views of one allocation so that block
+copies touch every layer in one op."""
 from __future__ import annotations
 
 import torch
@@ -16,10 +17,11 @@ class KVCache:
                  head_dim: int, dtype: torch.dtype, device: torch.device):
         self.num_blocks = num_blocks
         self.block_size = block_size
-        # [layer, K|V, block, slot, head, dim]
-        self.storage = torch.zeros(num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim,
+        # [layer, K|V, block, head, slot, dim]
+        self.storage = torch.zeros(num_layers, 2, num_blocks, num_kv_heads, block_size, head_dim,
                                    dtype=dtype, device=device)
-        self.layers = [(self.storage[i, 0], self.storage[i, 1]) for i in range(num_layers)]
+        # Per layer: [2 (K, V), num_blocks, num_kv_heads, block_size, head_dim].
+        self.layers = [self.storage[i] for i in range(num_layers)]
 
     @property
     def nbytes(self) -> int:

@@ -19,7 +19,7 @@ from .sequence import Sequence
 
 logger = logging.getLogger(__name__)
 
-CPU_DEFAULT_KV_BYTES = 1 << 30
+CPU_DEFAULT_KV_BYTES = 4 << 30
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -101,7 +101,7 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch, rows: list[SampleRow]) -> StepResult | None:
         self.kv_cache.copy_blocks(batch.block_copies)
         input_ids, positions, meta = self._prepare_inputs(batch)
-        self.attention.prepare(meta, self.block_size)
+        self.attention.prepare(meta, self.kv_cache.layers[0])
         hidden = self.model(input_ids, positions, self.kv_cache.layers, meta, self.attention)
         if not rows:
             return None

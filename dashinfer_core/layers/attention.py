@@ -1,6 +1,9 @@
 """Attention over the paged KV cache, behind one backend interface.
 
-Cache layout (per layer, K and V alike): [num_blocks, block_size, num_kv_heads, head_dim].
+Cache layout (per layer, K and V alike): [num_blocks, num_kv_heads, block_size, head_dim]. Head-major
+blocks keep one head's keys of a block contiguous, so a gather of (block, head) chunks yields
+[seqs, heads, context, head_dim] ready for batched matmul with no transpose, and a GPU kernel loads a
+head's block tile as one contiguous run.
 A step's batch is one varlen batch: sequences [0, num_decodes) contribute one query token each,
 the rest contribute prefill chunks. Each backend first writes the step's K/V into the cache slots of
 `slot_mapping`, then attends every query over its sequence's whole context (cached prefix + new
@@ -38,71 +41,122 @@ class AttentionMetadata:
 
 
 class TorchAttention:
-    """Plain-torch paged attention: SDPA over K/V gathered block-wise from the cache."""
+    """Plain-torch paged attention.
+
+    Decode rows are grouped into buckets of similar context length, so padding to the longest
+    context in a bucket wastes little. Per bucket, one index_select gathers K and V of every
+    (block, head) chunk into a workspace laid out [2, seqs, heads, context, head_dim]; the
+    workspace is reused across layers and steps (fresh multi-MB tensors per layer cost more in page
+    faults than the copy itself). Prefill chunks attend with SDPA, one sequence at a time.
+    """
 
     name = "torch"
+    MAX_BUCKETS = 4
+    BUCKET_GROWTH = 1.3  # start a new bucket when a context is this much longer than the bucket's first
 
-    def prepare(self, meta: AttentionMetadata, block_size: int) -> None:
-        """Per-step precomputation shared by all layers."""
+    def __init__(self):
+        self._workspace: torch.Tensor | None = None
+
+    def prepare(self, meta: AttentionMetadata, kv_cache: torch.Tensor) -> None:
+        """Per-step precomputation shared by all layers (kv_cache: any layer's, for its shape)."""
         state = meta.backend_state
-        nd = meta.num_decodes
-        if nd:
-            lens = meta.seq_lens[:nd]
-            max_len = int(max(meta.seq_lens_host[:nd]))
-            num_blocks = -(-max_len // block_size)
-            state["decode_blocks"] = meta.block_tables[:nd, :num_blocks].long()
-            positions = torch.arange(num_blocks * block_size, device=lens.device)
-            # [nd, 1, 1, L]: True where the key position is inside the sequence.
-            state["decode_mask"] = (positions[None, :] < lens[:, None].long())[:, None, None, :]
-        valid = meta.slot_mapping >= 0
-        state["all_slots_valid"] = bool(valid.all()) if meta.slot_mapping.numel() else True
-        if not state["all_slots_valid"]:
-            state["valid_token_idx"] = valid.nonzero().squeeze(1)
+        _, _, num_kv_heads, block_size, _ = kv_cache.shape
+        state["buckets"] = self._decode_buckets(meta, num_kv_heads, block_size) if meta.num_decodes else []
+        slots = meta.slot_mapping
+        valid = slots >= 0
+        state["token_idx"] = None if bool(valid.all()) else valid.nonzero().squeeze(1)
+        if state["token_idx"] is not None:
+            slots = slots[state["token_idx"]]
+        # Row of each (token, head) in the cache viewed as [blocks * heads * block_size, head_dim].
+        heads = torch.arange(num_kv_heads, device=slots.device)
+        blocks, offsets = slots // block_size, slots % block_size
+        state["store_rows"] = ((blocks[:, None] * num_kv_heads + heads[None, :]) * block_size
+                               + offsets[:, None]).reshape(-1)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        """q: [T, Hq, D], k/v: [T, Hkv, D] -> [T, Hq, D]."""
-        store_kv(k, v, k_cache, v_cache, meta)
+    def _decode_buckets(self, meta: AttentionMetadata, num_kv_heads: int, block_size: int):
+        nd = meta.num_decodes
+        lens = meta.seq_lens_host[:nd]
+        order = sorted(range(nd), key=lens.__getitem__)
+        groups, current = [], [order[0]]
+        for i in order[1:]:
+            if lens[i] > self.BUCKET_GROWTH * lens[current[0]] and len(groups) < self.MAX_BUCKETS - 1:
+                groups.append(current)
+                current = []
+            current.append(i)
+        groups.append(current)
+        device = meta.seq_lens.device
+        heads = torch.arange(num_kv_heads, device=device)
+        buckets = []
+        for rows in groups:
+            num_blocks = -(-max(lens[i] for i in rows) // block_size)
+            rows_t = torch.tensor(rows, device=device)
+            blocks = meta.block_tables[rows_t, :num_blocks].long()
+            # (block, head) chunk ids in [seq, head, block] order.
+            chunks = (blocks[:, None, :] * num_kv_heads + heads[None, :, None]).reshape(-1)
+            positions = torch.arange(num_blocks * block_size, device=device)
+            outside = positions[None, :] >= meta.seq_lens[rows_t, None].long()
+            bias = torch.zeros(outside.shape, device=device).masked_fill_(outside, float("-inf"))
+            buckets.append((rows_t, chunks, bias[:, None, None, :], num_blocks * block_size))
+        return buckets
+
+    def _gather(self, kv_cache: torch.Tensor, chunks: torch.Tensor) -> torch.Tensor:
+        """[2, num_chunks, block_size, head_dim] of the listed (block, head) chunks of K and V."""
+        _, num_blocks, num_kv_heads, block_size, head_dim = kv_cache.shape
+        shape = (2, chunks.numel(), block_size, head_dim)
+        numel = 2 * chunks.numel() * block_size * head_dim
+        ws = self._workspace
+        if ws is None or ws.dtype != kv_cache.dtype or ws.device != kv_cache.device or ws.numel() < numel:
+            ws = self._workspace = torch.empty(numel, dtype=kv_cache.dtype, device=kv_cache.device)
+        out = ws[:numel].view(shape)
+        torch.index_select(kv_cache.view(2, num_blocks * num_kv_heads, block_size, head_dim), 1, chunks, out=out)
+        return out
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        """q: [T, Hq, D], k/v: [T, Hkv, D], kv_cache: [2, blocks, Hkv, block_size, D] -> [T, Hq, D]."""
+        store_kv(k, v, kv_cache, meta)
         out = torch.empty_like(q)
         num_kv_heads, head_dim = k.shape[1], k.shape[2]
-        nd = meta.num_decodes
-        if nd:
-            state = meta.backend_state
-            blocks = state["decode_blocks"]
-            keys = k_cache[blocks].flatten(1, 2).transpose(1, 2)  # [nd, Hkv, L, D]
-            values = v_cache[blocks].flatten(1, 2).transpose(1, 2)
-            out[:nd] = F.scaled_dot_product_attention(
-                q[:nd].unsqueeze(2), keys, values, attn_mask=state["decode_mask"], scale=scale,
-                enable_gqa=True).squeeze(2)
-        block_size = k_cache.shape[1]
+        group = q.shape[1] // num_kv_heads
+        for rows, chunks, bias, length in meta.backend_state["buckets"]:
+            kv = self._gather(kv_cache, chunks)
+            n = len(rows)
+            keys = kv[0].view(n, num_kv_heads, length, head_dim)
+            values = kv[1].view(n, num_kv_heads, length, head_dim)
+            # The query heads of one KV head attend together: [n, Hkv, group, D] x [n, Hkv, D, L].
+            queries = q.index_select(0, rows).view(n, num_kv_heads, group, head_dim)
+            scores = torch.matmul(queries, keys.transpose(-1, -2)).mul_(scale).add_(bias)
+            o = torch.matmul(torch.softmax(scores, dim=-1), values)
+            out.index_copy_(0, rows, o.view(n, -1, head_dim))
+        block_size = kv_cache.shape[3]
         starts, lens = meta.query_start_loc_host, meta.seq_lens_host
-        for i in range(nd, meta.num_seqs):
+        for i in range(meta.num_decodes, meta.num_seqs):
             start, end, ctx_len = starts[i], starts[i + 1], lens[i]
             num_new = end - start
             qi = q[start:end].transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D]
             if ctx_len == num_new:  # no cached prefix: attend to this chunk's own K/V
-                ki, vi = k[start:end], v[start:end]
+                ki, vi = k[start:end].transpose(0, 1), v[start:end].transpose(0, 1)
                 mask, causal = None, True
             else:
                 blocks = meta.block_tables[i, : -(-ctx_len // block_size)].long()
-                ki = k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:ctx_len]
-                vi = v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:ctx_len]
+                kv = kv_cache[:, blocks].transpose(2, 3).flatten(1, 2)[:, :ctx_len]  # [2, ctx, Hkv, D]
+                ki, vi = kv[0].transpose(0, 1), kv[1].transpose(0, 1)
                 # Query j sits at position ctx_len - num_new + j and sees keys up to there.
                 q_pos = torch.arange(ctx_len - num_new, ctx_len, device=q.device)
                 mask = torch.arange(ctx_len, device=q.device)[None, :] <= q_pos[:, None]
                 causal = False
-            oi = F.scaled_dot_product_attention(
-                qi, ki.transpose(0, 1).unsqueeze(0), vi.transpose(0, 1).unsqueeze(0), attn_mask=mask,
-                is_causal=causal, scale=scale, enable_gqa=True)
+            oi = F.scaled_dot_product_attention(qi, ki.unsqueeze(0), vi.unsqueeze(0), attn_mask=mask,
+                                                is_causal=causal, scale=scale, enable_gqa=True)
             out[start:end] = oi.squeeze(0).transpose(0, 1)
         return out
 
 
-def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             meta: AttentionMetadata) -> None:
-    slots = meta.slot_mapping
-    if not meta.backend_state.get("all_slots_valid", True):
-        keep = meta.backend_state["valid_token_idx"]
-        slots, k, v = slots[keep], k[keep], v[keep]
-    k_cache.view(-1, *k.shape[1:]).index_copy_(0, slots, k)
-    v_cache.view(-1, *v.shape[1:]).index_copy_(0, slots, v)
+def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> None:
+    """Write the step's K/V rows into their slots (slot -1 = padding, skipped)."""
+    state = meta.backend_state
+    if state["token_idx"] is not None:
+        k, v = k[state["token_idx"]], v[state["token_idx"]]
+    rows = state["store_rows"]
+    head_dim = k.shape[-1]
+    kv_cache[0].view(-1, head_dim).index_copy_(0, rows, k.reshape(-1, head_dim))
+    kv_cache[1].view(-1, head_dim).index_copy_(0, rows, v.reshape(-1, head_dim))

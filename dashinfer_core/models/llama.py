@@ -15,7 +15,7 @@ from torch import nn
 
 from ..layers.activation import silu_and_mul
 from ..layers.attention import AttentionMetadata
-from ..layers.linear import Linear
+from ..layers.linear import Linear, linear
 from ..layers.norm import RMSNorm
 from ..layers.rotary import RotaryEmbedding, apply_rotary
 from .model_config import ModelConfig
@@ -33,7 +33,7 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
         self.scale = self.head_dim ** -0.5
 
-    def forward(self, x, cos, sin, k_cache, v_cache, meta: AttentionMetadata, backend):
+    def forward(self, x, cos, sin, kv_cache, meta: AttentionMetadata, backend):
         num_tokens = x.shape[0]
         qkv = self.qkv_proj(x)
         q, k, v = qkv.split(self.qkv_proj.shard_sizes, dim=-1)
@@ -43,7 +43,7 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = backend.forward(q, k, v, k_cache, v_cache, meta, self.scale)
+        out = backend.forward(q, k, v, kv_cache, meta, self.scale)
         return self.o_proj(out.reshape(num_tokens, -1))
 
 
@@ -66,13 +66,13 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.mlp = MLP(cfg, dtype)
 
-    def forward(self, x, residual, cos, sin, k_cache, v_cache, meta, backend):
+    def forward(self, x, residual, cos, sin, kv_cache, meta, backend):
         if residual is None:
             residual = x
             h = self.input_layernorm(x)
         else:
             h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(h, cos, sin, k_cache, v_cache, meta, backend)
+        h = self.self_attn(h, cos, sin, kv_cache, meta, backend)
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
 
@@ -95,14 +95,14 @@ class LlamaForCausalLM(nn.Module):
         x = F.embedding(input_ids, self.embed_tokens)
         cos, sin = self.rotary.cos_sin(positions)
         residual = None
-        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
-            x, residual = layer(x, residual, cos, sin, k_cache, v_cache, meta, backend)
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            x, residual = layer(x, residual, cos, sin, kv_cache, meta, backend)
         x, _ = self.norm(x, residual)
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embed_tokens if self.lm_head is None else self.lm_head
-        return F.linear(hidden, weight)
+        return linear(hidden, weight)
 
     # ---- weights -------------------------------------------------------------------------------
     # HF projection name -> (our merged layer, shard index)

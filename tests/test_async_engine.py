@@ -1,0 +1,151 @@
+"""AsyncEngine: per-request streams from the background step loop."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from dashinfer_core import AsyncEngine, DuplicateRequestError, EngineDeadError, InvalidParameterError, SamplingParams
+from dashinfer_core.llm import apply_chat_template
+
+CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def engine():
+    eng = AsyncEngine(dtype="float32", device="cpu", block_size=16, max_num_seqs=16)
+    yield eng
+    eng.shutdown()
+
+
+def wait_until_idle(engine, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        stats = engine.get_stats()
+        if stats.num_requests == 0 and stats.num_free_blocks == stats.num_blocks:
+            return stats
+        time.sleep(0.02)
+    raise AssertionError(f"engine not idle: {engine.get_stats()}")
+
+
+async def collect(engine, prompt, params, request_id=None):
+    deltas, last = [], None
+    async for out in engine.generate(prompt, params, request_id=request_id):
+        deltas.append(out.outputs[0].delta_text)
+        last = out
+    return deltas, last
+
+
+def test_stream_deltas_concatenate_to_final_text(engine):
+    prompt = apply_chat_template(engine.tokenizer, CAPITAL)
+    deltas, last = asyncio.run(collect(engine, prompt, SamplingParams(max_tokens=32, temperature=0.0)))
+    assert len(deltas) > 3
+    assert "".join(deltas) == last.text == "The capital of France is Paris."
+    assert last.finished and last.finish_reason == "stop"
+    wait_until_idle(engine)
+
+
+def test_stream_holds_back_partial_stop_strings(engine):
+    prompt = apply_chat_template(engine.tokenizer, CAPITAL)
+    params = SamplingParams(max_tokens=32, temperature=0.0, stop=["is Paris"])
+    deltas, last = asyncio.run(collect(engine, prompt, params))
+    assert "".join(deltas) == last.text == "The capital of France "
+    assert all("is" not in d for d in deltas[-2:])
+
+
+def test_concurrent_streams_match_single_runs(engine):
+    prompts = [f"Count from {i} to {i + 5}:" for i in range(8)]
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+    async def main():
+        together = await asyncio.gather(*(collect(engine, p, params) for p in prompts))
+        alone = [await collect(engine, p, params) for p in prompts[:3]]
+        return together, alone
+
+    together, alone = asyncio.run(main())
+    for (deltas, last), (_, single) in zip(together, alone):
+        assert "".join(deltas) == last.text
+        assert last.token_ids == single.token_ids
+    wait_until_idle(engine)
+
+
+def test_abort_mid_stream_frees_blocks(engine):
+    params = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+
+    async def main():
+        seen = []
+        async for out in engine.generate("Tell me a long story.", params, request_id="to-abort"):
+            seen.append(out)
+            if len(seen) == 3:
+                engine.abort("to-abort")
+        return seen
+
+    seen = asyncio.run(main())
+    assert seen[-1].finished and seen[-1].finish_reason == "abort"
+    assert len(seen[-1].token_ids) < 200
+    wait_until_idle(engine)
+
+
+def test_closing_the_stream_aborts_the_request(engine):
+    params = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+
+    async def main():
+        stream = engine.generate("Tell me another long story.", params, request_id="closed")
+        async for _ in stream:
+            break
+        await stream.aclose()  # what a server does when its client disconnects
+
+    asyncio.run(main())
+    wait_until_idle(engine)
+    assert engine.get_request_status("closed") is None
+
+
+def test_cancelled_task_aborts_the_request(engine):
+    params = SamplingParams(max_tokens=300, temperature=0.0, ignore_eos=True)
+
+    async def main():
+        task = asyncio.create_task(collect(engine, "Once more, a story.", params, request_id="cancelled"))
+        await asyncio.sleep(0.3)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    wait_until_idle(engine)
+
+
+def test_duplicate_id_and_bad_input_raise_before_queueing(engine):
+    params = SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True)
+
+    async def main():
+        first = engine.generate("Hello there", params, request_id="dup")
+        first_out = await first.__anext__()
+        with pytest.raises(DuplicateRequestError, match="request_id"):
+            await engine.generate("Hello again", params, request_id="dup").__anext__()
+        with pytest.raises(InvalidParameterError, match="prompt"):
+            await engine.generate("", params).__anext__()
+        assert engine.get_request_status("dup") == "running"
+        await first.aclose()
+        return first_out
+
+    assert not asyncio.run(main()).finished
+    wait_until_idle(engine)
+
+
+def test_step_loop_crash_fails_pending_streams():
+    eng = AsyncEngine(dtype="float32", device="cpu", block_size=16)
+
+    def broken_step():
+        raise RuntimeError("simulated kernel failure")
+
+    eng.engine.step = broken_step
+
+    async def main():
+        with pytest.raises(EngineDeadError, match="simulated kernel failure"):
+            await collect(eng, "Hi", SamplingParams(max_tokens=4))
+        with pytest.raises(EngineDeadError):
+            await collect(eng, "Hi again", SamplingParams(max_tokens=4))
+
+    asyncio.run(main())
+    assert not eng.is_running

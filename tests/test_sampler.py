@@ -1,0 +1,99 @@
+"""The sampler against plain reference computations."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from dashinfer_core.layers.sampler import (Sampler, SamplingTensors, apply_penalties, counter_uniform,
+                                           top_k_top_p)
+
+V = 50
+
+
+def tensors(rows: int, **overrides) -> SamplingTensors:
+    base = dict(greedy=torch.zeros(rows, dtype=torch.bool), temperature=torch.ones(rows),
+                top_k=torch.full((rows,), V), top_p=torch.ones(rows), min_p=torch.zeros(rows),
+                seeds=torch.arange(rows, dtype=torch.int64), steps=torch.zeros(rows, dtype=torch.int64),
+                all_greedy=False, use_top_k=False, use_top_p=False, use_min_p=False)
+    base.update(overrides)
+    return SamplingTensors(**base)
+
+
+def test_penalties_match_a_loop_reference():
+    torch.manual_seed(0)
+    logits = torch.randn(3, V) * 3
+    prompt_out = [[1, 2, 3, 3, 7], [4], [5, 6, 9, 9, 9]]
+    outputs = [[3, 7], [], [9, 9, 9]]
+
+    def pad(lists):
+        width = max(len(x) for x in lists) or 1
+        return torch.tensor([x + [V] * (width - len(x)) for x in lists])
+
+    t = tensors(3, repetition_penalty=torch.tensor([1.3, 1.0, 2.0]), presence_penalty=torch.tensor([0.5, 0.0, 1.0]),
+                frequency_penalty=torch.tensor([0.25, 0.0, 0.5]), prompt_and_output_ids=pad(prompt_out),
+                output_ids=pad(outputs))
+    got = apply_penalties(logits.clone(), t)
+    want = logits.clone()
+    for r in range(3):
+        rp = t.repetition_penalty[r].item()
+        for tok in set(prompt_out[r]):
+            want[r, tok] = want[r, tok] / rp if want[r, tok] > 0 else want[r, tok] * rp
+        for tok in set(outputs[r]):
+            count = outputs[r].count(tok)
+            want[r, tok] -= t.frequency_penalty[r].item() * count + t.presence_penalty[r].item()
+    torch.testing.assert_close(got, want)
+
+
+def test_top_k_top_p_keep_the_right_tokens():
+    torch.manual_seed(1)
+    logits = torch.randn(4, V)
+    top_k = torch.tensor([V, 5, V, 3])
+    top_p = torch.tensor([1.0, 1.0, 0.6, 0.6])
+    got = top_k_top_p(logits.clone(), top_k, top_p)
+    for r in range(4):
+        order = logits[r].argsort(descending=True).tolist()
+        keep = order[: top_k[r].item()]
+        probs = torch.softmax(logits[r, keep], dim=-1)
+        mass, kept = 0.0, []
+        for tok, p in zip(keep, probs.tolist()):
+            if mass >= top_p[r].item():
+                break
+            kept.append(tok)
+            mass += p
+        finite = torch.isfinite(got[r]).nonzero().squeeze(1).tolist()
+        assert sorted(finite) == sorted(kept)
+        torch.testing.assert_close(got[r, kept], logits[r, kept])
+
+
+def test_sampling_frequencies_follow_the_distribution():
+    probs = torch.tensor([0.5, 0.25, 0.15, 0.1])
+    rows = 4000
+    logits = probs.log().repeat(rows, 1)
+    t = tensors(rows, seeds=torch.arange(rows, dtype=torch.int64) * 7919)
+    t.top_k = torch.full((rows,), 4)
+    tokens = Sampler()(logits, t).token_ids
+    counts = torch.bincount(tokens, minlength=4).float() / rows
+    for p, f in zip(probs.tolist(), counts.tolist()):
+        assert abs(f - p) < 4 * math.sqrt(p * (1 - p) / rows), (p, f)
+
+
+def test_min_p_and_greedy_rows():
+    logits = torch.tensor([[3.0, 2.9, 0.0, -1.0], [0.0, 5.0, 4.0, 1.0]])
+    t = tensors(2, greedy=torch.tensor([False, True]), min_p=torch.tensor([0.5, 0.0]), use_min_p=True,
+                top_k=torch.full((2,), 4))
+    for seed in range(50):
+        t.seeds = torch.tensor([seed, seed])
+        tokens = Sampler()(logits, t).token_ids.tolist()
+        assert tokens[0] in (0, 1)  # p >= 0.5 * p_max
+        assert tokens[1] == 1
+
+
+def test_counter_uniform_depends_only_on_seed_and_step():
+    a = counter_uniform(torch.tensor([1, 2, 1]), torch.tensor([0, 0, 1]), 1000)
+    b = counter_uniform(torch.tensor([2, 1]), torch.tensor([0, 0]), 1000)
+    torch.testing.assert_close(a[0], b[1])
+    torch.testing.assert_close(a[1], b[0])
+    assert not torch.equal(a[0], a[2])
+    assert a.min() > 0 and a.max() < 1
+    assert abs(a.mean().item() - 0.5) < 0.02
