@@ -17,6 +17,11 @@ class BlockManager:
         self.block_size = block_size
         self.ref_counts = [0] * num_blocks
         self.free_blocks: deque[int] = deque(range(num_blocks))
+        # Blocks handed out for the first time since the last drain: the runner zeroes them, so the
+        # cache memory is only touched (and resident) once used, yet never holds garbage that a
+        # masked-out padding slot could turn into NaN.
+        self.num_blocks_used_ever = 0
+        self.fresh_blocks: list[int] = []
 
     @property
     def num_free_blocks(self) -> int:
@@ -65,10 +70,17 @@ class BlockManager:
         index = seq.num_computed_tokens // self.block_size
         return index < len(seq.block_table) and self.ref_counts[seq.block_table[index]] > 1
 
+    def take_fresh_blocks(self) -> list[int]:
+        fresh, self.fresh_blocks = self.fresh_blocks, []
+        return fresh
+
     def _take(self) -> int:
         block = self.free_blocks.popleft()
         assert self.ref_counts[block] == 0
         self.ref_counts[block] = 1
+        if block >= self.num_blocks_used_ever:  # free_blocks starts in order, so ids below are used
+            self.num_blocks_used_ever = block + 1
+            self.fresh_blocks.append(block)
         return block
 
     def _release(self, block: int) -> None:

@@ -17,8 +17,8 @@ class KVCache:
                  head_dim: int, dtype: torch.dtype, device: torch.device):
         self.num_blocks = num_blocks
         self.block_size = block_size
-        # [layer, K|V, block, head, slot, dim]
-        self.storage = torch.zeros(num_layers, 2, num_blocks, num_kv_heads, block_size, head_dim,
+        # [layer, K|V, block, head, slot, dim]; blocks are zeroed when first used (zero_blocks).
+        self.storage = torch.empty(num_layers, 2, num_blocks, num_kv_heads, block_size, head_dim,
                                    dtype=dtype, device=device)
         # Per layer: [2 (K, V), num_blocks, num_kv_heads, block_size, head_dim].
         self.layers = [self.storage[i] for i in range(num_layers)]
@@ -26,6 +26,10 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return self.storage.numel() * self.storage.element_size()
+
+    def zero_blocks(self, blocks: list[int]) -> None:
+        if blocks:
+            self.storage.index_fill_(2, torch.tensor(blocks, device=self.storage.device), 0)
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy whole blocks src -> dst in every layer (copy-on-write of shared blocks)."""

@@ -22,6 +22,7 @@ class ScheduledBatch:
     num_new_tokens: list[int]
     num_decodes: int
     block_copies: list[tuple[int, int]] = field(default_factory=list)
+    fresh_blocks: list[int] = field(default_factory=list)  # first use: zero before the forward
     preempted: list[Sequence] = field(default_factory=list)
 
     @property
@@ -99,6 +100,7 @@ class Scheduler:
             self._append(batch, seq, num_new, scheduled)
             budget -= num_new
         self._order_decodes_first(batch)
+        batch.fresh_blocks = self.block_manager.take_fresh_blocks()
         return batch
 
     # ---- helpers -------------------------------------------------------------------------------

@@ -1,0 +1,143 @@
+"""`dashinfer-core generate | chat | bench`: the engine from the shell."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+
+from .config import EngineConfig
+from .sampling_params import SamplingParams
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("engine")
+    g.add_argument("--model", default=None, help="HF model directory (default: embedded SmolLM2-135M-Instruct)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--block-size", type=int, default=32)
+    g.add_argument("--kv-cache-memory", type=int, default=None, help="KV cache bytes")
+    g.add_argument("--max-num-seqs", type=int, default=64)
+    g.add_argument("--max-num-batched-tokens", type=int, default=None)
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--no-prefix-caching", action="store_true")
+    g.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
+
+
+def engine_config(args) -> EngineConfig:
+    return EngineConfig(model=args.model, dtype=args.dtype, device=args.device, block_size=args.block_size,
+                        kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
+                        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+                        enable_prefix_caching=not args.no_prefix_caching, num_threads=args.num_threads)
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=256)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=-1)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--presence-penalty", type=float, default=0.0)
+    g.add_argument("--frequency-penalty", type=float, default=0.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true")
+
+
+def sampling_params(args) -> SamplingParams:
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                          presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                          seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
+
+
+async def stream_to_stdout(engine, prompt_ids, params) -> str:
+    text = []
+    async for out in engine.generate(prompt_ids, params):
+        delta = out.outputs[0].delta_text
+        text.append(delta)
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return "".join(text)
+
+
+def cmd_generate(args) -> int:
+    from .llm import LLM
+    llm = LLM(config=engine_config(args))
+    prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    for out in llm.generate(prompts, sampling_params(args)):
+        print(out.text if len(prompts) == 1 else f"[{out.request_id}] {out.text!r} ({out.finish_reason})")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from .engine.async_engine import AsyncEngine
+    from .llm import apply_chat_template
+    engine = AsyncEngine(engine_config(args))
+    params = sampling_params(args)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    try:
+        while True:
+            try:
+                user = input("you> ") if args.message is None else args.message
+            except EOFError:
+                break
+            messages.append({"role": "user", "content": user})
+            sys.stdout.write("assistant> ")
+            reply = asyncio.run(stream_to_stdout(engine, apply_chat_template(engine.tokenizer, messages), params))
+            messages.append({"role": "assistant", "content": reply})
+            if args.message is not None:
+                break
+    finally:
+        engine.shutdown()
+    return 0
+
+
+def cmd_bench(args) -> int:
+    import random
+
+    from .llm import LLM
+    llm = LLM(config=engine_config(args))
+    rng = random.Random(0)
+    vocab = llm.engine.vocab_size
+    prompts = [[rng.randrange(100, vocab) for _ in range(args.input_len)] for _ in range(args.num_prompts)]
+    params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
+    llm.generate(prompts[:1], SamplingParams(max_tokens=2, ignore_eos=True))  # warm-up
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    elapsed = time.perf_counter() - start
+    tokens = sum(len(o.token_ids) for o in outs)
+    print(f"{args.num_prompts} prompts x {args.input_len} in / {args.output_len} out: "
+          f"{tokens / elapsed:.1f} output tokens/s ({elapsed:.2f} s)")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="dashinfer-core", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("generate", help="complete prompts (arguments, or one per stdin line)")
+    p.add_argument("prompt", nargs="*")
+    add_engine_args(p)
+    add_sampling_args(p)
+    p.set_defaults(func=cmd_generate)
+    p = sub.add_parser("chat", help="chat with the model, streamed")
+    p.add_argument("--system", default=None, help="system message")
+    p.add_argument("--message", default=None, help="send one message and exit")
+    add_engine_args(p)
+    add_sampling_args(p)
+    p.set_defaults(func=cmd_chat)
+    p = sub.add_parser("bench", help="offline throughput on random prompts")
+    p.add_argument("--num-prompts", type=int, default=16)
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=64)
+    add_engine_args(p)
+    p.set_defaults(func=cmd_bench)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
