@@ -48,6 +48,8 @@ class EngineConfig:
     enforce_eager: bool = False
     # torch intra-op threads on the CPU; None = leave torch's setting.
     num_threads: int | None = None
+    # Run without a tokenizer: prompts must be token ids, outputs carry token ids and no text.
+    skip_tokenizer_init: bool = False
 
     def __post_init__(self):
         if self.model == "default":

@@ -69,7 +69,9 @@ class Reference:
 
 def hf_greedy(model, prompt: list[int], max_new_tokens: int, eos_ids=()) -> Reference:
     """HF transformers greedy generation of one unpadded prompt, with each step's top-2 gap."""
-    out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+    device = next(model.parameters()).device
+    out = model.generate(torch.tensor([prompt], device=device),
+                         attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device=device),
                          max_new_tokens=max_new_tokens, do_sample=False, output_logits=True,
                          return_dict_in_generate=True, eos_token_id=list(eos_ids) or None,
                          pad_token_id=0)

@@ -37,11 +37,12 @@ class LLMEngine:
     def __init__(self, config: EngineConfig | None = None):
         self.config = config or EngineConfig()
         self.runner = ModelRunner(self.config)
-        self.tokenizer = load_tokenizer(self.config.tokenizer or self.runner.model_dir)
+        self.tokenizer = None if self.config.skip_tokenizer_init else load_tokenizer(
+            self.config.tokenizer or self.runner.model_dir)
         self.max_model_len = self.runner.max_model_len
         self.vocab_size = self.runner.vocab_size
         self.eos_token_ids = self.runner.model_cfg.eos_token_ids or tuple(
-            t for t in (self.tokenizer.eos_token_id,) if t is not None)
+            t for t in (getattr(self.tokenizer, "eos_token_id", None),) if t is not None)
         self.block_manager = BlockManager(self.runner.kv_cache.num_blocks, self.config.block_size)
         budget = self.config.max_num_batched_tokens or (2048 if self.runner.device.type == "cuda" else 512)
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, budget,
@@ -63,6 +64,9 @@ class LLMEngine:
         if not isinstance(params, SamplingParams):
             raise InvalidParameterError("sampling_params", f"must be a SamplingParams, got {type(params).__name__}")
         if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InvalidParameterError("prompt", "the engine runs without a tokenizer (skip_tokenizer_init): "
+                                            "give token ids")
             if not prompt:
                 raise InvalidParameterError("prompt", "must not be empty")
             with self.tokenizer_lock:
@@ -81,6 +85,8 @@ class LLMEngine:
         if params.max_tokens > self.max_model_len:
             raise InvalidParameterError("max_tokens", f"must be <= the context length {self.max_model_len}, "
                                         f"got {params.max_tokens}")
+        if params.stop and self.tokenizer is None:
+            raise InvalidParameterError("stop", "stop strings need a tokenizer (skip_tokenizer_init is set)")
         if params.logprobs is not None and params.logprobs > self.config.max_logprobs:
             raise InvalidParameterError("logprobs", f"must be <= {self.config.max_logprobs}, got {params.logprobs}")
         bad_ids = [t for t in params.stop_token_ids if t >= self.vocab_size]

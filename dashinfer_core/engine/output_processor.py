@@ -47,6 +47,8 @@ class OutputProcessor:
     def _detokenize(self, seq: Sequence) -> None:
         """Decode only a small window of recent tokens: text up to read_offset is final, and the
         window from prefix_offset gives the tokenizer enough context to space words correctly."""
+        if self.tokenizer is None:
+            return
         out = seq.output_token_ids
         skip = seq.params.skip_special_tokens
         with self.tokenizer_lock:

@@ -11,7 +11,7 @@ import torch
 
 from ..cache.kv_cache import KVCache, bytes_per_block
 from ..config import EngineConfig
-from ..layers.attention import AttentionMetadata, TorchAttention
+from ..layers.attention import AttentionMetadata, make_attention_backend
 from ..layers.sampler import Sampler, SamplerOutput, SamplingTensors
 from ..loader import load_model, resolve_model_dir
 from .scheduler import ScheduledBatch
@@ -92,8 +92,15 @@ class ModelRunner:
         if self.max_model_len < max_len:
             logger.warning("KV cache holds %d tokens: max_model_len lowered from %d to %d",
                            self.kv_cache.num_blocks * self.block_size, max_len, self.max_model_len)
-        self.attention = TorchAttention()
+        self.attention = make_attention_backend(config.attention_backend, self.device)
         self.sampler = Sampler()
+        self.graphs = None
+        if self.device.type == "cuda" and not config.enforce_eager and self.attention.name == "triton":
+            from .cuda_graphs import DecodeGraphs, default_capture_sizes
+            self.graphs = DecodeGraphs(self.model, self.kv_cache.layers, self.attention, self.device,
+                                       -(-self.max_model_len // self.block_size),
+                                       default_capture_sizes(config.max_num_seqs))
+            self.graphs.capture()
 
     def _allocate_kv_cache(self) -> KVCache:
         cfg = self.model_cfg
@@ -119,8 +126,11 @@ class ModelRunner:
         self.kv_cache.zero_blocks(batch.fresh_blocks)
         self.kv_cache.copy_blocks(batch.block_copies)
         input_ids, positions, meta = self._prepare_inputs(batch)
-        self.attention.prepare(meta, self.kv_cache.layers[0])
-        hidden = self.model(input_ids, positions, self.kv_cache.layers, meta, self.attention)
+        if self.graphs is not None and self.graphs.can_run(meta.num_decodes, meta.num_seqs, input_ids.shape[0]):
+            hidden = self.graphs.run(input_ids, positions, meta.slot_mapping, meta.seq_lens, meta.block_tables)
+        else:
+            self.attention.prepare(meta, self.kv_cache.layers[0])
+            hidden = self.model(input_ids, positions, self.kv_cache.layers, meta, self.attention)
         if not rows:
             return None
         last_token = [meta.query_start_loc_host[r.batch_index + 1] - 1 for r in rows]
@@ -152,6 +162,7 @@ class ModelRunner:
             query_start_loc=to_dev(query_start, torch.int32),
             seq_lens=to_dev(np.asarray(seq_lens), torch.int32),
             block_tables=to_dev(block_tables, torch.int32),
+            num_seqs=len(batch.seqs),
             num_decodes=batch.num_decodes,
             max_seq_len=max(seq_lens),
             max_query_len=max(batch.num_new_tokens),

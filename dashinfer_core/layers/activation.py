@@ -6,5 +6,8 @@ import torch.nn.functional as F
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    if gate_up.is_cuda:
+        from dashinfer_kernels.silu_mul import silu_mul
+        return silu_mul(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up

@@ -26,6 +26,7 @@ class AttentionMetadata:
     query_start_loc: torch.Tensor  # [B + 1] int32 on the device
     seq_lens: torch.Tensor  # [B] int32: context length after this step
     block_tables: torch.Tensor  # [B, max_blocks] int32
+    num_seqs: int
     num_decodes: int  # sequences [0, num_decodes) have exactly one query token
     max_seq_len: int
     max_query_len: int
@@ -34,10 +35,6 @@ class AttentionMetadata:
     seq_lens_host: list[int] = field(default_factory=list)
     # Per-step work a backend shares across layers (e.g. gathered block indices, masks).
     backend_state: dict = field(default_factory=dict)
-
-    @property
-    def num_seqs(self) -> int:
-        return len(self.seq_lens_host)
 
 
 class TorchAttention:
@@ -160,3 +157,53 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: Att
     head_dim = k.shape[-1]
     kv_cache[0].view(-1, head_dim).index_copy_(0, rows, k.reshape(-1, head_dim))
     kv_cache[1].view(-1, head_dim).index_copy_(0, rows, v.reshape(-1, head_dim))
+
+
+class TritonAttention:
+    """Triton kernels (dashinfer_kernels): KV store, split-KV paged decode, varlen paged prefill.
+    Nothing here reads device values on the host, so a decode step can be captured in a CUDA graph.
+    On the CPU it runs only under TRITON_INTERPRET=1 (tests)."""
+
+    name = "triton"
+
+    def __init__(self, num_sms: int = 132):
+        from dashinfer_kernels import kv_store, paged_decode_attention, paged_prefill_attention
+        self._kv_store = kv_store.kv_store
+        self._decode = paged_decode_attention.paged_decode_attention
+        self._choose_splits = paged_decode_attention.choose_num_splits
+        self._prefill = paged_prefill_attention.paged_prefill_attention
+        self.num_sms = num_sms
+
+    def prepare(self, meta: AttentionMetadata, kv_cache: torch.Tensor) -> None:
+        num_kv_heads = kv_cache.shape[2]
+        meta.backend_state["num_splits"] = self._choose_splits(
+            meta.num_decodes, num_kv_heads, meta.block_tables.shape[1], self.num_sms) if meta.num_decodes else 1
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        k_cache, v_cache = kv_cache[0], kv_cache[1]
+        self._kv_store(k, v, k_cache, v_cache, meta.slot_mapping)
+        out = torch.empty_like(q)
+        nd = meta.num_decodes
+        if nd:
+            self._decode(q[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd], scale,
+                         num_splits=meta.backend_state["num_splits"], out=out[:nd])
+        if meta.num_seqs > nd:
+            block_m = 64 if q.is_cuda else 16
+            self._prefill(q, k_cache, v_cache, meta.block_tables[nd:], meta.seq_lens[nd:],
+                          meta.query_start_loc[nd:], meta.max_query_len, scale, out=out, block_m=block_m)
+        return out
+
+
+def make_attention_backend(name: str, device: torch.device):
+    """'auto' = Triton on CUDA, torch elsewhere; 'triton' on the CPU needs TRITON_INTERPRET=1."""
+    import os
+    if name == "auto":
+        name = "triton" if device.type == "cuda" else "torch"
+    if name == "torch":
+        return TorchAttention()
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        from ..errors import InvalidParameterError
+        raise InvalidParameterError("attention_backend", "'triton' needs a CUDA device (or TRITON_INTERPRET=1)")
+    num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    return TritonAttention(num_sms)

@@ -13,6 +13,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """Returns norm(x) when residual is None, else (norm(x + residual), x + residual)."""
+        if x.is_cuda and x.dim() == 2:
+            from dashinfer_kernels.rmsnorm import rmsnorm  # fused kernel: one pass, residual in place
+            out = rmsnorm(x, self.weight, self.eps, residual=residual)
+            return out if residual is None else (out, residual)
         if residual is not None:
             x = x + residual
             residual = x

@@ -55,3 +55,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """x: [T, H, D]. Rotates the two halves: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def apply_rotary_inplace(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding) -> None:
+    """CUDA: rotate q and k in place with the Triton kernel (they may be views of the fused qkv)."""
+    from dashinfer_kernels.rotary import rotary_inplace
+    rotary_inplace(q, k, rope.cos_cache, rope.sin_cache, positions)

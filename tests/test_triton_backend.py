@@ -1,0 +1,27 @@
+"""The whole engine with the Triton attention backend forced on (under TRITON_INTERPRET=1 on the CPU)
+gives the same greedy tokens as the torch backend, through decode, chunked prefill and preemption."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from dashinfer_core import LLM, SamplingParams
+from dashinfer_core.cache.kv_cache import bytes_per_block
+from helpers import mixed_prompts
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and os.environ.get("DASHINFER_TEST_DEVICE", "cpu") == "cpu",
+                    reason="needs TRITON_INTERPRET=1 on the CPU")
+def test_triton_backend_matches_torch_backend(tiny_models):
+    prompts = mixed_prompts(6, min_len=3, max_len=40, seed=21)
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    common = dict(dtype="float32", device="cpu", block_size=16, max_num_batched_tokens=32,
+                  kv_cache_memory=10 * bytes_per_block(2, 16, 2, 16, torch.float32))  # forces preemption
+    torch_out = LLM(str(tiny_models["llama"]), attention_backend="torch", **common).generate(prompts, params)
+    llm = LLM(str(tiny_models["llama"]), attention_backend="triton", **common)
+    triton_out = llm.generate(prompts, params)
+    assert llm.engine.runner.attention.name == "triton"
+    assert llm.engine.stats().num_preemptions > 0
+    assert [o.token_ids for o in triton_out] == [o.token_ids for o in torch_out]
