@@ -103,10 +103,10 @@ def _decode_reduce_kernel(partial_ptr, lse_ptr, out_ptr, stride_ob, stride_oh, N
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_blocks: int, num_sms: int = 132) -> int:
-    """Enough (sequence, KV head, split) programs to cover the GPU about twice, at most 32 splits and
-    never more than the blocks a sequence can have."""
-    splits = max(1, math.ceil(2 * num_sms / max(1, batch * num_kv_heads)))
-    return int(min(triton.next_power_of_2(splits), 32, max(1, max_blocks)))
+    """About eight (sequence, KV head, split) programs per multiprocessor, so enough block loads are in
+    flight to saturate memory; at most 64 splits and never more than the blocks a sequence can have."""
+    splits = max(1, math.ceil(8 * num_sms / max(1, batch * num_kv_heads)))
+    return int(min(triton.next_power_of_2(splits), 64, max(1, max_blocks)))
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -25,3 +25,17 @@ def test_triton_backend_matches_torch_backend(tiny_models):
     assert llm.engine.runner.attention.name == "triton"
     assert llm.engine.stats().num_preemptions > 0
     assert [o.token_ids for o in triton_out] == [o.token_ids for o in torch_out]
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 on the CPU")
+def test_fused_triton_ops_match_torch_ops(tiny_models, monkeypatch):
+    """The CUDA model path (RMSNorm, rotary, SiLU-mul kernels + Triton attention) on the CPU."""
+    prompts = mixed_prompts(3, min_len=3, max_len=20, seed=22)
+    params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+    for family in ("llama", "qwen3"):
+        common = dict(dtype="float32", device="cpu", block_size=16)
+        expected = LLM(str(tiny_models[family]), attention_backend="torch", **common).generate(prompts, params)
+        monkeypatch.setenv("DASHINFER_FORCE_TRITON_OPS", "1")
+        got = LLM(str(tiny_models[family]), attention_backend="triton", **common).generate(prompts, params)
+        monkeypatch.delenv("DASHINFER_FORCE_TRITON_OPS")
+        assert [o.token_ids for o in got] == [o.token_ids for o in expected], family

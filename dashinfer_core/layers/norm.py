@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import use_triton_ops
+
 
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float, dtype: torch.dtype):
@@ -13,7 +15,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """Returns norm(x) when residual is None, else (norm(x + residual), x + residual)."""
-        if x.is_cuda and x.dim() == 2:
+        if x.dim() == 2 and use_triton_ops(x):
             from dashinfer_kernels.rmsnorm import rmsnorm  # fused kernel: one pass, residual in place
             out = rmsnorm(x, self.weight, self.eps, residual=residual)
             return out if residual is None else (out, residual)

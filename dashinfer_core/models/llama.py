@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..layers import use_triton_ops
 from ..layers.activation import silu_and_mul
 from ..layers.attention import AttentionMetadata
 from ..layers.linear import Linear, linear
@@ -33,7 +34,8 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
         self.scale = self.head_dim ** -0.5
 
-    def forward(self, x, positions, cos, sin, kv_cache, meta: AttentionMetadata, backend):
+    def forward(self, x, positions, rope, kv_cache, meta: AttentionMetadata, backend):
+        """rope: (cos, sin) gathered for this step on the CPU, or the RotaryEmbedding on CUDA."""
         num_tokens = x.shape[0]
         qkv = self.qkv_proj(x)
         q, k, v = qkv.split(self.qkv_proj.shard_sizes, dim=-1)
@@ -43,10 +45,10 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q = self.q_norm(q.reshape(-1, self.head_dim)).view(num_tokens, self.num_heads, self.head_dim)
             k = self.k_norm(k.reshape(-1, self.head_dim)).view(num_tokens, self.num_kv_heads, self.head_dim)
-        if q.is_cuda:
-            apply_rotary_inplace(q, k, positions, self.rotary)
+        if isinstance(rope, tuple):
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         else:
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            apply_rotary_inplace(q, k, positions, rope)
         out = backend.forward(q, k, v, kv_cache, meta, self.scale)
         return self.o_proj(out.reshape(num_tokens, -1))
 
@@ -70,13 +72,13 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.mlp = MLP(cfg, dtype)
 
-    def forward(self, x, residual, positions, cos, sin, kv_cache, meta, backend):
+    def forward(self, x, residual, positions, rope, kv_cache, meta, backend):
         if residual is None:
             residual = x
             h = self.input_layernorm(x)
         else:
             h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(h, positions, cos, sin, kv_cache, meta, backend)
+        h = self.self_attn(h, positions, rope, kv_cache, meta, backend)
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
 
@@ -99,10 +101,10 @@ class LlamaForCausalLM(nn.Module):
         x = F.embedding(input_ids, self.embed_tokens)
         # On the CPU cos/sin are gathered once and shared by every layer; on CUDA the rotary kernel
         # reads the tables itself.
-        cos, sin = (None, None) if x.is_cuda else self.rotary.cos_sin(positions)
+        rope = self.rotary if use_triton_ops(x) else self.rotary.cos_sin(positions)
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x, residual = layer(x, residual, positions, cos, sin, kv_cache, meta, backend)
+            x, residual = layer(x, residual, positions, rope, kv_cache, meta, backend)
         x, _ = self.norm(x, residual)
         return x
 
