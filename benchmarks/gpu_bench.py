@@ -53,9 +53,18 @@ def decode_attention_bandwidth() -> tuple[float, float]:
     q = torch.randn(batch, hq, d, device="cuda", dtype=torch.bfloat16)
     out = torch.empty_like(q)
     splits = choose_num_splits(batch, hkv, blocks_per_seq, torch.cuda.get_device_properties(0).multi_processor_count)
+    moved = 2 * k_cache.numel() * k_cache.element_size()
     t = cuda_time(lambda: paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, d ** -0.5,
                                                  num_splits=splits, out=out))
-    moved = 2 * k_cache.numel() * k_cache.element_size()
+    sweep = []
+    for s in (8, 16, 32, 64):
+        for warps in (1, 2, 4, 8):
+            ts = cuda_time(lambda: paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, d ** -0.5,
+                                                          num_splits=s, out=out, num_warps=warps), reps=20)
+            sweep.append((ts, s, warps))
+    sweep.sort()
+    print("decode attention sweep (us, splits, warps), best first:",
+          [(round(x * 1e6, 1), s, w) for x, s, w in sweep[:6]], flush=True)
     return moved / t, t
 
 
