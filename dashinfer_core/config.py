@@ -38,6 +38,11 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     # Reuse the KV of full blocks whose tokens (and parents) match an earlier request.
     enable_prefix_caching: bool = True
+    # Prefix cache CPU tier (DashInfer's CPU swap): bytes of host memory that keep blocks evicted from
+    # the device, copied back on a later hit instead of recomputed; 0 = off.
+    cpu_cache_memory: int = 0
+    # Cached blocks unused for this many seconds no longer hit; None = never expire.
+    prefix_cache_ttl: float | None = 300.0
     # Attention kernels: "torch" (CPU path and reference), "triton" (CUDA), "auto" picks by device.
     attention_backend: str = "auto"
     # Seeds the random seeds of requests that set none.

@@ -1,7 +1,7 @@
 """Scheduler and block manager on their own (no model)."""
 from __future__ import annotations
 
-from dashinfer_core.cache.block_manager import BlockManager
+from dashinfer_core.cache.block_manager import BlockManager, BlockOps
 from dashinfer_core.engine.scheduler import Scheduler
 from dashinfer_core.engine.sequence import Request, Sequence
 from dashinfer_core.sampling_params import SamplingParams
@@ -83,16 +83,16 @@ def test_max_num_seqs_and_priority_order():
 def test_fork_shares_blocks_and_copies_on_write():
     bm = BlockManager(num_blocks=8, block_size=16)
     parent = make_seq(20)
-    copies = []
-    assert bm.allocate(parent, 20, copies)
+    ops = BlockOps()
+    assert bm.allocate(parent, 20, ops)
     parent.num_computed_tokens = 20
     child = make_seq(20)
     bm.fork(parent, child)
     child.num_computed_tokens = 20
     assert child.block_table == parent.block_table and bm.ref_counts[parent.block_table[1]] == 2
     # The child writes position 20, in the shared partial block 1: it gets a private copy.
-    assert bm.allocate(child, 21, copies)
-    assert copies == [(parent.block_table[1], child.block_table[1])]
+    assert bm.allocate(child, 21, ops)
+    assert ops.copies == [(parent.block_table[1], child.block_table[1])]
     assert child.block_table[0] == parent.block_table[0]  # full block still shared
     assert bm.ref_counts[parent.block_table[0]] == 2 and bm.ref_counts[parent.block_table[1]] == 1
     bm.free(child)

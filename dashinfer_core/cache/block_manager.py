@@ -1,65 +1,174 @@
-"""Block allocator for the paged KV cache.
+"""Block allocator for the paged KV cache, with the prefix cache.
 
-Blocks are reference-counted: the completions of an n > 1 request share their prompt's blocks.
-A shared block is copied before anyone writes into it (copy-on-write); the copies are returned to
-the caller, which performs them on the cache tensors before the step's forward.
+Blocks are reference-counted: the completions of an n > 1 request, and requests with a common
+prefix, share blocks. A shared block is copied before anyone writes into it (copy-on-write).
+
+Prefix caching: every full, computed block is registered under its content key (see prefix_cache).
+A new sequence reuses each leading block whose key is cached and computes only the rest; the last
+token is always computed, so no shared block is ever written. A block that no sequence uses but
+that holds a cached entry stays "evictable": it is reused least-recently-used first, after the
+truly free blocks, and its contents move to the CPU tier (when there is one) instead of being lost.
+
+The copies this implies (copy-on-write, swap out to the CPU tier, swap in from it, zeroing of blocks
+used for the first time) are collected in BlockOps for the runner to perform before the forward.
 """
 from __future__ import annotations
 
-from collections import deque
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
 
 from ..engine.sequence import Sequence
+from .prefix_cache import CacheEntry, PrefixCache
+
+
+@dataclass
+class BlockOps:
+    """Cache copies a step needs, in the order the runner performs them."""
+    swap_out: list[tuple[int, int]] = field(default_factory=list)  # (device block, cpu slot)
+    fresh: list[int] = field(default_factory=list)  # blocks used for the first time: zero them
+    swap_in: list[tuple[int, int]] = field(default_factory=list)  # (cpu slot, device block)
+    copies: list[tuple[int, int]] = field(default_factory=list)  # (src block, dst block): copy-on-write
+    pinned_cpu_slots: set[int] = field(default_factory=set)  # read by swap_in: not to be overwritten
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False,
+                 num_cpu_blocks: int = 0, ttl: float | None = 300.0, clock=time.monotonic):
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
         self.ref_counts = [0] * num_blocks
-        self.free_blocks: deque[int] = deque(range(num_blocks))
-        # Blocks handed out for the first time since the last drain: the runner zeroes them, so the
-        # cache memory is only touched (and resident) once used, yet never holds garbage that a
-        # masked-out padding slot could turn into NaN.
+        self.free_blocks: deque[int] = deque(range(num_blocks))  # unused and holding nothing cached
+        self.evictable: OrderedDict[int, None] = OrderedDict()  # unused but cached, oldest first
+        self.cache = PrefixCache(num_cpu_slots=num_cpu_blocks if enable_prefix_caching else 0, ttl=ttl,
+                                 clock=clock)
+        # Blocks are handed out in id order at first, so ids below this one have been used before.
         self.num_blocks_used_ever = 0
-        self.fresh_blocks: list[int] = []
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self.free_blocks)
+        return len(self.free_blocks) + len(self.evictable)
 
-    def blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
-        """New blocks `seq` needs so that its first `num_tokens` tokens have slots."""
-        needed = max(0, -(-num_tokens // self.block_size) - len(seq.block_table))
-        if self._write_block_is_shared(seq, num_tokens):
-            needed += 1
-        return needed
+    @property
+    def stats(self):
+        return self.cache.stats
 
-    def allocate(self, seq: Sequence, num_tokens: int, copies: list[tuple[int, int]]) -> bool:
-        """Give `seq` slots for its first `num_tokens` tokens; False (and no change) if there is not
-        enough room. Copy-on-write pairs (src, dst) are appended to `copies`."""
-        if self.blocks_needed(seq, num_tokens) > len(self.free_blocks):
+    # ---- prefix matching and admission ---------------------------------------------------------
+    def match_prefix(self, seq: Sequence) -> list[CacheEntry]:
+        """Cached entries for the leading full blocks of seq's tokens (never all of its tokens)."""
+        if not self.enable_prefix_caching:
+            return []
+        bs, tokens, extra = self.block_size, seq.token_ids, seq.request.cache_salt
+        entries, parent = [], None
+        for i in range((len(tokens) - 1) // bs):
+            entry = self.cache.entries.get(self.cache.make_key(parent, tokens[i * bs:(i + 1) * bs], extra))
+            if entry is None:
+                break
+            in_use = entry.device_block is not None and self.ref_counts[entry.device_block] > 0
+            if self.cache.is_expired(entry) and not in_use:
+                self._expire(entry)
+                break
+            entries.append(entry)
+            parent = entry.uid
+        return entries
+
+    def admit(self, seq: Sequence, hits: list[CacheEntry], num_tokens: int, ops: BlockOps) -> bool:
+        """Give a sequence without blocks its cached prefix `hits` plus slots up to `num_tokens`;
+        False (and no change) if there is not enough room."""
+        assert not seq.block_table
+        on_device = [e for e in hits if e.device_block is not None]
+        needed = -(-num_tokens // self.block_size) - len(on_device)
+        unavailable = sum(1 for e in on_device if e.device_block in self.evictable)
+        if needed > self.num_free_blocks - unavailable:
             return False
-        if self._write_block_is_shared(seq, num_tokens):
+        for entry in hits:  # pin first: taking blocks below may evict to the CPU tier
+            if entry.device_block is None:
+                ops.pinned_cpu_slots.add(entry.cpu_slot)
+        for entry in on_device:
+            self._ref(entry.device_block)
+        for entry in hits:
+            if entry.device_block is None:
+                block = self._take(ops)
+                ops.swap_in.append((entry.cpu_slot, block))
+                self.cache.back_on_device(entry, block)
+            seq.block_table.append(entry.device_block)
+            seq.block_uids.append(entry.uid)
+            self.cache.touch(entry)
+        cached = len(hits) * self.block_size
+        seq.num_computed_tokens = cached
+        if seq.num_preemptions == 0:  # count the prompt's hits once, not on recompute
+            seq.num_cached_tokens = cached
+            seq.num_cpu_cached_tokens = (len(hits) - len(on_device)) * self.block_size
+            self.stats.queried_tokens += seq.num_prompt_tokens
+            self.stats.device_hit_tokens += len(on_device) * self.block_size
+            self.stats.cpu_hit_tokens += seq.num_cpu_cached_tokens
+        ok = self.allocate(seq, num_tokens, ops)
+        assert ok, "admission capacity was checked"
+        return True
+
+    def register_computed(self, seq: Sequence) -> None:
+        """Register seq's full, computed blocks that are not cached yet."""
+        if not self.enable_prefix_caching:
+            return
+        bs = self.block_size
+        for i in range(len(seq.block_uids), seq.num_computed_tokens // bs):
+            parent = seq.block_uids[i - 1] if i else None
+            key = self.cache.make_key(parent, seq.token_ids[i * bs:(i + 1) * bs], seq.request.cache_salt)
+            entry = self.cache.entries.get(key)
+            block = seq.block_table[i]
+            if entry is None:
+                entry = self.cache.register(key, block)
+            elif entry.device_block is None:  # cached only on the CPU: this block is its device copy now
+                entry.device_block = block
+                self.cache.by_block[block] = entry
+            # else: another sequence registered the same contents; this block stays private
+            seq.block_uids.append(entry.uid)
+
+    # ---- allocation ----------------------------------------------------------------------------
+    def allocate(self, seq: Sequence, num_tokens: int, ops: BlockOps) -> bool:
+        """Give `seq` slots for its first `num_tokens` tokens; False (and no change) if there is not
+        enough room."""
+        shared_write = self._write_block_is_shared(seq, num_tokens)
+        needed = max(0, -(-num_tokens // self.block_size) - len(seq.block_table)) + int(shared_write)
+        if needed > self.num_free_blocks:
+            return False
+        if shared_write:
             index = seq.num_computed_tokens // self.block_size
             shared = seq.block_table[index]
-            private = self._take()
-            copies.append((shared, private))
+            private = self._take(ops)
+            ops.copies.append((shared, private))
             self._release(shared)
             seq.block_table[index] = private
         while len(seq.block_table) * self.block_size < num_tokens:
-            seq.block_table.append(self._take())
+            seq.block_table.append(self._take(ops))
         return True
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """The child shares every block of the parent."""
         for block in parent.block_table:
-            self.ref_counts[block] += 1
+            self._ref(block)
         child.block_table = list(parent.block_table)
+        child.block_uids = list(parent.block_uids)
 
     def free(self, seq: Sequence) -> None:
         for block in reversed(seq.block_table):
             self._release(block)
         seq.block_table = []
+        seq.block_uids = []
+
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached prefix no running sequence uses (both tiers); returns how many."""
+        dropped = 0
+        for entry in list(self.cache.entries.values()):
+            if entry.device_block is not None and self.ref_counts[entry.device_block] > 0:
+                continue
+            if entry.device_block is not None:
+                del self.evictable[entry.device_block]
+                self.free_blocks.append(entry.device_block)
+            self.cache.drop(entry)
+            dropped += 1
+        return dropped
 
     # ---- internals -----------------------------------------------------------------------------
     def _write_block_is_shared(self, seq: Sequence, num_tokens: int) -> bool:
@@ -70,21 +179,40 @@ class BlockManager:
         index = seq.num_computed_tokens // self.block_size
         return index < len(seq.block_table) and self.ref_counts[seq.block_table[index]] > 1
 
-    def take_fresh_blocks(self) -> list[int]:
-        fresh, self.fresh_blocks = self.fresh_blocks, []
-        return fresh
-
-    def _take(self) -> int:
-        block = self.free_blocks.popleft()
+    def _take(self, ops: BlockOps) -> int:
+        if self.free_blocks:
+            block = self.free_blocks.popleft()
+        else:
+            block, _ = self.evictable.popitem(last=False)
+            slot = self.cache.leave_device(block, ops.pinned_cpu_slots)
+            if slot is not None:
+                ops.swap_out.append((block, slot))
         assert self.ref_counts[block] == 0
         self.ref_counts[block] = 1
-        if block >= self.num_blocks_used_ever:  # free_blocks starts in order, so ids below are used
+        if block >= self.num_blocks_used_ever:
             self.num_blocks_used_ever = block + 1
-            self.fresh_blocks.append(block)
+            ops.fresh.append(block)
         return block
+
+    def _ref(self, block: int) -> None:
+        if self.ref_counts[block] == 0:
+            self.evictable.pop(block, None)
+        self.ref_counts[block] += 1
 
     def _release(self, block: int) -> None:
         self.ref_counts[block] -= 1
         assert self.ref_counts[block] >= 0, f"block {block} released twice"
         if self.ref_counts[block] == 0:
-            self.free_blocks.append(block)
+            entry = self.cache.by_block.get(block)
+            if entry is not None:
+                self.evictable[block] = None
+                entry.last_used = self.cache.clock()
+            else:
+                self.free_blocks.append(block)
+
+    def _expire(self, entry: CacheEntry) -> None:
+        if entry.device_block is not None and entry.device_block in self.evictable:
+            del self.evictable[entry.device_block]
+            self.free_blocks.append(entry.device_block)
+        self.cache.stats.expired += 1
+        self.cache.drop(entry)

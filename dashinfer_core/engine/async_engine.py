@@ -54,12 +54,13 @@ class AsyncEngine:
 
     # ---- public API ----------------------------------------------------------------------------
     async def generate(self, prompt: str | list[int], sampling_params: SamplingParams | None = None,
-                       request_id: str | None = None, priority: int = 0) -> AsyncIterator[RequestOutput]:
+                       request_id: str | None = None, priority: int = 0,
+                       cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
         """Stream RequestOutputs (with delta_text / delta_token_ids) until the request finishes."""
         request_id = request_id or uuid.uuid4().hex
         if self._dead is not None:
             raise EngineDeadError(f"the engine's step loop has stopped: {self._dead}")
-        request = self.engine.build_request(request_id, prompt, sampling_params, priority)
+        request = self.engine.build_request(request_id, prompt, sampling_params, priority, cache_salt)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._cond:
             if request_id in self._streams:

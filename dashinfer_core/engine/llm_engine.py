@@ -25,12 +25,21 @@ logger = logging.getLogger(__name__)
 @dataclass
 class EngineStats:
     num_blocks: int
-    num_free_blocks: int
+    num_free_blocks: int  # free or holding only evictable cached prefixes
     num_running: int
     num_waiting: int
     num_preemptions: int
     num_requests: int
     num_steps: int
+    # Prefix cache: share of queried prompt tokens served from the cache, and its traffic.
+    prefix_hit_rate: float = 0.0
+    prefix_device_hit_tokens: int = 0
+    prefix_cpu_hit_tokens: int = 0
+    prefix_cached_blocks: int = 0  # device blocks holding a cached entry
+    prefix_cpu_cached_blocks: int = 0
+    prefix_evictions: int = 0
+    prefix_swaps_out: int = 0
+    prefix_swaps_in: int = 0
 
 
 class LLMEngine:
@@ -43,7 +52,9 @@ class LLMEngine:
         self.vocab_size = self.runner.vocab_size
         self.eos_token_ids = self.runner.model_cfg.eos_token_ids or tuple(
             t for t in (getattr(self.tokenizer, "eos_token_id", None),) if t is not None)
-        self.block_manager = BlockManager(self.runner.kv_cache.num_blocks, self.config.block_size)
+        self.block_manager = BlockManager(
+            self.runner.kv_cache.num_blocks, self.config.block_size, self.config.enable_prefix_caching,
+            num_cpu_blocks=self.runner.kv_cache.cpu_storage.shape[2], ttl=self.config.prefix_cache_ttl)
         budget = self.config.max_num_batched_tokens or (2048 if self.runner.device.type == "cuda" else 512)
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, budget,
                                    self.config.enable_chunked_prefill)
@@ -58,7 +69,7 @@ class LLMEngine:
 
     # ---- requests ------------------------------------------------------------------------------
     def build_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
-                      priority: int = 0) -> Request:
+                      priority: int = 0, cache_salt: str | None = None) -> Request:
         """Validate and tokenize; touches no engine state, so any thread may call it."""
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
@@ -97,7 +108,7 @@ class LLMEngine:
             raise InvalidParameterError("priority", f"must be an integer, got {priority!r}")
         seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(47)
         return Request(request_id=str(request_id), prompt=prompt_text, prompt_token_ids=token_ids,
-                       params=params, seed=seed, priority=priority)
+                       params=params, seed=seed, priority=priority, cache_salt=cache_salt)
 
     def add(self, request: Request) -> None:
         if request.request_id in self.requests:
@@ -109,10 +120,10 @@ class LLMEngine:
         self.scheduler.add(seq)
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
-                    priority: int = 0) -> Request:
+                    priority: int = 0, cache_salt: str | None = None) -> Request:
         if request_id in self.requests:
             raise DuplicateRequestError(request_id)
-        request = self.build_request(request_id, prompt, params, priority)
+        request = self.build_request(request_id, prompt, params, priority, cache_salt)
         self.add(request)
         return request
 
@@ -141,12 +152,21 @@ class LLMEngine:
             return "running"
         return "waiting"
 
+    def reset_prefix_cache(self) -> int:
+        """Drop every cached prefix not in use (benchmarks, or after a model-affecting change)."""
+        return self.block_manager.reset_prefix_cache()
+
     def stats(self) -> EngineStats:
+        bm = self.block_manager
+        pc = bm.stats
         return EngineStats(
-            num_blocks=self.block_manager.num_blocks, num_free_blocks=self.block_manager.num_free_blocks,
+            num_blocks=bm.num_blocks, num_free_blocks=bm.num_free_blocks,
             num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
             num_preemptions=self.scheduler.num_preemptions, num_requests=len(self.requests),
-            num_steps=self.num_steps)
+            num_steps=self.num_steps, prefix_hit_rate=pc.hit_rate, prefix_device_hit_tokens=pc.device_hit_tokens,
+            prefix_cpu_hit_tokens=pc.cpu_hit_tokens, prefix_cached_blocks=len(bm.cache.by_block),
+            prefix_cpu_cached_blocks=len(bm.cache.cpu_lru), prefix_evictions=pc.device_evictions,
+            prefix_swaps_out=pc.swaps_out, prefix_swaps_in=pc.swaps_in)
 
     # ---- the step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -166,6 +186,7 @@ class LLMEngine:
         result = self.runner.execute(batch, rows)
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
+            self.block_manager.register_computed(seq)
         touched: dict[str, Request] = {}
         now = time.monotonic()
         for k, row in enumerate(rows):

@@ -117,14 +117,14 @@ class ModelRunner:
             from ..errors import InvalidParameterError
             raise InvalidParameterError("kv_cache_memory", f"{budget} bytes hold no KV block; one block of "
                                         f"{self.block_size} tokens needs {per_block} bytes")
+        num_cpu_blocks = self.config.cpu_cache_memory // per_block if self.config.enable_prefix_caching else 0
         return KVCache(cfg.num_layers, num_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim,
-                       self.dtype, self.device)
+                       self.dtype, self.device, num_cpu_blocks=num_cpu_blocks)
 
     # ---- one step ------------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, rows: list[SampleRow]) -> StepResult | None:
-        self.kv_cache.zero_blocks(batch.fresh_blocks)
-        self.kv_cache.copy_blocks(batch.block_copies)
+        self.kv_cache.apply(batch.ops)
         input_ids, positions, meta = self._prepare_inputs(batch)
         if self.graphs is not None and self.graphs.can_run(meta.num_decodes, meta.num_seqs, input_ids.shape[0]):
             hidden = self.graphs.run(input_ids, positions, meta.slot_mapping, meta.seq_lens, meta.block_tables)

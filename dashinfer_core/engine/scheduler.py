@@ -12,7 +12,7 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 
-from ..cache.block_manager import BlockManager
+from ..cache.block_manager import BlockManager, BlockOps
 from .sequence import Sequence, SequenceStatus
 
 
@@ -21,8 +21,7 @@ class ScheduledBatch:
     seqs: list[Sequence]  # decodes first (one token each), then prefill chunks
     num_new_tokens: list[int]
     num_decodes: int
-    block_copies: list[tuple[int, int]] = field(default_factory=list)
-    fresh_blocks: list[int] = field(default_factory=list)  # first use: zero before the forward
+    ops: BlockOps = field(default_factory=BlockOps)  # cache copies to do before the forward
     preempted: list[Sequence] = field(default_factory=list)
 
     @property
@@ -87,25 +86,31 @@ class Scheduler:
             self._append(batch, seq, num_new, scheduled)
             budget -= num_new
 
-        # Admit waiting sequences, unless this step had to preempt (no room to spare).
+        # Admit waiting sequences, unless this step had to preempt (no room to spare). A sequence
+        # starts from its longest cached prefix and computes the rest.
         while self.waiting and not batch.preempted and budget > 0 and len(batch.seqs) < self.max_num_seqs:
             seq = self.waiting[0]
-            num_new = self._chunk(seq, budget)
-            if num_new == 0:
-                break
-            if not self.block_manager.allocate(seq, seq.num_computed_tokens + num_new, batch.block_copies):
+            if seq.block_table:  # part-way through (cannot happen today: preemption frees everything)
+                num_new = self._chunk(seq, budget)
+                ok = num_new > 0 and self.block_manager.allocate(seq, seq.num_computed_tokens + num_new, batch.ops)
+            else:
+                hits = self.block_manager.match_prefix(seq)
+                num_new = self._chunk(seq, budget, already_computed=len(hits) * self.block_manager.block_size)
+                ok = num_new > 0 and self.block_manager.admit(seq, hits, len(hits) * self.block_manager.block_size
+                                                              + num_new, batch.ops)
+            if not ok:
                 break
             self.waiting.pop(0)
             self.add_running(seq)
             self._append(batch, seq, num_new, scheduled)
             budget -= num_new
         self._order_decodes_first(batch)
-        batch.fresh_blocks = self.block_manager.take_fresh_blocks()
         return batch
 
     # ---- helpers -------------------------------------------------------------------------------
-    def _chunk(self, seq: Sequence, budget: int) -> int:
-        remaining = seq.num_uncomputed_tokens
+    def _chunk(self, seq: Sequence, budget: int, already_computed: int | None = None) -> int:
+        computed = seq.num_computed_tokens if already_computed is None else already_computed
+        remaining = seq.num_tokens - computed
         if remaining <= budget:
             return remaining
         return budget if self.enable_chunked_prefill else 0
@@ -113,7 +118,7 @@ class Scheduler:
     def _allocate_or_preempt(self, seq: Sequence, num_new: int, batch: ScheduledBatch,
                              scheduled: set[int]) -> bool:
         target = seq.num_computed_tokens + num_new
-        while not self.block_manager.allocate(seq, target, batch.block_copies):
+        while not self.block_manager.allocate(seq, target, batch.ops):
             victim = self._pick_victim(seq, scheduled)
             self._preempt(victim, batch)
             if victim is seq:

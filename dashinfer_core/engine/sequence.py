@@ -32,6 +32,8 @@ class Request:
     params: SamplingParams
     seed: int  # the request's seed, or one drawn for it when params.seed is None
     priority: int = 0  # lower runs first (vLLM's convention)
+    # Extra prefix-cache key: requests with different salts never share cached blocks.
+    cache_salt: str | None = None
     arrival_time: float = field(default_factory=time.monotonic)
     arrival_order: int = field(default_factory=lambda: next(_seq_counter))
     sequences: list["Sequence"] = field(default_factory=list)
@@ -56,6 +58,8 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
+    # Prefix-cache entry uids of the leading full blocks (registered or reused), parallel to block_table.
+    block_uids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     # Prompt tokens whose K/V came from the prefix cache at admission (device tier, CPU tier).

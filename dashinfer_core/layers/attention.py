@@ -138,13 +138,20 @@ class TorchAttention:
                 blocks = meta.block_tables[i, : -(-ctx_len // block_size)].long()
                 kv = kv_cache[:, blocks].transpose(2, 3).flatten(1, 2)[:, :ctx_len]  # [2, ctx, Hkv, D]
                 ki, vi = kv[0].transpose(0, 1), kv[1].transpose(0, 1)
-                # Query j sits at position ctx_len - num_new + j and sees keys up to there.
-                q_pos = torch.arange(ctx_len - num_new, ctx_len, device=q.device)
-                mask = torch.arange(ctx_len, device=q.device)[None, :] <= q_pos[:, None]
-                causal = False
+                if 2 * num_new > ctx_len:
+                    # A large chunk: pad the queries in front to a square and use the causal flash
+                    # path, which skips masked tiles (an explicit mask computes every one).
+                    pad = qi.new_zeros(1, qi.shape[1], ctx_len - num_new, qi.shape[3])
+                    qi = torch.cat((pad, qi), dim=2)
+                    mask, causal = None, True
+                else:
+                    # Query j sits at position ctx_len - num_new + j and sees keys up to there.
+                    q_pos = torch.arange(ctx_len - num_new, ctx_len, device=q.device)
+                    mask = torch.arange(ctx_len, device=q.device)[None, :] <= q_pos[:, None]
+                    causal = False
             oi = F.scaled_dot_product_attention(qi, ki.unsqueeze(0), vi.unsqueeze(0), attn_mask=mask,
                                                 is_causal=causal, scale=scale, enable_gqa=True)
-            out[start:end] = oi.squeeze(0).transpose(0, 1)
+            out[start:end] = oi[0, :, -num_new:].transpose(0, 1)
         return out
 
 
