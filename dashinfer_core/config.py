@@ -53,6 +53,10 @@ class EngineConfig:
     enforce_eager: bool = False
     # torch intra-op threads on the CPU; None = leave torch's setting.
     num_threads: int | None = None
+    # Guided decoding: a request whose pattern is not compiled within this many seconds fails alone.
+    guided_compile_timeout: float = 10.0
+    # Threads compiling guided patterns (a compile that overruns keeps its thread until it ends).
+    guided_compile_workers: int = 2
     # Run without a tokenizer: prompts must be token ids, outputs carry token ids and no text.
     skip_tokenizer_init: bool = False
 
@@ -75,6 +79,10 @@ class EngineConfig:
         _check(self.attention_backend in ATTENTION_BACKENDS, "attention_backend",
                f"must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
         _check(0 <= self.max_logprobs <= 100, "max_logprobs", f"must be in [0, 100], got {self.max_logprobs!r}")
+        _check(self.guided_compile_timeout > 0, "guided_compile_timeout",
+               f"must be > 0 seconds, got {self.guided_compile_timeout!r}")
+        _check(self.guided_compile_workers >= 1, "guided_compile_workers",
+               f"must be >= 1, got {self.guided_compile_workers!r}")
         _check(self.num_threads is None or self.num_threads >= 1, "num_threads",
                f"must be >= 1, got {self.num_threads!r}")
 

@@ -62,6 +62,8 @@ class LLM:
             progress = tqdm(total=len(requests), desc="Generating", unit="req")
         try:
             while len(final) < len(wanted):
+                if not self.engine.has_runnable_work():  # only guided compiles pending: wait for one
+                    self.engine.guided.wait(self.engine.guided.seconds_to_next_deadline())
                 for out in self.engine.step():
                     if out.finished and out.request_id in wanted:
                         final[out.request_id] = out

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .errors import InvalidParameterError
 
@@ -35,6 +35,13 @@ class SamplingParams:
     # Number of top logprobs per output token; 0 = only the sampled token's; None = none.
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    # Guided decoding, at most one: a JSON schema (dict or JSON text), any JSON object, a regular
+    # expression the whole output must match, or one of a list of strings.
+    json_schema: dict | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | None = None
+    guided_spec: object = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -73,6 +80,16 @@ class SamplingParams:
             _check(isinstance(t, int) and t >= 0, "stop_token_ids", f"ids must be integers >= 0, got {t!r}")
         _check(self.logprobs is None or (isinstance(self.logprobs, int) and self.logprobs >= 0), "logprobs",
                f"must be None or an integer >= 0, got {self.logprobs!r}")
+        if self.json_schema is not None or self.json_object or self.regex is not None or self.choice is not None:
+            from .guided.spec import build_spec
+            self.guided_spec = build_spec(self.json_schema, self.json_object, self.regex, self.choice)
+
+    @classmethod
+    def from_response_format(cls, response_format: dict | None, **kwargs) -> "SamplingParams":
+        """SamplingParams with OpenAI's response_format ({"type": "json_object"} or
+        {"type": "json_schema", "json_schema": {"schema": ...}}) mapped onto the guided fields."""
+        from .guided.spec import from_response_format
+        return cls(**kwargs, **from_response_format(response_format))
 
     @property
     def greedy(self) -> bool:

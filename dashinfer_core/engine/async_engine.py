@@ -49,8 +49,13 @@ class AsyncEngine:
         self._streams: dict[str, _Stream] = {}
         self._dead: BaseException | None = None
         self._stopping = False
+        self.engine.guided.on_ready = self._wake
         self._thread = threading.Thread(target=self._loop, name="dashinfer-step-loop", daemon=True)
         self._thread.start()
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify()
 
     # ---- public API ----------------------------------------------------------------------------
     async def generate(self, prompt: str | list[int], sampling_params: SamplingParams | None = None,
@@ -109,15 +114,18 @@ class AsyncEngine:
             self._stopping = True
             self._cond.notify()
         self._thread.join(timeout)
+        self.engine.guided.shutdown()
 
     # ---- the loop thread -----------------------------------------------------------------------
     def _loop(self) -> None:
         try:
             while True:
                 with self._cond:
+                    # Sleep while there is nothing to run; requests waiting only for a guided
+                    # compile wake the loop when it ends (or at their deadline).
                     while not (self._stopping or self._pending_adds or self._pending_aborts
-                               or self.engine.has_unfinished_requests()):
-                        self._cond.wait()
+                               or self.engine.has_runnable_work()):
+                        self._cond.wait(self.engine.guided.seconds_to_next_deadline())
                     if self._stopping:
                         break
                     adds, self._pending_adds = self._pending_adds, []

@@ -14,6 +14,7 @@ from ..config import EngineConfig
 from ..errors import DuplicateRequestError, InvalidParameterError, PromptTooLongError
 from ..outputs import RequestOutput
 from ..sampling_params import SamplingParams
+from ..guided.manager import GuidedManager
 from .output_processor import OutputProcessor
 from .runner import ModelRunner, SampleRow
 from .scheduler import Scheduler
@@ -66,6 +67,9 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._seed_rng = random.Random(self.config.seed)
         self.num_steps = 0
+        self.guided = GuidedManager(self.tokenizer, self.vocab_size,
+                                    self.eos_token_ids[0] if self.eos_token_ids else None,
+                                    self.config.guided_compile_timeout, self.config.guided_compile_workers)
 
     # ---- requests ------------------------------------------------------------------------------
     def build_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
@@ -96,6 +100,9 @@ class LLMEngine:
         if params.max_tokens > self.max_model_len:
             raise InvalidParameterError("max_tokens", f"must be <= the context length {self.max_model_len}, "
                                         f"got {params.max_tokens}")
+        if params.guided_spec is not None and self.tokenizer is None:
+            raise InvalidParameterError(params.guided_spec.kind, "guided decoding needs a tokenizer "
+                                        "(skip_tokenizer_init is set)")
         if params.stop and self.tokenizer is None:
             raise InvalidParameterError("stop", "stop strings need a tokenizer (skip_tokenizer_init is set)")
         if params.logprobs is not None and params.logprobs > self.config.max_logprobs:
@@ -117,7 +124,10 @@ class LLMEngine:
         seq = Sequence(request=request, index=0, token_ids=list(request.prompt_token_ids),
                        num_prompt_tokens=len(request.prompt_token_ids))
         request.sequences.append(seq)
-        self.scheduler.add(seq)
+        if request.params.guided_spec is not None:
+            self.guided.park(request)  # joins the queue once its pattern is compiled
+        else:
+            self.scheduler.add(seq)
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
                     priority: int = 0, cache_salt: str | None = None) -> Request:
@@ -131,6 +141,7 @@ class LLMEngine:
         request = self.requests.pop(request_id, None)
         if request is None:
             return None
+        self.guided.remove(request)
         for seq in request.sequences:
             self.scheduler.remove(seq)
             if not seq.is_finished:
@@ -143,6 +154,10 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
+
+    def has_runnable_work(self) -> bool:
+        """False when every unfinished request is only waiting for its guided pattern to compile."""
+        return self.scheduler.has_unfinished() or any(r.guided_future.done() for r in self.guided.pending)
 
     def get_request_status(self, request_id: str) -> str | None:
         request = self.requests.get(request_id)
@@ -171,9 +186,10 @@ class LLMEngine:
     # ---- the step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one scheduled batch; returns an output for every request that changed."""
+        outputs = self._admit_guided()
         batch = self.scheduler.schedule()
         if batch.is_empty:
-            return []
+            return outputs
         self.num_steps += 1
         rows: list[SampleRow] = []
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
@@ -195,14 +211,16 @@ class LLMEngine:
             if request.first_token_time is None:
                 request.first_token_time = now
             try:
-                self.output_processor.append_token(seq, result.token_ids[k], _logprobs_of(result, k, seq))
+                token = result.token_ids[k]
+                self.output_processor.append_token(seq, token, _logprobs_of(result, k, seq))
+                if seq.guided is not None:
+                    self.guided.after_token(seq, token, self.output_processor)
             except Exception as exc:  # one request's failure must not stop the others
                 logger.exception("request %s failed while processing its output", request.request_id)
                 request.error = f"{type(exc).__name__}: {exc}"
                 for s in request.sequences:
                     if not s.is_finished:
                         self.output_processor.finish(s, "error")
-        outputs = []
         for request in touched.values():
             for seq in request.sequences:
                 if seq.is_finished:
@@ -210,6 +228,24 @@ class LLMEngine:
             outputs.append(self.output_processor.make_output(request))
             if outputs[-1].finished:
                 self.requests.pop(request.request_id, None)
+        return outputs
+
+    def _admit_guided(self) -> list[RequestOutput]:
+        """Queue guided requests whose pattern is ready; end those whose compile failed."""
+        if not self.guided.pending:
+            return []
+        ready, failed = self.guided.poll()
+        for request in ready:
+            self.guided.attach(request.sequences[0])
+            self.scheduler.add(request.sequences[0])
+        outputs = []
+        for request, message in failed:
+            request.error = message
+            request.forked = True
+            for seq in request.sequences:
+                self.output_processor.finish(seq, "error")
+            outputs.append(self.output_processor.make_output(request))
+            self.requests.pop(request.request_id, None)
         return outputs
 
     def _fork(self, parent: Sequence, num_new: int) -> list[Sequence]:
@@ -221,6 +257,8 @@ class LLMEngine:
             child = self._new_child(request)
             self.block_manager.fork(parent, child)
             child.num_computed_tokens = parent.num_computed_tokens + num_new
+            if parent.guided is not None:
+                self.guided.attach(child)
             self.scheduler.add_running(child)
             children.append(child)
         return children

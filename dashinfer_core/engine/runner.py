@@ -193,7 +193,16 @@ class ModelRunner:
         )
         if any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params):
             self._add_penalties(t, rows)
-        banned = [(i, tok) for i, r in enumerate(rows) if r.seq.num_output_tokens < r.seq.params.min_tokens
+        guided = [(i, r.seq.guided) for i, r in enumerate(rows) if r.seq.guided is not None]
+        if guided:
+            bitmask = torch.zeros(len(guided), -(-vocab // 32), dtype=torch.int32)
+            for j, (_, state) in enumerate(guided):
+                state.write_mask(bitmask[j])
+            t.guided_bitmask = bitmask.to(dev)
+            t.guided_rows = torch.tensor([i for i, _ in guided], device=dev)
+        # min_tokens: ban the stop ids (not for guided rows: their pattern decides when EOS may come)
+        banned = [(i, tok) for i, r in enumerate(rows)
+                  if r.seq.num_output_tokens < r.seq.params.min_tokens and r.seq.guided is None
                   for tok in self._stop_ids(r.seq)]
         if banned:
             t.banned_rows = torch.tensor([b[0] for b in banned], device=dev)

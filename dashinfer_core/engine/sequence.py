@@ -42,6 +42,9 @@ class Request:
     forked: bool = False
     error: str | None = None
     first_token_time: float | None = None
+    # Guided decoding: the compiled index (a future until ready) and when waiting for it gives up.
+    guided_future: object = None
+    guided_deadline: float = 0.0
 
     @property
     def finished(self) -> bool:
@@ -74,6 +77,7 @@ class Sequence:
     detok_read_offset: int = 0
     logprobs: list[dict[int, float]] = field(default_factory=list)
     cumulative_logprob: float = 0.0
+    guided: object = None  # GuidedState for guided requests
 
     @property
     def params(self) -> SamplingParams:

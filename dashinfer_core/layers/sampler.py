@@ -38,8 +38,9 @@ class SamplingTensors:
     banned_tokens: torch.Tensor | None = None
     # Top logprobs to return: the largest count any row asked for; -1 = no row asked.
     num_logprobs: int = -1
-    # [S, vocab] bool allowed-token masks for guided rows, applied before sampling.
-    allowed_mask: torch.Tensor | None = None
+    # Guided rows: packed allowed-token bitmasks [G, ceil(vocab / 32)] int32 and their rows [G].
+    guided_bitmask: torch.Tensor | None = None
+    guided_rows: torch.Tensor | None = None
 
 
 @dataclass
@@ -57,8 +58,8 @@ class Sampler:
         logits = apply_penalties(logits, t)
         if t.banned_rows is not None:
             logits[t.banned_rows, t.banned_tokens] = float("-inf")
-        if t.allowed_mask is not None:
-            logits = logits.masked_fill(~t.allowed_mask, float("-inf"))
+        if t.guided_bitmask is not None:
+            apply_token_bitmask(logits, t.guided_bitmask, t.guided_rows)
         if t.all_greedy:
             tokens = logits.argmax(dim=-1)
         else:
@@ -69,6 +70,19 @@ class Sampler:
             if t.num_logprobs > 0:
                 out.top_logprobs, out.top_token_ids = raw_logprobs.topk(t.num_logprobs, dim=-1)
         return out
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor) -> None:
+    """Set logits of disallowed tokens to -inf in the given rows (bit v % 32 of word v // 32 = allowed)."""
+    from . import use_triton_ops
+    if use_triton_ops(logits):
+        from dashinfer_kernels.token_bitmask import apply_token_bitmask as kernel
+        kernel(logits, bitmask, rows.to(torch.int32))
+        return
+    vocab = logits.shape[1]
+    shifts = torch.arange(32, device=bitmask.device, dtype=torch.int32)
+    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).flatten(1)[:, :vocab].bool()
+    logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
 
 
 def apply_penalties(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:

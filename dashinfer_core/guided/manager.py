@@ -1,0 +1,86 @@
+"""Guided requests inside the engine: parked until their index compiles (or times out), a
+GuidedState per sequence once running, and after each sampled token the FSM advance, jump-forward
+over forced tokens, and the finish when the pattern allows nothing but EOS."""
+from __future__ import annotations
+
+import time
+
+from .compiler import GuidedCompiler
+from .state import GuidedState
+
+
+class GuidedManager:
+    def __init__(self, tokenizer, vocab_size: int, eos_token_id: int | None, timeout: float, workers: int):
+        self.eos_token_id = eos_token_id if eos_token_id is not None else -1
+        self.compiler = GuidedCompiler(tokenizer, vocab_size, self.eos_token_id, max_workers=workers)
+        self.timeout = timeout
+        self.pending: list = []  # requests waiting for their index
+        self.on_ready = None  # called (from a compile thread) when an index is done: wakes the loop
+        self.num_forced_tokens = 0  # appended by jump-forward, without a sampling step
+
+    def park(self, request) -> None:
+        request.guided_future = self.compiler.submit(request.params.guided_spec.regex)
+        request.guided_deadline = time.monotonic() + self.timeout
+        if self.on_ready is not None:
+            request.guided_future.add_done_callback(lambda _: self.on_ready())
+        self.pending.append(request)
+
+    def poll(self):
+        """Requests whose index is ready, and (request, error message) for those that failed."""
+        ready, failed, still = [], [], []
+        now = time.monotonic()
+        for request in self.pending:
+            future = request.guided_future
+            if future.done():
+                exc = future.exception()
+                if exc is None:
+                    ready.append(request)
+                else:
+                    kind = request.params.guided_spec.kind
+                    failed.append((request, f"{kind}: the pattern could not be compiled: {exc}"))
+            elif now > request.guided_deadline:
+                kind = request.params.guided_spec.kind
+                failed.append((request, f"{kind}: compiling the pattern took longer than the "
+                                        f"{self.timeout:g} s limit (guided_compile_timeout)"))
+            else:
+                still.append(request)
+        self.pending = still
+        return ready, failed
+
+    def remove(self, request) -> bool:
+        if request in self.pending:
+            self.pending.remove(request)
+            return True
+        return False
+
+    def wait(self, timeout: float | None) -> None:
+        """Block until a pending compile ends or the timeout passes."""
+        from concurrent.futures import FIRST_COMPLETED
+        from concurrent.futures import wait as wait_futures
+        if self.pending:
+            wait_futures([r.guided_future for r in self.pending], timeout=timeout, return_when=FIRST_COMPLETED)
+
+    def seconds_to_next_deadline(self) -> float | None:
+        if not self.pending:
+            return None
+        return max(0.0, min(r.guided_deadline for r in self.pending) - time.monotonic())
+
+    def attach(self, seq) -> None:
+        seq.guided = GuidedState(seq.request.guided_future.result(), self.eos_token_id, self.compiler.token_bytes)
+
+    def after_token(self, seq, token: int, output_processor) -> None:
+        """Advance the FSM by the sampled token; append forced tokens; finish when only EOS is left."""
+        state = seq.guided
+        if seq.is_finished:
+            return
+        state.advance(token)
+        for forced in state.forced_tokens():
+            self.num_forced_tokens += 1
+            output_processor.append_token(seq, forced, {forced: 0.0} if seq.params.logprobs is not None else None)
+            if seq.is_finished:
+                return
+        if state.only_eos_allowed():
+            output_processor.finish(seq, "stop")
+
+    def shutdown(self) -> None:
+        self.compiler.shutdown()
