@@ -5,8 +5,7 @@ import math
 
 import torch
 
-from dashinfer_core.layers.sampler import (Sampler, SamplingTensors, apply_penalties, counter_uniform,
-                                           top_k_top_p)
+from dashinfer_core.layers.sampler import Sampler, SamplingTensors, apply_penalties, top_k_top_p
 
 V = 50
 
@@ -14,7 +13,7 @@ V = 50
 def tensors(rows: int, **overrides) -> SamplingTensors:
     base = dict(greedy=torch.zeros(rows, dtype=torch.bool), temperature=torch.ones(rows),
                 top_k=torch.full((rows,), V), top_p=torch.ones(rows), min_p=torch.zeros(rows),
-                seeds=torch.arange(rows, dtype=torch.int64), steps=torch.zeros(rows, dtype=torch.int64),
+                seeds=list(range(rows)), steps=[0] * rows,
                 all_greedy=False, use_top_k=False, use_top_p=False, use_min_p=False)
     base.update(overrides)
     return SamplingTensors(**base)
@@ -70,7 +69,7 @@ def test_sampling_frequencies_follow_the_distribution():
     probs = torch.tensor([0.5, 0.25, 0.15, 0.1])
     rows = 4000
     logits = probs.log().repeat(rows, 1)
-    t = tensors(rows, seeds=torch.arange(rows, dtype=torch.int64) * 7919)
+    t = tensors(rows, seeds=[i * 7919 for i in range(rows)])
     t.top_k = torch.full((rows,), 4)
     tokens = Sampler()(logits, t).token_ids
     counts = torch.bincount(tokens, minlength=4).float() / rows
@@ -83,15 +82,16 @@ def test_min_p_and_greedy_rows():
     t = tensors(2, greedy=torch.tensor([False, True]), min_p=torch.tensor([0.5, 0.0]), use_min_p=True,
                 top_k=torch.full((2,), 4))
     for seed in range(50):
-        t.seeds = torch.tensor([seed, seed])
+        t.seeds = [seed, seed]
         tokens = Sampler()(logits, t).token_ids.tolist()
         assert tokens[0] in (0, 1)  # p >= 0.5 * p_max
         assert tokens[1] == 1
 
 
-def test_counter_uniform_depends_only_on_seed_and_step():
-    a = counter_uniform(torch.tensor([1, 2, 1]), torch.tensor([0, 0, 1]), 1000)
-    b = counter_uniform(torch.tensor([2, 1]), torch.tensor([0, 0]), 1000)
+def test_uniforms_depend_only_on_seed_and_step():
+    sampler = Sampler()
+    a = sampler.seeded_uniform(tensors(3, seeds=[1, 2, 1], steps=[0, 0, 1]), 1000, torch.device("cpu"))
+    b = sampler.seeded_uniform(tensors(2, seeds=[2, 1], steps=[0, 0]), 1000, torch.device("cpu"))
     torch.testing.assert_close(a[0], b[1])
     torch.testing.assert_close(a[1], b[0])
     assert not torch.equal(a[0], a[2])

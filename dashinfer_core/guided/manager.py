@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 from .compiler import GuidedCompiler
-from .state import GuidedState
+from .state import GuidedState, SmallAllowedSets
 
 
 class GuidedManager:
@@ -17,6 +17,7 @@ class GuidedManager:
         self.pending: list = []  # requests waiting for their index
         self.on_ready = None  # called (from a compile thread) when an index is done: wakes the loop
         self.num_forced_tokens = 0  # appended by jump-forward, without a sampling step
+        self._small_sets: dict[int, SmallAllowedSets] = {}  # id(index) -> its states' small allowed sets
 
     def park(self, request) -> None:
         request.guided_future = self.compiler.submit(request.params.guided_spec.regex)
@@ -66,7 +67,13 @@ class GuidedManager:
         return max(0.0, min(r.guided_deadline for r in self.pending) - time.monotonic())
 
     def attach(self, seq) -> None:
-        seq.guided = GuidedState(seq.request.guided_future.result(), self.eos_token_id, self.compiler.token_bytes)
+        index = seq.request.guided_future.result()
+        small_sets = self._small_sets.get(id(index))
+        if small_sets is None or small_sets.index is not index:
+            if len(self._small_sets) > 4 * self.compiler.cache_size:
+                self._small_sets.clear()
+            small_sets = self._small_sets[id(index)] = SmallAllowedSets(index)
+        seq.guided = GuidedState(small_sets, self.eos_token_id, self.compiler.token_bytes)
 
     def after_token(self, seq, token: int, output_processor) -> None:
         """Advance the FSM by the sampled token; append forced tokens; finish when only EOS is left."""

@@ -50,6 +50,7 @@ class TorchAttention:
     name = "torch"
     MAX_BUCKETS = 4
     BUCKET_GROWTH = 1.3  # start a new bucket when a context is this much longer than the bucket's first
+    SHORT_CHUNK = 8  # prefill chunks up to this many tokens go through the batched decode path
 
     def __init__(self):
         self._workspace: torch.Tensor | None = None
@@ -58,7 +59,7 @@ class TorchAttention:
         """Per-step precomputation shared by all layers (kv_cache: any layer's, for its shape)."""
         state = meta.backend_state
         _, _, num_kv_heads, block_size, _ = kv_cache.shape
-        state["buckets"] = self._decode_buckets(meta, num_kv_heads, block_size) if meta.num_decodes else []
+        state["buckets"] = self._decode_buckets(meta, num_kv_heads, block_size)
         slots = meta.slot_mapping
         valid = slots >= 0
         state["token_idx"] = None if bool(valid.all()) else valid.nonzero().squeeze(1)
@@ -70,10 +71,27 @@ class TorchAttention:
         state["store_rows"] = ((blocks[:, None] * num_kv_heads + heads[None, :]) * block_size
                                + offsets[:, None]).reshape(-1)
 
+    def _single_queries(self, meta: AttentionMetadata) -> tuple[list[int], list[int], list[int]]:
+        """(token index, block-table row, context length) of every query answered on the batched
+        path: each decode, and each token of a short prefill chunk (guided jump-forward, the tail of
+        a chunked prompt) as if it were a decode at its own position."""
+        tokens, rows, lens = list(range(meta.num_decodes)), list(range(meta.num_decodes)), \
+            list(meta.seq_lens_host[:meta.num_decodes])
+        starts = meta.query_start_loc_host
+        for i in range(meta.num_decodes, meta.num_seqs):
+            num_new = starts[i + 1] - starts[i]
+            if num_new <= self.SHORT_CHUNK:
+                first_pos = meta.seq_lens_host[i] - num_new
+                tokens += range(starts[i], starts[i + 1])
+                rows += [i] * num_new
+                lens += range(first_pos + 1, first_pos + num_new + 1)
+        return tokens, rows, lens
+
     def _decode_buckets(self, meta: AttentionMetadata, num_kv_heads: int, block_size: int):
-        nd = meta.num_decodes
-        lens = meta.seq_lens_host[:nd]
-        order = sorted(range(nd), key=lens.__getitem__)
+        tokens, table_rows, lens = self._single_queries(meta)
+        if not tokens:
+            return []
+        order = sorted(range(len(tokens)), key=lens.__getitem__)
         groups, current = [], [order[0]]
         for i in order[1:]:
             if lens[i] > self.BUCKET_GROWTH * lens[current[0]] and len(groups) < self.MAX_BUCKETS - 1:
@@ -84,16 +102,16 @@ class TorchAttention:
         device = meta.seq_lens.device
         heads = torch.arange(num_kv_heads, device=device)
         buckets = []
-        for rows in groups:
-            num_blocks = -(-max(lens[i] for i in rows) // block_size)
-            rows_t = torch.tensor(rows, device=device)
-            blocks = meta.block_tables[rows_t, :num_blocks].long()
-            # (block, head) chunk ids in [seq, head, block] order.
+        for group in groups:
+            num_blocks = -(-max(lens[i] for i in group) // block_size)
+            token_idx = torch.tensor([tokens[i] for i in group], device=device)
+            blocks = meta.block_tables[torch.tensor([table_rows[i] for i in group], device=device), :num_blocks].long()
+            # (block, head) chunk ids in [query, head, block] order.
             chunks = (blocks[:, None, :] * num_kv_heads + heads[None, :, None]).reshape(-1)
             positions = torch.arange(num_blocks * block_size, device=device)
-            outside = positions[None, :] >= meta.seq_lens[rows_t, None].long()
+            outside = positions[None, :] >= torch.tensor([lens[i] for i in group], device=device)[:, None]
             bias = torch.zeros(outside.shape, device=device).masked_fill_(outside, float("-inf"))
-            buckets.append((rows_t, chunks, bias[:, None, None, :], num_blocks * block_size))
+            buckets.append((token_idx, chunks, bias[:, None, None, :], num_blocks * block_size))
         return buckets
 
     def _gather(self, kv_cache: torch.Tensor, chunks: torch.Tensor) -> torch.Tensor:
@@ -130,6 +148,8 @@ class TorchAttention:
         for i in range(meta.num_decodes, meta.num_seqs):
             start, end, ctx_len = starts[i], starts[i + 1], lens[i]
             num_new = end - start
+            if num_new <= self.SHORT_CHUNK:
+                continue  # answered with the decodes above
             qi = q[start:end].transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D]
             if ctx_len == num_new:  # no cached prefix: attend to this chunk's own K/V
                 ki, vi = k[start:end].transpose(0, 1), v[start:end].transpose(0, 1)

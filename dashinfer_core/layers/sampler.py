@@ -1,8 +1,9 @@
 """Batched sampling on the device: penalties, greedy, temperature, min-p, top-k, top-p, logprobs.
 
-Randomness comes from a counter-based hash of (sequence seed, output index, token id) rather than a
-stateful generator, so a seeded request draws the same numbers whatever batch it shares, after a
-preemption and recompute, and on any device; and the whole batch is drawn in one vectorised op.
+Each sampled row draws its uniforms from a generator seeded by (sequence seed, output index), not
+from a shared stream, so a seeded request draws the same numbers whatever batch it shares and after
+a preemption and recompute. (A vectorised counter-based hash over the whole [rows, vocab] block was
+6x slower on the CPU than one Philox draw per row.)
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-_MASK32 = 0xFFFFFFFF
+_MASK64 = (1 << 64) - 1
 
 
 @dataclass
@@ -21,8 +22,8 @@ class SamplingTensors:
     top_k: torch.Tensor  # [S] int64, vocab size when off
     top_p: torch.Tensor  # [S] float32
     min_p: torch.Tensor  # [S] float32
-    seeds: torch.Tensor  # [S] int64
-    steps: torch.Tensor  # [S] int64: index of the output token being drawn
+    seeds: list[int]  # per row
+    steps: list[int]  # per row: index of the output token being drawn
     all_greedy: bool
     use_top_k: bool
     use_top_p: bool
@@ -52,6 +53,9 @@ class SamplerOutput:
 
 
 class Sampler:
+    def __init__(self):
+        self._generators: dict[torch.device, torch.Generator] = {}
+
     def __call__(self, logits: torch.Tensor, t: SamplingTensors) -> SamplerOutput:
         logits = logits.float()
         raw_logprobs = torch.log_softmax(logits, dim=-1) if t.num_logprobs >= 0 else None
@@ -63,13 +67,39 @@ class Sampler:
         if t.all_greedy:
             tokens = logits.argmax(dim=-1)
         else:
-            tokens = torch.where(t.greedy, logits.argmax(dim=-1), sample(logits, t))
+            uniform = self.seeded_uniform(t, logits.shape[1], logits.device)
+            tokens = torch.where(t.greedy, logits.argmax(dim=-1), sample(logits, t, uniform))
         out = SamplerOutput(token_ids=tokens)
         if raw_logprobs is not None:
             out.logprobs = raw_logprobs.gather(1, tokens[:, None]).squeeze(1)
             if t.num_logprobs > 0:
                 out.top_logprobs, out.top_token_ids = raw_logprobs.topk(t.num_logprobs, dim=-1)
         return out
+
+
+    def seeded_uniform(self, t: SamplingTensors, vocab_size: int, device: torch.device) -> torch.Tensor:
+        """[S, vocab] uniforms in (0, 1): row i from a generator seeded by (seeds[i], steps[i]);
+        greedy rows get a constant (they do not sample)."""
+        gen = self._generators.get(device)
+        if gen is None:
+            gen = self._generators[device] = torch.Generator(device=device)
+        uniform = torch.empty(len(t.seeds), vocab_size, device=device)
+        greedy = t.greedy.tolist() if not t.all_greedy else None
+        for i, (seed, step) in enumerate(zip(t.seeds, t.steps)):
+            if greedy is not None and greedy[i]:
+                uniform[i].fill_(0.5)
+                continue
+            gen.manual_seed(mix_seed(seed, step))
+            torch.rand(vocab_size, generator=gen, device=device, out=uniform[i])
+        return uniform.clamp_(1e-7, 1.0 - 1e-7)
+
+
+def mix_seed(seed: int, step: int) -> int:
+    """A 63-bit generator seed from (request seed, output index): splitmix64's finaliser."""
+    x = (seed * 0x9E3779B97F4A7C15 + step + 1) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (x ^ (x >> 31)) & 0x7FFFFFFFFFFFFFFF
 
 
 def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor) -> None:
@@ -102,7 +132,7 @@ def apply_penalties(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     return logits
 
 
-def sample(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+def sample(logits: torch.Tensor, t: SamplingTensors, uniform: torch.Tensor) -> torch.Tensor:
     """Draw one token per row from the filtered, tempered distribution (greedy rows: ignored)."""
     logits = logits / t.temperature[:, None]
     if t.use_min_p:
@@ -113,7 +143,6 @@ def sample(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
         logits = top_k_top_p(logits, t.top_k, t.top_p)
     probs = torch.softmax(logits, dim=-1)
     # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p.
-    uniform = counter_uniform(t.seeds, t.steps, logits.shape[1])
     return (probs / -torch.log(uniform)).argmax(dim=-1)
 
 
@@ -126,21 +155,3 @@ def top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) 
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
     sorted_logits = sorted_logits.masked_fill(mass_before >= top_p[:, None], float("-inf"))
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
-
-
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer hash (xorshift-multiply rounds) on int64 tensors holding values < 2**32.
-    Both multipliers are < 2**31, so products stay below 2**63: no signed overflow."""
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & _MASK32
-    x = x ^ (x >> 15)
-    x = (x * 0x5BD1E995) & _MASK32
-    return x ^ (x >> 16)
-
-
-def counter_uniform(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """[S, vocab] uniforms in (0, 1) that depend only on (seed, step, token id)."""
-    row = _mix32((seeds & _MASK32) ^ _mix32(((seeds >> 32) & _MASK32) ^ _mix32(steps & _MASK32)))
-    cols = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)
-    bits = _mix32(_mix32(row[:, None] ^ cols[None, :]) ^ row[:, None])
-    return (bits.to(torch.float64) + 0.5).div_(2.0 ** 32).to(torch.float32).clamp_(1e-7, 1.0 - 1e-7)
