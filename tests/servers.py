@@ -1,0 +1,70 @@
+"""Start and stop real server processes on 127.0.0.1 for end-to-end tests."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Process:
+    """A child process whose output goes to a log file, stopped (with its group) on exit."""
+
+    def __init__(self, args: list[str], log_dir: Path, name: str, env: dict | None = None):
+        self.name = name
+        self.log_path = Path(log_dir) / f"{name}.log"
+        self.log = open(self.log_path, "w")
+        full_env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+        full_env.update(env or {})
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=full_env,
+                                     start_new_session=True, cwd=log_dir)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def tail(self, chars: int = 3000) -> str:
+        self.log.flush()
+        return self.log_path.read_text()[-chars:]
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 40) -> None:
+        if self.alive():
+            try:
+                os.killpg(self.proc.pid, sig)
+                self.proc.wait(timeout=timeout)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                if self.alive():
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                    self.proc.wait(timeout=10)
+        self.log.close()
+
+
+def python_module(module: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", module, *args]
+
+
+def wait_until(check, timeout: float, what: str, processes: list[Process] = ()) -> object:
+    deadline = time.monotonic() + timeout
+    last_error = None
+    while time.monotonic() < deadline:
+        for p in processes:
+            if not p.alive():
+                raise AssertionError(f"{p.name} exited while waiting for {what}:\n{p.tail()}")
+        try:
+            value = check()
+            if value:
+                return value
+        except (requests.RequestException, KeyError, ValueError) as exc:
+            last_error = exc
+        time.sleep(0.3)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what} (last error: {last_error})")
