@@ -67,6 +67,7 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._seed_rng = random.Random(self.config.seed)
         self.num_steps = 0
+        self._consecutive_failures = 0
         self.guided = GuidedManager(self.tokenizer, self.vocab_size,
                                     self.eos_token_ids[0] if self.eos_token_ids else None,
                                     self.config.guided_compile_timeout, self.config.guided_compile_workers)
@@ -199,7 +200,11 @@ class LLMEngine:
             request = seq.request
             if request.params.n > 1 and not request.forked:
                 rows.extend(SampleRow(child, i) for child in self._fork(seq, n))
-        result = self.runner.execute(batch, rows)
+        try:
+            result = self.runner.execute(batch, rows)
+            self._consecutive_failures = 0
+        except Exception as exc:
+            return outputs + self._fail_batch(batch, exc)
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
             self.block_manager.register_computed(seq)
@@ -212,6 +217,8 @@ class LLMEngine:
                 request.first_token_time = now
             try:
                 token = result.token_ids[k]
+                if token < 0:
+                    raise FloatingPointError("the model produced non-finite logits (NaN or inf) for this request")
                 self.output_processor.append_token(seq, token, _logprobs_of(result, k, seq))
                 if seq.guided is not None:
                     self.guided.after_token(seq, token, self.output_processor)
@@ -228,6 +235,25 @@ class LLMEngine:
             outputs.append(self.output_processor.make_output(request))
             if outputs[-1].finished:
                 self.requests.pop(request.request_id, None)
+        return outputs
+
+    def _fail_batch(self, batch, exc: Exception) -> list[RequestOutput]:
+        """The forward or sampling raised: end every request of this batch with the error (freeing its
+        blocks) and keep serving the others. Repeated failures mean the engine itself is broken."""
+        self._consecutive_failures += 1
+        logger.exception("step failed; ending the %d requests of its batch", len(batch.seqs))
+        if self._consecutive_failures >= 3:
+            raise exc
+        outputs = []
+        for request in {seq.request.request_id: seq.request for seq in batch.seqs}.values():
+            request.error = f"{type(exc).__name__}: {exc}"
+            request.forked = True
+            for seq in request.sequences:
+                if not seq.is_finished:
+                    self.output_processor.finish(seq, "error")
+                self.scheduler.remove(seq)
+            outputs.append(self.output_processor.make_output(request))
+            self.requests.pop(request.request_id, None)
         return outputs
 
     def _admit_guided(self) -> list[RequestOutput]:

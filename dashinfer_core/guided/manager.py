@@ -80,6 +80,9 @@ class GuidedManager:
         state = seq.guided
         if seq.is_finished:
             return
+        if token == self.eos_token_id:  # only allowed in a final state: the match is complete
+            output_processor.finish(seq, "stop", stop_reason=token)
+            return
         state.advance(token)
         for forced in state.forced_tokens():
             self.num_forced_tokens += 1

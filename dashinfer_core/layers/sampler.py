@@ -58,6 +58,9 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, t: SamplingTensors) -> SamplerOutput:
         logits = logits.float()
+        # A row with NaN/inf logits (fp16 overflow, a broken request) gets token -1: the engine ends
+        # that request with an error instead of sampling garbage. Read back with the tokens: no extra sync.
+        broken = ~torch.isfinite(logits).all(dim=-1)
         raw_logprobs = torch.log_softmax(logits, dim=-1) if t.num_logprobs >= 0 else None
         logits = apply_penalties(logits, t)
         if t.banned_rows is not None:
@@ -69,7 +72,7 @@ class Sampler:
         else:
             uniform = self.seeded_uniform(t, logits.shape[1], logits.device)
             tokens = torch.where(t.greedy, logits.argmax(dim=-1), sample(logits, t, uniform))
-        out = SamplerOutput(token_ids=tokens)
+        out = SamplerOutput(token_ids=torch.where(broken, -1, tokens))
         if raw_logprobs is not None:
             out.logprobs = raw_logprobs.gather(1, tokens[:, None]).squeeze(1)
             if t.num_logprobs > 0:
