@@ -32,6 +32,9 @@ class RequestOutput:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (device + CPU tier)
     num_cpu_cached_tokens: int = 0  # of which from the CPU tier
     error: str | None = None
+    # True when the error is the request's own (e.g. a guided pattern too complex to compile in time),
+    # so servers answer 4xx; False for engine failures (5xx).
+    error_is_client: bool = False
     arrival_time: float | None = None
     first_token_time: float | None = None
     finished_time: float | None = None

@@ -121,6 +121,7 @@ class _Req:
         self.last_t = None
         self.status = None
         self.error = None
+        self.submit_t = 0.0
 
 
 def _drain(allspark, engine, name, req: _Req, handle, queue, clock) -> None:
@@ -175,6 +176,7 @@ def _run_batch(allspark, engine, name, prompts, output_len, single_stream):
     reqs = [_Req(i, p) for i, p in enumerate(prompts)]
     if single_stream:
         for r in reqs:
+            r.submit_t = clock()
             handle, queue = _start(allspark, engine, name, r.prompt, output_len)
             _drain(allspark, engine, name, r, handle, queue, clock)
     else:
@@ -260,7 +262,8 @@ def run(spec: dict) -> dict:
     outputs = [r.tokens for r in reqs]
     C.dump_tokens(spec, outputs)
     num_tokens = sum(len(o) for o in outputs)
-    ttfts = [r.first_t for r in reqs if r.first_t is not None]
+    # batched: from the start of the generation phase; single stream: from each request's submission
+    ttfts = [r.first_t - r.submit_t for r in reqs if r.first_t is not None]
     tpots = [(r.last_t - r.first_t) / (len(r.tokens) - 1) * 1000 for r in reqs
              if r.first_t is not None and len(r.tokens) > 1]
     precision = ("fp32 weights and GEMMs (matmul_precision highest)" if want == "float32" else
@@ -269,7 +272,8 @@ def run(spec: dict) -> dict:
     note = (f"{precision}, {threads} threads, "
             f"{'single stream' if single else f'continuous batching, engine_max_batch {max_batch}'}, "
             f"LLaMA_v2 graph with rotary_base {rotary_base:g}"
-            f"{', converted now in %.1fs' % t_conv if converted else ''}")
+            f"{', converted now in %.1fs' % t_conv if converted else ''}"
+            f"{', TTFT from each request submission' if single else ''}")
     note += C.check_lengths(outputs, output_len)
     return C.make_result(ENGINE, num_tokens=num_tokens, elapsed_s=elapsed, ttfts=ttfts, tpots_ms=tpots,
                          peak_mb=C.peak_mem_mb(), note=note, error="; ".join(errors) or None)

@@ -200,7 +200,7 @@ def run(spec: dict) -> dict:
             f"LD_PRELOAD {' '.join(Path(x).name for x in os.environ.get('LD_PRELOAD', '').split(':') if x) or 'none'}, "
             f"start-up {startup_s:.0f}s excluded, peak mem = self {self_mb:.0f} + children {child_mb:.0f} MB")
     if single:
-        note += ", TTFT from each request's submission"
+        note += ", TTFT from each request submission"
     if not ttfts:
         note += ", no per-request timestamps from vLLM"
     note += C.check_lengths(tokens, output_len)

@@ -28,8 +28,10 @@ logger = logging.getLogger(__name__)
 class RequestFailedError(RuntimeError):
     """The engine ended this request with an error; other requests are unaffected."""
 
-    def __init__(self, request_id: str, message: str):
+    def __init__(self, request_id: str, message: str, is_client_error: bool = False):
         self.request_id = request_id
+        self.message = message
+        self.is_client_error = is_client_error  # the request's own fault (4xx), not the engine's (5xx)
         super().__init__(f"request {request_id} failed: {message}")
 
 
@@ -82,7 +84,7 @@ class AsyncEngine:
                     raise item
                 if item.error is not None:
                     finished = True
-                    raise RequestFailedError(request_id, item.error)
+                    raise RequestFailedError(request_id, item.error, item.error_is_client)
                 finished = item.finished
                 yield item
                 if finished:

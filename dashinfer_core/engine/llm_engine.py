@@ -158,7 +158,7 @@ class LLMEngine:
 
     def has_runnable_work(self) -> bool:
         """False when every unfinished request is only waiting for its guided pattern to compile."""
-        return self.scheduler.has_unfinished() or any(r.guided_future.done() for r in self.guided.pending)
+        return self.scheduler.has_unfinished() or self.guided.has_news()
 
     def get_request_status(self, request_id: str) -> str | None:
         request = self.requests.get(request_id)
@@ -267,6 +267,7 @@ class LLMEngine:
         outputs = []
         for request, message in failed:
             request.error = message
+            request.error_is_client = True
             request.forked = True
             for seq in request.sequences:
                 self.output_processor.finish(seq, "error")

@@ -119,6 +119,7 @@ class OutputProcessor:
             num_cached_tokens=first.num_cached_tokens if first else 0,
             num_cpu_cached_tokens=first.num_cpu_cached_tokens if first else 0,
             error=request.error,
+            error_is_client=request.error_is_client,
             arrival_time=request.arrival_time,
             first_token_time=request.first_token_time,
             finished_time=time.monotonic() if finished else None,

@@ -41,6 +41,7 @@ class Request:
     # blocks), so the prompt is prefilled once.
     forked: bool = False
     error: str | None = None
+    error_is_client: bool = False
     first_token_time: float | None = None
     # Guided decoding: the compiled index (a future until ready) and when waiting for it gives up.
     guided_future: object = None

@@ -48,6 +48,11 @@ class GuidedManager:
         self.pending = still
         return ready, failed
 
+    def has_news(self) -> bool:
+        """Some parked request can move on: its index is ready, its compile failed, or it timed out."""
+        now = time.monotonic()
+        return any(r.guided_future.done() or now > r.guided_deadline for r in self.pending)
+
     def remove(self, request) -> bool:
         if request in self.pending:
             self.pending.remove(request)

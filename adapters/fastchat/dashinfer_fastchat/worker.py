@@ -27,8 +27,10 @@ from dashinfer_core import (AsyncEngine, EngineConfig, EngineDeadError, InvalidP
                             RequestFailedError, SamplingParams)
 
 from .conversation import choose_conversation
+from .limits import BodyLimitMiddleware, json_body
 
 app = FastAPI()
+app.add_middleware(BodyLimitMiddleware)
 worker: "DashInferWorker | None" = None
 
 
@@ -106,7 +108,10 @@ class DashInferWorker(BaseModelWorker):
                               f"the messages.")
         except InvalidParameterError as exc:
             yield error_chunk(ErrorCode.PARAM_OUT_OF_RANGE, str(exc))
-        except (RequestFailedError, EngineDeadError) as exc:
+        except RequestFailedError as exc:
+            yield error_chunk(ErrorCode.PARAM_OUT_OF_RANGE if exc.is_client_error else ErrorCode.INTERNAL_ERROR,
+                              exc.message)
+        except EngineDeadError as exc:
             yield error_chunk(ErrorCode.INTERNAL_ERROR, str(exc))
 
     def _fastchat_logprobs(self, completion, decoded: list[str]) -> dict:
@@ -177,7 +182,9 @@ def release_slot():
 
 @app.post("/worker_generate_stream")
 async def api_generate_stream(request: Request):
-    params = await request.json()
+    params = await json_body(request)
+    if isinstance(params, JSONResponse):
+        return params
     await acquire_slot()
     request_id = uuid.uuid4().hex
     background = BackgroundTasks()
@@ -188,7 +195,9 @@ async def api_generate_stream(request: Request):
 
 @app.post("/worker_generate")
 async def api_generate(request: Request):
-    params = await request.json()
+    params = await json_body(request)
+    if isinstance(params, JSONResponse):
+        return params
     await acquire_slot()
     request_id = uuid.uuid4().hex
     try:
@@ -205,7 +214,10 @@ async def api_get_status(request: Request):
 
 @app.post("/count_token")
 async def api_count_token(request: Request):
-    return worker.count_token(await request.json())
+    params = await json_body(request)
+    if isinstance(params, JSONResponse):
+        return params
+    return worker.count_token(params)
 
 
 @app.post("/worker_get_conv_template")
@@ -235,6 +247,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--cpu-cache-memory", type=int, default=0, help="prefix-cache CPU tier bytes")
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     g.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
+    g.add_argument("--guided-compile-timeout", type=float, default=10.0,
+                   help="seconds a guided pattern may take to compile before its request fails")
     g.add_argument("--tensor-parallel-size", type=int, default=1, help="only 1 is supported")
 
 
@@ -246,7 +260,7 @@ def engine_config_from_args(args) -> EngineConfig:
                         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
                         block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
                         cpu_cache_memory=args.cpu_cache_memory, enable_prefix_caching=args.enable_prefix_caching,
-                        num_threads=args.num_threads)
+                        num_threads=args.num_threads, guided_compile_timeout=args.guided_compile_timeout)
 
 
 def main(argv=None) -> None:

@@ -80,9 +80,13 @@ def sampling_params(params: dict, model: str) -> SamplingParams:
         if theirs in params:
             kwargs[ours] = params.pop(theirs)
     kwargs.setdefault("max_tokens", 256)
-    if params.pop("logprobs", False):
-        kwargs["logprobs"] = int(params.pop("top_logprobs", 0) or 0)
-    params.pop("top_logprobs", None)
+    logprobs = params.pop("logprobs", None)
+    top_logprobs = params.pop("top_logprobs", None)
+    if isinstance(logprobs, bool):  # chat: logprobs=True plus top_logprobs=N
+        if logprobs:
+            kwargs["logprobs"] = int(top_logprobs or 0)
+    elif logprobs is not None:  # text completions: logprobs=N is the count
+        kwargs["logprobs"] = logprobs
     response_format = params.pop("response_format", None)
     if params:
         raise _bad_request(f"{sorted(params)[0]}: not a parameter this provider understands "
@@ -135,7 +139,11 @@ class _Call:
         try:
             async for out in self.engine.generate(self.prompt, self.params, request_id=self.request_id):
                 yield out
-        except (RequestFailedError, EngineDeadError) as exc:
+        except RequestFailedError as exc:
+            if exc.is_client_error:
+                raise _bad_request(exc.message, self.model) from None
+            raise litellm.InternalServerError(message=str(exc), model=self.model, llm_provider=PROVIDER) from None
+        except EngineDeadError as exc:
             raise litellm.InternalServerError(message=str(exc), model=self.model, llm_provider=PROVIDER) from None
 
 
