@@ -21,7 +21,7 @@
 set -u -o pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-VENVS="$HERE/.venvs"
+VENVS="${PEERS_VENVS:-$HERE/.venvs}"   # override only for testing the script
 CONSTRAINTS="$HERE/peers/constraints.txt"
 PYTHON="${PYTHON:-python3}"
 FORCE="${FORCE:-0}"

@@ -57,6 +57,13 @@ class EngineConfig:
     guided_compile_timeout: float = 10.0
     # Threads compiling guided patterns (a compile that overruns keeps its thread until it ends).
     guided_compile_workers: int = 2
+    # Weight quantization at load (InstantQuant): None, "iq-int8", "iq-int4" (weight-only, asymmetric),
+    # or "a8w8" (int8 weights and per-token int8 activations). GPTQ checkpoints load as they are.
+    quantization: str | None = None
+    # Input channels per quantization group; None = one group per output channel.
+    group_size: int | None = None
+    # KV cache storage: "auto" (the model dtype), "int8" or "uint4" (per token and head, asymmetric).
+    kv_cache_dtype: str = "auto"
     # Run without a tokenizer: prompts must be token ids, outputs carry token ids and no text.
     skip_tokenizer_init: bool = False
 
@@ -83,6 +90,13 @@ class EngineConfig:
                f"must be > 0 seconds, got {self.guided_compile_timeout!r}")
         _check(self.guided_compile_workers >= 1, "guided_compile_workers",
                f"must be >= 1, got {self.guided_compile_workers!r}")
+        _check(self.quantization in (None, "iq-int8", "iq-int4", "a8w8"), "quantization",
+               f"must be None, 'iq-int8', 'iq-int4' or 'a8w8', got {self.quantization!r}")
+        _check(self.group_size is None or (isinstance(self.group_size, int) and self.group_size >= 16
+                                           and self.group_size % 16 == 0), "group_size",
+               f"must be None or a multiple of 16, got {self.group_size!r}")
+        _check(self.kv_cache_dtype in ("auto", "int8", "uint4"), "kv_cache_dtype",
+               f"must be 'auto', 'int8' or 'uint4', got {self.kv_cache_dtype!r}")
         _check(self.num_threads is None or self.num_threads >= 1, "num_threads",
                f"must be >= 1, got {self.num_threads!r}")
 

@@ -3,29 +3,62 @@ head_dim] (head-major blocks; see layers/attention.py), all views of one allocat
 copies touch every layer in one op."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
 def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
-                    dtype: torch.dtype) -> int:
-    element_size = torch.empty((), dtype=dtype).element_size()
-    return 2 * num_layers * block_size * num_kv_heads * head_dim * element_size
+                    dtype: torch.dtype, kv_bits: int | None = None) -> int:
+    if kv_bits is None:
+        element_size = torch.empty((), dtype=dtype).element_size()
+        return 2 * num_layers * block_size * num_kv_heads * head_dim * element_size
+    data = head_dim * kv_bits // 8
+    return 2 * num_layers * block_size * num_kv_heads * (data + 8)  # + fp32 scale and zero point
+
+
+@dataclass
+class KVLayer:
+    """One layer's cache. data: [2 (K, V), blocks, kv heads, block_size, head_dim] in the model dtype,
+    or uint8 with head_dim (int8) or head_dim / 2 (uint4) when quantized; then scales and zeros hold
+    the fp32 scale and zero point of each [2, block, head, slot]."""
+    data: torch.Tensor
+    scales: torch.Tensor | None = None
+    zeros: torch.Tensor | None = None
+    bits: int | None = None
+    head_dim: int = 0
+
+    @property
+    def shape(self):  # [2, blocks, kv heads, block_size, head_dim] as if unquantized
+        return (*self.data.shape[:4], self.head_dim)
 
 
 class KVCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
-                 head_dim: int, dtype: torch.dtype, device: torch.device, num_cpu_blocks: int = 0):
+                 head_dim: int, dtype: torch.dtype, device: torch.device, num_cpu_blocks: int = 0,
+                 kv_bits: int | None = None):
         self.num_blocks = num_blocks
         self.block_size = block_size
-        # [layer, K|V, block, head, slot, dim]; blocks are zeroed when first used (zero_blocks).
-        self.storage = torch.empty(num_layers, 2, num_blocks, num_kv_heads, block_size, head_dim,
-                                   dtype=dtype, device=device)
-        # Per layer: [2 (K, V), num_blocks, num_kv_heads, block_size, head_dim].
-        self.layers = [self.storage[i] for i in range(num_layers)]
+        self.kv_bits = kv_bits
+        width = head_dim if kv_bits in (None, 8) else head_dim // 2
+        store_dtype = dtype if kv_bits is None else torch.uint8
+
+        def pools(blocks: int, cpu: bool):
+            place = dict(device="cpu", pin_memory=device.type == "cuda" and blocks > 0) if cpu else dict(device=device)
+            # [layer, K|V, block, head, slot, dim]; blocks are zeroed when first used (zero_blocks).
+            data = torch.empty(num_layers, 2, blocks, num_kv_heads, block_size, width, dtype=store_dtype, **place)
+            if kv_bits is None:
+                return [data]
+            return [data] + [torch.empty(num_layers, 2, blocks, num_kv_heads, block_size, **place) for _ in range(2)]
+
+        self.pools = pools(num_blocks, cpu=False)  # data (+ scales, zeros)
+        self.storage = self.pools[0]
+        self.layers = [KVLayer(self.pools[0][i], *(p[i] for p in self.pools[1:]), bits=kv_bits, head_dim=head_dim)
+                       if kv_bits else KVLayer(self.pools[0][i], head_dim=head_dim) for i in range(num_layers)]
         # The prefix cache's CPU tier: blocks evicted from the device live on here (pinned for fast
         # copies on CUDA). On the CPU device it is simply a second pool.
-        self.cpu_storage = torch.empty(num_layers, 2, num_cpu_blocks, num_kv_heads, block_size, head_dim,
-                                       dtype=dtype, pin_memory=device.type == "cuda" and num_cpu_blocks > 0)
+        self.cpu_pools = pools(num_cpu_blocks, cpu=True)
+        self.cpu_storage = self.cpu_pools[0]
 
     def apply(self, ops) -> None:
         """Perform a step's BlockOps: swap out, zero fresh blocks, swap in, copy-on-write."""

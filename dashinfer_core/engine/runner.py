@@ -85,6 +85,9 @@ class ModelRunner:
         if model_cfg.sliding_window:
             max_len = min(max_len, model_cfg.sliding_window)  # attention never reaches past it
         self.model, self.model_cfg = load_model(self.model_dir, self.dtype, self.device, max_len)
+        if config.quantization:
+            from ..quant.linear import quantize_model
+            quantize_model(self.model, config.quantization, config.group_size, self.device)
         self.vocab_size = self.model_cfg.vocab_size
         self.block_size = config.block_size
         self.kv_cache = self._allocate_kv_cache()
@@ -104,7 +107,12 @@ class ModelRunner:
 
     def _allocate_kv_cache(self) -> KVCache:
         cfg = self.model_cfg
-        per_block = bytes_per_block(cfg.num_layers, self.block_size, cfg.num_kv_heads, cfg.head_dim, self.dtype)
+        from ..quant.kv import KV_BITS
+        kv_bits = KV_BITS[self.config.kv_cache_dtype]
+        if kv_bits == 4 and cfg.head_dim % 2:
+            from ..errors import InvalidParameterError
+            raise InvalidParameterError("kv_cache_dtype", "uint4 needs an even head_dim")
+        per_block = bytes_per_block(cfg.num_layers, self.block_size, cfg.num_kv_heads, cfg.head_dim, self.dtype, kv_bits)
         budget = self.config.kv_cache_memory
         if budget is None:
             if self.device.type == "cuda":
@@ -119,7 +127,7 @@ class ModelRunner:
                                         f"{self.block_size} tokens needs {per_block} bytes")
         num_cpu_blocks = self.config.cpu_cache_memory // per_block if self.config.enable_prefix_caching else 0
         return KVCache(cfg.num_layers, num_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim,
-                       self.dtype, self.device, num_cpu_blocks=num_cpu_blocks)
+                       self.dtype, self.device, num_cpu_blocks=num_cpu_blocks, kv_bits=kv_bits)
 
     # ---- one step ------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -19,6 +19,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ..cache.kv_cache import KVLayer
+from ..quant.kv import dequantize_kv, quantize_kv
+
 
 @dataclass
 class AttentionMetadata:
@@ -114,27 +117,44 @@ class TorchAttention:
             buckets.append((token_idx, chunks, bias[:, None, None, :], num_blocks * block_size))
         return buckets
 
-    def _gather(self, kv_cache: torch.Tensor, chunks: torch.Tensor) -> torch.Tensor:
-        """[2, num_chunks, block_size, head_dim] of the listed (block, head) chunks of K and V."""
+    def _gather(self, kv_cache: KVLayer, chunks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """[2, num_chunks, block_size, head_dim] of the listed (block, head) chunks of K and V
+        (dequantized into the workspace when the cache is quantized)."""
         _, num_blocks, num_kv_heads, block_size, head_dim = kv_cache.shape
         shape = (2, chunks.numel(), block_size, head_dim)
         numel = 2 * chunks.numel() * block_size * head_dim
         ws = self._workspace
-        if ws is None or ws.dtype != kv_cache.dtype or ws.device != kv_cache.device or ws.numel() < numel:
-            ws = self._workspace = torch.empty(numel, dtype=kv_cache.dtype, device=kv_cache.device)
+        device = kv_cache.data.device
+        if ws is None or ws.dtype != dtype or ws.device != device or ws.numel() < numel:
+            ws = self._workspace = torch.empty(numel, dtype=dtype, device=device)
         out = ws[:numel].view(shape)
-        torch.index_select(kv_cache.view(2, num_blocks * num_kv_heads, block_size, head_dim), 1, chunks, out=out)
+        data = kv_cache.data.view(2, num_blocks * num_kv_heads, block_size, -1)
+        if kv_cache.bits is None:
+            torch.index_select(data, 1, chunks, out=out)
+        else:
+            def gather(pool):
+                return pool.view(2, num_blocks * num_kv_heads, block_size).index_select(1, chunks)
+            dequantize_kv(data.index_select(1, chunks), gather(kv_cache.scales), gather(kv_cache.zeros),
+                          kv_cache.bits, out=out)
         return out
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+    @staticmethod
+    def _blocks(kv_cache: KVLayer, blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """[2, len(blocks), Hkv, block_size, D] of whole blocks (dequantized when quantized)."""
+        if kv_cache.bits is None:
+            return kv_cache.data[:, blocks]
+        return dequantize_kv(kv_cache.data[:, blocks], kv_cache.scales[:, blocks], kv_cache.zeros[:, blocks],
+                             kv_cache.bits, dtype)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVLayer,
                 meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        """q: [T, Hq, D], k/v: [T, Hkv, D], kv_cache: [2, blocks, Hkv, block_size, D] -> [T, Hq, D]."""
+        """q: [T, Hq, D], k/v: [T, Hkv, D], kv_cache: one layer's KVLayer -> [T, Hq, D]."""
         store_kv(k, v, kv_cache, meta)
         out = torch.empty_like(q)
         num_kv_heads, head_dim = k.shape[1], k.shape[2]
         group = q.shape[1] // num_kv_heads
         for rows, chunks, bias, length in meta.backend_state["buckets"]:
-            kv = self._gather(kv_cache, chunks)
+            kv = self._gather(kv_cache, chunks, q.dtype)
             n = len(rows)
             keys = kv[0].view(n, num_kv_heads, length, head_dim)
             values = kv[1].view(n, num_kv_heads, length, head_dim)
@@ -156,7 +176,7 @@ class TorchAttention:
                 mask, causal = None, True
             else:
                 blocks = meta.block_tables[i, : -(-ctx_len // block_size)].long()
-                kv = kv_cache[:, blocks].transpose(2, 3).flatten(1, 2)[:, :ctx_len]  # [2, ctx, Hkv, D]
+                kv = self._blocks(kv_cache, blocks, q.dtype).transpose(2, 3).flatten(1, 2)[:, :ctx_len]
                 ki, vi = kv[0].transpose(0, 1), kv[1].transpose(0, 1)
                 if 2 * num_new > ctx_len:
                     # A large chunk: pad the queries in front to a square and use the causal flash
@@ -175,15 +195,23 @@ class TorchAttention:
         return out
 
 
-def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> None:
-    """Write the step's K/V rows into their slots (slot -1 = padding, skipped)."""
+def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: KVLayer, meta: AttentionMetadata) -> None:
+    """Write the step's K/V rows into their slots (slot -1 = padding, skipped), quantizing them
+    when the cache is quantized."""
     state = meta.backend_state
     if state["token_idx"] is not None:
         k, v = k[state["token_idx"]], v[state["token_idx"]]
     rows = state["store_rows"]
     head_dim = k.shape[-1]
-    kv_cache[0].view(-1, head_dim).index_copy_(0, rows, k.reshape(-1, head_dim))
-    kv_cache[1].view(-1, head_dim).index_copy_(0, rows, v.reshape(-1, head_dim))
+    data = kv_cache.data
+    for i, x in enumerate((k, v)):
+        if kv_cache.bits is None:
+            data[i].view(-1, head_dim).index_copy_(0, rows, x.reshape(-1, head_dim))
+        else:
+            qx, sx, zx = quantize_kv(x.reshape(-1, head_dim), kv_cache.bits)
+            data[i].view(-1, qx.shape[-1]).index_copy_(0, rows, qx)
+            kv_cache.scales[i].view(-1).index_copy_(0, rows, sx)
+            kv_cache.zeros[i].view(-1).index_copy_(0, rows, zx)
 
 
 class TritonAttention:
@@ -208,7 +236,7 @@ class TritonAttention:
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        k_cache, v_cache = kv_cache[0], kv_cache[1]
+        k_cache, v_cache = kv_cache.data[0], kv_cache.data[1]
         self._kv_store(k, v, k_cache, v_cache, meta.slot_mapping)
         out = torch.empty_like(q)
         nd = meta.num_decodes

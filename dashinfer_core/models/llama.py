@@ -19,6 +19,7 @@ from ..layers.attention import AttentionMetadata
 from ..layers.linear import Linear, linear
 from ..layers.norm import RMSNorm
 from ..layers.rotary import RotaryEmbedding, apply_rotary, apply_rotary_inplace
+from ..quant.gptq import GPTQ_PARTS, check_gptq_config, install_gptq
 from .model_config import ModelConfig
 
 
@@ -120,6 +121,7 @@ class LlamaForCausalLM(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Fill parameters from HF-named tensors; raises on unknown or missing names."""
         loaded: set[tuple[str, str, int]] = set()
+        gptq: dict[tuple[str, int], dict[str, torch.Tensor]] = {}  # (layer path, shard) -> GPTQ tensors
         for name, tensor in weights:
             if "rotary_emb.inv_freq" in name or (name == "lm_head.weight" and self.lm_head is None):
                 continue  # derived buffers, or a stored copy of tied embeddings
@@ -136,7 +138,10 @@ class LlamaForCausalLM(nn.Module):
             if module_path[-1] in self._SHARDS:
                 module_path[-1], shard = self._SHARDS[module_path[-1]]
             module = self.get_submodule(".".join(module_path)) if _has_module(self, module_path) else None
-            if isinstance(module, Linear):
+            if isinstance(module, Linear) and kind in GPTQ_PARTS:
+                gptq.setdefault((".".join(module_path), shard), {})[kind] = tensor
+                kind = "weight"  # the quantized tensors stand for the weight
+            elif isinstance(module, Linear):
                 module.load(kind, tensor, shard)
             elif isinstance(module, RMSNorm) and kind == "weight":
                 _copy_checked(name, module.weight, tensor)
@@ -146,6 +151,8 @@ class LlamaForCausalLM(nn.Module):
         missing = sorted(self._expected_weights() - loaded)
         if missing:
             raise ValueError(f"checkpoint is missing {len(missing)} weights, e.g. {missing[:3]}")
+        if gptq:
+            install_gptq(self, gptq, check_gptq_config(self.cfg.raw.get("quantization_config") or {}))
 
     def _expected_weights(self) -> set[tuple[str, str, int]]:
         expected = {("model.embed_tokens.weight", "weight", 0)}

@@ -177,3 +177,19 @@ def test_token_bitmask(vocab, with_rows):
     assert torch.equal(logits, ref)
     if with_rows:
         assert torch.isfinite(logits[1]).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits, group, m, n, k", [(8, None, 5, 48, 64), (8, 32, 17, 40, 96), (4, None, 3, 64, 64),
+                                                  (4, 32, 9, 33, 96), (4, 16, 2, 24, 50), (8, None, 4, 16, 100)])
+def test_dequant_gemm(dtype, bits, group, m, n, k):
+    from dashinfer_core.quant.weights import quantize
+    from dashinfer_kernels.dequant_gemm import dequant_gemm, dequant_gemm_ref
+    torch.manual_seed(7)
+    w = torch.randn(n * SCALE, k * SCALE, device=DEVICE)
+    qw = quantize(w, bits, group)
+    x = torch.randn(m * SCALE, k * SCALE, device=DEVICE).to(dtype)
+    args = (qw.qweight, qw.scales, qw.zeros, bits, qw.group_size, n * SCALE, k * SCALE)
+    out = dequant_gemm(x, *args)
+    torch.testing.assert_close(out, dequant_gemm_ref(x, *args), **(dict(atol=5e-2, rtol=5e-2) if dtype != torch.float32
+                                                                      else dict(atol=1e-4, rtol=1e-4)))

@@ -1,0 +1,91 @@
+"""QuantizedLinear: a Linear whose weight is stored quantized (weight-only int8/int4, or int8 with
+int8 activations, "A8W8"), and the switch that converts a loaded model's linear layers."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import InvalidParameterError
+from ..layers import use_triton_ops
+from ..layers.linear import Linear, linear
+from .weights import QuantizedWeight, dequantize, quantize
+
+# name -> (bits, activation quantization)
+QUANT_MODES = {"iq-int8": (8, False), "iq-int4": (4, False), "a8w8": (8, True)}
+
+
+class QuantizedLinear(nn.Module):
+    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None, shard_sizes: tuple[int, ...],
+                 compute_dtype: torch.dtype, activations_int8: bool = False):
+        super().__init__()
+        self.out_features, self.in_features = qw.shape
+        self.shard_sizes = shard_sizes
+        self.bits, self.group_size = qw.bits, qw.group_size
+        self.compute_dtype = compute_dtype
+        self.activations_int8 = activations_int8
+        self.register_buffer("qweight", qw.qweight)
+        self.register_buffer("scales", qw.scales)
+        self.register_buffer("zeros", qw.zeros)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        if activations_int8:  # symmetric int8 weight for torch._int_mm, [K, N] as it wants
+            w = dequantize(qw)
+            self.register_buffer("w_scale", (w.abs().amax(dim=1) / 127).clamp(min=1e-8))
+            self.register_buffer("w_int8_t", torch.round(w / self.w_scale[:, None]).clamp(-127, 127)
+                                 .to(torch.int8).t().contiguous())
+
+    @property
+    def weight_nbytes(self) -> int:
+        if self.activations_int8:
+            return self.w_int8_t.numel() + self.w_scale.numel() * 4
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.zeros))
+
+    def quantized(self) -> QuantizedWeight:
+        return QuantizedWeight(self.qweight, self.scales, self.zeros, self.bits, self.group_size,
+                               (self.out_features, self.in_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.activations_int8:
+            y = a8w8_linear(x, self.w_int8_t, self.w_scale)
+        elif use_triton_ops(x):
+            from dashinfer_kernels.dequant_gemm import dequant_gemm
+            flat = x.reshape(-1, self.in_features)
+            y = dequant_gemm(flat.contiguous(), self.qweight, self.scales, self.zeros, self.bits, self.group_size,
+                             self.out_features, self.in_features).view(*x.shape[:-1], self.out_features)
+        else:
+            # CPU: the fastest plain-torch form measured here is to dequantize and use the fp GEMM.
+            y = linear(x, dequantize(self.quantized(), x.dtype))
+        return y if self.bias is None else y + self.bias
+
+
+def a8w8_linear(x: torch.Tensor, w_int8_t: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """Per-token symmetric int8 activations x per-channel int8 weights, int32 accumulation."""
+    flat = x.reshape(-1, x.shape[-1]).float()
+    x_scale = (flat.abs().amax(dim=1, keepdim=True) / 127).clamp(min=1e-8)
+    x_int8 = torch.round(flat / x_scale).clamp(-127, 127).to(torch.int8)
+    rows = x_int8.shape[0]
+    pad = (17 - rows) if (x.is_cuda and rows <= 16) else 0  # cuBLAS int8 GEMM wants more than 16 rows
+    if pad:
+        x_int8 = F.pad(x_int8, (0, 0, 0, pad))
+    acc = torch._int_mm(x_int8, w_int8_t)[:rows]
+    y = acc.float() * x_scale * w_scale[None, :]
+    return y.to(x.dtype).view(*x.shape[:-1], w_int8_t.shape[1])
+
+
+def quantize_model(model: nn.Module, mode: str, group_size: int | None, device: torch.device) -> None:
+    """Replace every Linear of `model` by a QuantizedLinear of the given mode (in place)."""
+    if mode not in QUANT_MODES:
+        raise InvalidParameterError("quantization", f"must be one of {sorted(QUANT_MODES)} or None, got {mode!r}")
+    bits, act = QUANT_MODES[mode]
+    if act and group_size is not None:
+        raise InvalidParameterError("group_size", "a8w8 quantizes per channel; leave group_size unset")
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, Linear):
+                qw = quantize(child.weight.data, bits, group_size)
+                bias = None if child.bias is None else child.bias.data
+                # The down projection's inputs (SiLU(gate) * up) carry outliers that per-token int8
+                # cannot hold (SmolLM2 answers garbage): it keeps int8 weights with float activations.
+                int8_acts = act and child_name != "down_proj"
+                setattr(module, child_name, QuantizedLinear(qw, bias, child.shard_sizes, child.weight.dtype,
+                                                            int8_acts).to(device))
