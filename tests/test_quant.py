@@ -129,20 +129,29 @@ def test_kv_quantization_store_then_read_error_bound(bits):
     q, scale, zero = quantize_kv(x, bits)
     assert q.shape == (7, 3, 64 if bits == 8 else 32) and q.dtype == torch.uint8
     back = dequantize_kv(q, scale, zero, bits)
-    step = (x.amax(-1) - x.amin(-1)) / ((1 << bits) - 1)
-    assert ((back - x).abs() <= step[..., None] / 2 + 1e-5).all()
+    groups = x.unflatten(-1, (scale.shape[-1], -1))
+    step = (groups.amax(-1) - groups.amin(-1)) / ((1 << bits) - 1)
+    assert ((back - x).abs().unflatten(-1, (scale.shape[-1], -1)) <= step[..., None] / 2 + 1e-5).all()
+
+
+QUESTIONS = ["What is the largest planet in our solar system?", "How many days are in a week?", "What is 2 plus 2?"]
 
 
 @pytest.mark.parametrize("kv_cache_dtype", ["int8", "uint4"])
 def test_quantized_kv_cache_generates_and_frees(default_model_dir, kv_cache_dtype):
+    chats = [[{"role": "user", "content": q}] for q in QUESTIONS]
+    params = SamplingParams(max_tokens=24, temperature=0.0)
     llm = LLM(dtype="float32", device="cpu", kv_cache_dtype=kv_cache_dtype, block_size=16,
-              cpu_cache_memory=64 << 20, kv_cache_memory=24 << 20)
-    fp = LLM(dtype="float32", device="cpu", block_size=16, kv_cache_memory=24 << 20)
+              cpu_cache_memory=64 << 20, kv_cache_memory=24 << 20, max_num_batched_tokens=32)
+    fp = LLM(dtype="float32", device="cpu", block_size=16, kv_cache_memory=24 << 20, max_num_batched_tokens=32)
     assert llm.engine.stats().num_blocks > 3 * fp.engine.stats().num_blocks  # the budget holds more blocks
-    out = llm.chat(CAPITAL, SamplingParams(max_tokens=24, temperature=0.0))[0]
-    assert "Paris" in out.text
-    # Prefix cache and the CPU tier carry the quantized blocks and their scales: a repeat hits.
-    again = llm.chat(CAPITAL, SamplingParams(max_tokens=24, temperature=0.0))[0]
-    assert again.num_cached_tokens > 0 and again.text == out.text
+    expected = [o.text for o in fp.chat(chats, params)]
+    for attempt in range(2):  # the second time the prompts come from the prefix cache
+        outs = llm.chat(chats, params)
+        assert "7 days" in outs[1].text and "4" in outs[2].text, [(o.text, o.error) for o in outs]
+        if kv_cache_dtype == "int8":
+            assert [o.text for o in outs] == expected
+        if attempt:
+            assert all(o.num_cached_tokens > 0 for o in outs)
     stats = llm.engine.stats()
     assert stats.num_free_blocks == stats.num_blocks

@@ -13,15 +13,17 @@ def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_di
     if kv_bits is None:
         element_size = torch.empty((), dtype=dtype).element_size()
         return 2 * num_layers * block_size * num_kv_heads * head_dim * element_size
+    from ..quant.kv import kv_groups
     data = head_dim * kv_bits // 8
-    return 2 * num_layers * block_size * num_kv_heads * (data + 8)  # + fp32 scale and zero point
+    # + an fp32 scale and zero point per group of each token's head vector
+    return 2 * num_layers * block_size * num_kv_heads * (data + 8 * kv_groups(kv_bits, head_dim))
 
 
 @dataclass
 class KVLayer:
     """One layer's cache. data: [2 (K, V), blocks, kv heads, block_size, head_dim] in the model dtype,
-    or uint8 with head_dim (int8) or head_dim / 2 (uint4) when quantized; then scales and zeros hold
-    the fp32 scale and zero point of each [2, block, head, slot]."""
+    or uint8 with head_dim (int8) or head_dim / 2 (uint4) when quantized; then scales and zeros
+    [2, blocks, kv heads, block_size, groups] hold the fp32 scale and zero point of each group."""
     data: torch.Tensor
     scales: torch.Tensor | None = None
     zeros: torch.Tensor | None = None
@@ -42,6 +44,8 @@ class KVCache:
         self.kv_bits = kv_bits
         width = head_dim if kv_bits in (None, 8) else head_dim // 2
         store_dtype = dtype if kv_bits is None else torch.uint8
+        from ..quant.kv import kv_groups
+        groups = kv_groups(kv_bits, head_dim) if kv_bits else 1
 
         def pools(blocks: int, cpu: bool):
             place = dict(device="cpu", pin_memory=device.type == "cuda" and blocks > 0) if cpu else dict(device=device)
@@ -49,7 +53,8 @@ class KVCache:
             data = torch.empty(num_layers, 2, blocks, num_kv_heads, block_size, width, dtype=store_dtype, **place)
             if kv_bits is None:
                 return [data]
-            return [data] + [torch.empty(num_layers, 2, blocks, num_kv_heads, block_size, **place) for _ in range(2)]
+            return [data] + [torch.empty(num_layers, 2, blocks, num_kv_heads, block_size, groups, **place)
+                             for _ in range(2)]
 
         self.pools = pools(num_blocks, cpu=False)  # data (+ scales, zeros)
         self.storage = self.pools[0]
@@ -60,26 +65,32 @@ class KVCache:
         self.cpu_pools = pools(num_cpu_blocks, cpu=True)
         self.cpu_storage = self.cpu_pools[0]
 
+    @property
+    def nbytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.pools)
+
     def apply(self, ops) -> None:
-        """Perform a step's BlockOps: swap out, zero fresh blocks, swap in, copy-on-write."""
+        """Perform a step's BlockOps on every pool (data, and scales and zeros when quantized):
+        swap out, zero fresh blocks, swap in, copy-on-write."""
+        device = self.storage.device
         if ops.swap_out:
-            src = torch.tensor([p[0] for p in ops.swap_out], device=self.storage.device)
+            src = torch.tensor([p[0] for p in ops.swap_out], device=device)
             dst = torch.tensor([p[1] for p in ops.swap_out])
-            self.cpu_storage[:, :, dst] = self.storage[:, :, src].to("cpu")
+            for pool, cpu in zip(self.pools, self.cpu_pools):
+                cpu[:, :, dst] = pool[:, :, src].to("cpu")
         self.zero_blocks(ops.fresh)
         if ops.swap_in:
             src = torch.tensor([p[0] for p in ops.swap_in])
-            dst = torch.tensor([p[1] for p in ops.swap_in], device=self.storage.device)
-            self.storage[:, :, dst] = self.cpu_storage[:, :, src].to(self.storage.device, non_blocking=True)
+            dst = torch.tensor([p[1] for p in ops.swap_in], device=device)
+            for pool, cpu in zip(self.pools, self.cpu_pools):
+                pool[:, :, dst] = cpu[:, :, src].to(device, non_blocking=True)
         self.copy_blocks(ops.copies)
-
-    @property
-    def nbytes(self) -> int:
-        return self.storage.numel() * self.storage.element_size()
 
     def zero_blocks(self, blocks: list[int]) -> None:
         if blocks:
-            self.storage.index_fill_(2, torch.tensor(blocks, device=self.storage.device), 0)
+            index = torch.tensor(blocks, device=self.storage.device)
+            for pool in self.pools:
+                pool.index_fill_(2, index, 0)
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy whole blocks src -> dst in every layer (copy-on-write of shared blocks)."""
@@ -87,4 +98,5 @@ class KVCache:
             return
         src = torch.tensor([p[0] for p in pairs], device=self.storage.device)
         dst = torch.tensor([p[1] for p in pairs], device=self.storage.device)
-        self.storage[:, :, dst] = self.storage[:, :, src]
+        for pool in self.pools:
+            pool[:, :, dst] = pool[:, :, src]

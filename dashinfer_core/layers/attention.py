@@ -133,7 +133,7 @@ class TorchAttention:
             torch.index_select(data, 1, chunks, out=out)
         else:
             def gather(pool):
-                return pool.view(2, num_blocks * num_kv_heads, block_size).index_select(1, chunks)
+                return pool.view(2, num_blocks * num_kv_heads, block_size, -1).index_select(1, chunks)
             dequantize_kv(data.index_select(1, chunks), gather(kv_cache.scales), gather(kv_cache.zeros),
                           kv_cache.bits, out=out)
         return out
@@ -210,8 +210,8 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: KVLayer, meta: Attentio
         else:
             qx, sx, zx = quantize_kv(x.reshape(-1, head_dim), kv_cache.bits)
             data[i].view(-1, qx.shape[-1]).index_copy_(0, rows, qx)
-            kv_cache.scales[i].view(-1).index_copy_(0, rows, sx)
-            kv_cache.zeros[i].view(-1).index_copy_(0, rows, zx)
+            kv_cache.scales[i].view(-1, sx.shape[-1]).index_copy_(0, rows, sx)
+            kv_cache.zeros[i].view(-1, zx.shape[-1]).index_copy_(0, rows, zx)
 
 
 class TritonAttention:
