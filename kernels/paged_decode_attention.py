@@ -19,13 +19,17 @@ import torch
 import triton
 import triton.language as tl
 
+from .kv_tiles import load_kv_tile
+
 
 @triton.jit
-def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, partial_ptr, lse_ptr,
+def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, k_zero_ptr, v_zero_ptr,
+                         block_tables_ptr, seq_lens_ptr, partial_ptr, lse_ptr,
                          out_ptr, scale, stride_qb, stride_qh, stride_bt, stride_ob, stride_oh,
                          NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
                          BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                         NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr):
+                         NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr, KV_BITS: tl.constexpr,
+                         KV_GROUPS: tl.constexpr):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -50,9 +54,13 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_
     acc = tl.zeros([GROUP_PAD, BLOCK_D], dtype=tl.float32)
     for j in range(first_block, last_block):
         block = tl.load(block_tables_ptr + b * stride_bt + j).to(tl.int64)
-        offsets = ((block * NUM_KV_HEADS + kv_head) * BLOCK_SIZE + n[:, None]) * HEAD_DIM + d[None, :]
-        k = tl.load(k_cache_ptr + offsets, mask=d_ok[None, :], other=0.0)
-        v = tl.load(v_cache_ptr + offsets, mask=d_ok[None, :], other=0.0)
+        k = load_kv_tile(k_cache_ptr, k_scale_ptr, k_zero_ptr, block, kv_head, NUM_KV_HEADS, BLOCK_SIZE, HEAD_DIM,
+                         BLOCK_D, KV_BITS, KV_GROUPS)
+        v = load_kv_tile(v_cache_ptr, v_scale_ptr, v_zero_ptr, block, kv_head, NUM_KV_HEADS, BLOCK_SIZE, HEAD_DIM,
+                         BLOCK_D, KV_BITS, KV_GROUPS)
+        if KV_BITS != 0:  # dequantized in float32: back to the query's dtype for the dot
+            k = k.to(q_ptr.dtype.element_ty)
+            v = v.to(q_ptr.dtype.element_ty)
         if IEEE:
             s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
         else:
@@ -112,9 +120,12 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_blocks: int, num_sms: i
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                           num_splits: int = 1, out: torch.Tensor | None = None, num_warps: int = 2) -> torch.Tensor:
+                           num_splits: int = 1, out: torch.Tensor | None = None, num_warps: int = 2,
+                           kv_quant: tuple | None = None) -> torch.Tensor:
+    """kv_quant: None, or (bits, k_scales, v_scales, k_zeros, v_zeros) for int8 / uint4 caches."""
     batch, num_heads, head_dim = q.shape
-    _, num_kv_heads, block_size, _ = k_cache.shape
+    num_kv_heads, block_size = k_cache.shape[1], k_cache.shape[2]
+    bits, k_s, v_s, k_z, v_z = kv_quant if kv_quant else (0, k_cache, v_cache, k_cache, v_cache)
     group = num_heads // num_kv_heads
     if out is None:
         out = torch.empty_like(q)
@@ -128,11 +139,11 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     else:
         partial = lse = out  # unused
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, partial, lse, out, scale,
+        q, k_cache, v_cache, k_s, v_s, k_z, v_z, block_tables, seq_lens, partial, lse, out, scale,
         q.stride(0), q.stride(1), block_tables.stride(0), out.stride(0), out.stride(1),
         NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         BLOCK_SIZE=block_size, HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits,
-        IEEE=q.dtype == torch.float32, num_warps=num_warps)
+        IEEE=q.dtype == torch.float32, KV_BITS=bits, KV_GROUPS=k_s.shape[-1] if bits else 1, num_warps=num_warps)
     if num_splits > 1:
         _decode_reduce_kernel[(batch, num_heads)](
             partial, lse, out, out.stride(0), out.stride(1), NUM_HEADS=num_heads, HEAD_DIM=head_dim,

@@ -17,12 +17,16 @@ import torch
 import triton
 import triton.language as tl
 
+from .kv_tiles import load_kv_tile
+
 
 @triton.jit
-def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr, out_ptr,
+def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, k_zero_ptr, v_zero_ptr,
+                    block_tables_ptr, seq_lens_ptr, query_start_ptr, out_ptr,
                     scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
                     NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, IEEE: tl.constexpr):
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, IEEE: tl.constexpr,
+                    KV_BITS: tl.constexpr, KV_GROUPS: tl.constexpr):
     m_block = tl.program_id(0)
     b = tl.program_id(1)
     head = tl.program_id(2)
@@ -51,9 +55,13 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_
     last_pos = tl.minimum(ctx_len, prefix + (m_block + 1) * BLOCK_M)
     for j in range(0, tl.cdiv(last_pos, BLOCK_SIZE)):
         block = tl.load(block_tables_ptr + b * stride_bt + j).to(tl.int64)
-        offsets = ((block * NUM_KV_HEADS + kv_head) * BLOCK_SIZE + n[:, None]) * HEAD_DIM + d[None, :]
-        k = tl.load(k_cache_ptr + offsets, mask=d_ok[None, :], other=0.0)
-        v = tl.load(v_cache_ptr + offsets, mask=d_ok[None, :], other=0.0)
+        k = load_kv_tile(k_cache_ptr, k_scale_ptr, k_zero_ptr, block, kv_head, NUM_KV_HEADS, BLOCK_SIZE, HEAD_DIM,
+                         BLOCK_D, KV_BITS, KV_GROUPS)
+        v = load_kv_tile(v_cache_ptr, v_scale_ptr, v_zero_ptr, block, kv_head, NUM_KV_HEADS, BLOCK_SIZE, HEAD_DIM,
+                         BLOCK_D, KV_BITS, KV_GROUPS)
+        if KV_BITS != 0:
+            k = k.to(q_ptr.dtype.element_ty)
+            v = v.to(q_ptr.dtype.element_ty)
         if IEEE:
             s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
         else:
@@ -79,9 +87,11 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
                             max_query_len: int, scale: float, out: torch.Tensor | None = None,
-                            block_m: int = 64) -> torch.Tensor:
+                            block_m: int = 64, kv_quant: tuple | None = None) -> torch.Tensor:
+    """kv_quant: None, or (bits, k_scales, v_scales, k_zeros, v_zeros) for int8 / uint4 caches."""
     num_tokens, num_heads, head_dim = q.shape
-    _, num_kv_heads, block_size, _ = k_cache.shape
+    num_kv_heads, block_size = k_cache.shape[1], k_cache.shape[2]
+    bits, k_s, v_s, k_z, v_z = kv_quant if kv_quant else (0, k_cache, v_cache, k_cache, v_cache)
     if out is None:
         out = torch.empty_like(q)
     batch = seq_lens.shape[0]
@@ -90,10 +100,11 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     assert q.stride(2) == 1 and out.stride(2) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
     grid = (triton.cdiv(max_query_len, block_m), batch, num_heads)
     _prefill_kernel[grid](
-        q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, scale,
+        q, k_cache, v_cache, k_s, v_s, k_z, v_z, block_tables, seq_lens, query_start_loc, out, scale,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         NUM_KV_HEADS=num_kv_heads, GROUP=num_heads // num_kv_heads, BLOCK_SIZE=block_size, HEAD_DIM=head_dim,
-        BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=block_m, IEEE=q.dtype == torch.float32)
+        BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=block_m, IEEE=q.dtype == torch.float32, KV_BITS=bits,
+        KV_GROUPS=k_s.shape[-1] if bits else 1)
     return out
 
 

@@ -28,6 +28,18 @@ def test_triton_backend_matches_torch_backend(tiny_models):
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 on the CPU")
+@pytest.mark.parametrize("kv_cache_dtype", ["int8", "uint4"])
+def test_triton_backend_on_a_quantized_kv_cache(tiny_models, kv_cache_dtype):
+    prompts = mixed_prompts(4, min_len=3, max_len=40, seed=23)
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    common = dict(dtype="float32", device="cpu", block_size=16, max_num_batched_tokens=24,
+                  kv_cache_dtype=kv_cache_dtype)
+    expected = LLM(str(tiny_models["qwen3"]), attention_backend="torch", **common).generate(prompts, params)
+    got = LLM(str(tiny_models["qwen3"]), attention_backend="triton", **common).generate(prompts, params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in expected]
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 on the CPU")
 def test_fused_triton_ops_match_torch_ops(tiny_models, monkeypatch):
     """The CUDA model path (RMSNorm, rotary, SiLU-mul kernels + Triton attention) on the CPU."""
     prompts = mixed_prompts(3, min_len=3, max_len=20, seed=22)

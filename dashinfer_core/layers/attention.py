@@ -171,7 +171,10 @@ class TorchAttention:
             if num_new <= self.SHORT_CHUNK:
                 continue  # answered with the decodes above
             qi = q[start:end].transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D]
-            if ctx_len == num_new:  # no cached prefix: attend to this chunk's own K/V
+            # No cached prefix: attend to this chunk's own K/V, unless the cache is quantized: then
+            # always read it back, so results do not depend on chunking or prefix-cache hits (and
+            # match the Triton kernels, which always read the cache).
+            if ctx_len == num_new and kv_cache.bits is None:
                 ki, vi = k[start:end].transpose(0, 1), v[start:end].transpose(0, 1)
                 mask, causal = None, True
             else:
@@ -222,31 +225,39 @@ class TritonAttention:
     name = "triton"
 
     def __init__(self, num_sms: int = 132):
-        from dashinfer_kernels import kv_store, paged_decode_attention, paged_prefill_attention
+        from dashinfer_kernels import kv_store, kv_store_quant, paged_decode_attention, paged_prefill_attention
         self._kv_store = kv_store.kv_store
+        self._kv_store_quant = kv_store_quant.kv_store_quant
         self._decode = paged_decode_attention.paged_decode_attention
         self._choose_splits = paged_decode_attention.choose_num_splits
         self._prefill = paged_prefill_attention.paged_prefill_attention
         self.num_sms = num_sms
 
     def prepare(self, meta: AttentionMetadata, kv_cache: torch.Tensor) -> None:
-        num_kv_heads = kv_cache.shape[2]
+        num_kv_heads = kv_cache.shape[2]  # KVLayer.shape: [2, blocks, kv heads, block_size, head_dim]
         meta.backend_state["num_splits"] = self._choose_splits(
             meta.num_decodes, num_kv_heads, meta.block_tables.shape[1], self.num_sms) if meta.num_decodes else 1
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata, scale: float) -> torch.Tensor:
         k_cache, v_cache = kv_cache.data[0], kv_cache.data[1]
-        self._kv_store(k, v, k_cache, v_cache, meta.slot_mapping)
+        quant = None
+        if kv_cache.bits:
+            quant = (kv_cache.bits, kv_cache.scales[0], kv_cache.scales[1], kv_cache.zeros[0], kv_cache.zeros[1])
+            self._kv_store_quant(k, v, k_cache, v_cache, quant[1], quant[2], quant[3], quant[4], meta.slot_mapping,
+                                 kv_cache.bits)
+        else:
+            self._kv_store(k, v, k_cache, v_cache, meta.slot_mapping)
         out = torch.empty_like(q)
         nd = meta.num_decodes
         if nd:
             self._decode(q[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd], scale,
-                         num_splits=meta.backend_state["num_splits"], out=out[:nd])
+                         num_splits=meta.backend_state["num_splits"], out=out[:nd], kv_quant=quant)
         if meta.num_seqs > nd:
             block_m = 64 if q.is_cuda else 16
             self._prefill(q, k_cache, v_cache, meta.block_tables[nd:], meta.seq_lens[nd:],
-                          meta.query_start_loc[nd:], meta.max_query_len, scale, out=out, block_m=block_m)
+                          meta.query_start_loc[nd:], meta.max_query_len, scale, out=out, block_m=block_m,
+                          kv_quant=quant)
         return out
 
 

@@ -193,3 +193,80 @@ def test_dequant_gemm(dtype, bits, group, m, n, k):
     out = dequant_gemm(x, *args)
     torch.testing.assert_close(out, dequant_gemm_ref(x, *args), **(dict(atol=5e-2, rtol=5e-2) if dtype != torch.float32
                                                                       else dict(atol=1e-4, rtol=1e-4)))
+
+
+def quantized_caches(num_blocks, hkv, bs, d, bits):
+    """Random K/V quantized into int8 / uint4 caches (via the torch reference store)."""
+    from dashinfer_core.quant.kv import kv_groups
+    from dashinfer_kernels.kv_store_quant import kv_store_quant_ref
+    width, groups = (d if bits == 8 else d // 2), kv_groups(bits, d)
+    data = [torch.zeros(num_blocks, hkv, bs, width, dtype=torch.uint8, device=DEVICE) for _ in range(2)]
+    scales = [torch.zeros(num_blocks, hkv, bs, groups, device=DEVICE) for _ in range(2)]
+    zeros = [torch.zeros(num_blocks, hkv, bs, groups, device=DEVICE) for _ in range(2)]
+    slots = torch.arange(num_blocks * bs, device=DEVICE)
+    k, v = (torch.randn(num_blocks * bs, hkv, d, device=DEVICE) for _ in range(2))
+    kv_store_quant_ref(k, v, data[0], data[1], scales[0], scales[1], zeros[0], zeros[1], slots, bits)
+    return data, scales, zeros
+
+
+def dequantized(data, scales, zeros, bits):
+    from dashinfer_core.quant.kv import dequantize_kv
+    return [dequantize_kv(data[i], scales[i], zeros[i], bits) for i in range(2)]
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("d", [64, 128])
+def test_kv_store_quant(bits, d):
+    from dashinfer_core.quant.kv import kv_groups
+    from dashinfer_kernels.kv_store_quant import kv_store_quant, kv_store_quant_ref
+    torch.manual_seed(8)
+    num_blocks, hkv, bs, t = 6, 2, 16, 30
+    width, groups = (d if bits == 8 else d // 2), kv_groups(bits, d)
+
+    def empty():
+        return ([torch.zeros(num_blocks, hkv, bs, width, dtype=torch.uint8, device=DEVICE) for _ in range(2)],
+                [torch.full((num_blocks, hkv, bs, groups), float("nan"), device=DEVICE) for _ in range(2)],
+                [torch.full((num_blocks, hkv, bs, groups), float("nan"), device=DEVICE) for _ in range(2)])
+    k = torch.randn(t, hkv, d, device=DEVICE) * 3
+    v = torch.randn(t, hkv, d, device=DEVICE)
+    slots = torch.tensor(random.sample(range(num_blocks * bs), t), device=DEVICE)
+    slots[::5] = -1
+    got, ref = empty(), empty()
+    kv_store_quant(k, v, got[0][0], got[0][1], got[1][0], got[1][1], got[2][0], got[2][1], slots, bits)
+    kv_store_quant_ref(k, v, ref[0][0], ref[0][1], ref[1][0], ref[1][1], ref[2][0], ref[2][1], slots, bits)
+    keep = slots >= 0
+    blocks, offsets = slots[keep] // bs, slots[keep] % bs
+    for i, x in enumerate((k, v)):
+        torch.testing.assert_close(got[1][i][blocks, :, offsets], ref[1][i][blocks, :, offsets])  # scales
+        back = dequantized(got[0], got[1], got[2], bits)[i][blocks, :, offsets]
+        step = got[1][i][blocks, :, offsets].repeat_interleave(d // groups, dim=-1)
+        assert ((back - x[keep]).abs() <= step / 2 + 1e-5).all()  # within half a step of the input
+        assert torch.isnan(got[1][i]).sum() == torch.isnan(ref[1][i]).sum()  # skipped slots untouched
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("hq, hkv, d, bs, splits", [(6, 2, 64, 16, 1), (4, 4, 128, 32, 4)])
+def test_paged_attention_on_quantized_cache(bits, hq, hkv, d, bs, splits):
+    torch.manual_seed(9)
+    random.seed(9)
+    lens = [n * SCALE for n in (37, 5, 70)]
+    num_blocks = sum(-(-n // bs) for n in lens) + 2
+    data, scales, zeros = quantized_caches(num_blocks, hkv, bs, d, bits)
+    k_fp, v_fp = dequantized(data, scales, zeros, bits)
+    tables = random_block_tables(lens, bs, num_blocks)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    quant = (bits, scales[0], scales[1], zeros[0], zeros[1])
+    q = torch.randn(len(lens), hq, d, device=DEVICE)
+    out = torch.full_like(q, float("nan"))
+    paged_decode_attention(q, data[0], data[1], tables, seq_lens, d ** -0.5, num_splits=splits, out=out,
+                           kv_quant=quant)
+    torch.testing.assert_close(out, paged_decode_attention_ref(q, k_fp, v_fp, tables, seq_lens, d ** -0.5),
+                               atol=2e-5, rtol=2e-5)
+    q_lens = [3 * SCALE, 5 * SCALE, 1]  # each at most its sequence's length
+    starts = torch.tensor([0] + q_lens, device=DEVICE).cumsum(0).to(torch.int32)
+    qp = torch.randn(sum(q_lens), hq, d, device=DEVICE)
+    outp = torch.full_like(qp, float("nan"))
+    paged_prefill_attention(qp, data[0], data[1], tables, seq_lens, starts, max(q_lens), d ** -0.5, out=outp,
+                            block_m=64 if ON_GPU else 16, kv_quant=quant)
+    torch.testing.assert_close(outp, paged_prefill_attention_ref(qp, k_fp, v_fp, tables, seq_lens, starts, d ** -0.5),
+                               atol=2e-5, rtol=2e-5)
