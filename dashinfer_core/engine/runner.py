@@ -146,6 +146,16 @@ class ModelRunner:
         out = self.sampler(logits, self._sampling_tensors(rows))
         return self._to_host(out)
 
+    @torch.inference_mode()
+    def all_logprobs(self, batch: ScheduledBatch) -> torch.Tensor:
+        """Forward a batch and return log-softmax over the vocabulary at every token: [T, vocab]
+        (for scoring text; generation only needs the last token's)."""
+        self.kv_cache.apply(batch.ops)
+        input_ids, positions, meta = self._prepare_inputs(batch)
+        self.attention.prepare(meta, self.kv_cache.layers[0])
+        hidden = self.model(input_ids, positions, self.kv_cache.layers, meta, self.attention)
+        return torch.log_softmax(self.model.compute_logits(hidden).float(), dim=-1)
+
     def _prepare_inputs(self, batch: ScheduledBatch):
         bs = self.block_size
         token_chunks, position_chunks, slot_chunks, seq_lens = [], [], [], []
