@@ -22,13 +22,18 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--no-prefix-caching", action="store_true")
     g.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
+    g.add_argument("--quantization", default=None, choices=["iq-int8", "iq-int4", "a8w8"])
+    g.add_argument("--group-size", type=int, default=None, help="quantization group (input channels)")
+    g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "uint4"])
 
 
 def engine_config(args) -> EngineConfig:
     return EngineConfig(model=args.model, dtype=args.dtype, device=args.device, block_size=args.block_size,
                         kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
                         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-                        enable_prefix_caching=not args.no_prefix_caching, num_threads=args.num_threads)
+                        enable_prefix_caching=not args.no_prefix_caching, num_threads=args.num_threads,
+                        quantization=args.quantization, group_size=args.group_size,
+                        kv_cache_dtype=args.kv_cache_dtype)
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:

@@ -249,6 +249,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
     g.add_argument("--guided-compile-timeout", type=float, default=10.0,
                    help="seconds a guided pattern may take to compile before its request fails")
+    g.add_argument("--quantization", default=None, choices=["iq-int8", "iq-int4", "a8w8"])
+    g.add_argument("--group-size", type=int, default=None)
+    g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "uint4"])
     g.add_argument("--tensor-parallel-size", type=int, default=1, help="only 1 is supported")
 
 
@@ -260,7 +263,9 @@ def engine_config_from_args(args) -> EngineConfig:
                         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
                         block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
                         cpu_cache_memory=args.cpu_cache_memory, enable_prefix_caching=args.enable_prefix_caching,
-                        num_threads=args.num_threads, guided_compile_timeout=args.guided_compile_timeout)
+                        num_threads=args.num_threads, guided_compile_timeout=args.guided_compile_timeout,
+                        quantization=args.quantization, group_size=args.group_size,
+                        kv_cache_dtype=args.kv_cache_dtype)
 
 
 def main(argv=None) -> None:
