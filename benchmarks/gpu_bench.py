@@ -131,6 +131,58 @@ def throughput_vs_hf(model_dir: str, batch=64, ctx=256, new_tokens=128):
     return ours, theirs
 
 
+def prefix_cache_ttft(model_dir: str, length: int = 4000, runs: int = 3):
+    """TTFT of one `length`-token prompt (1 output token) after a request shared its first 0/90/99 %."""
+    import statistics
+
+    from dashinfer_core import LLM, SamplingParams
+    llm = LLM(model_dir, dtype="bfloat16", device="cuda", skip_tokenizer_init=True, max_num_batched_tokens=8192,
+              kv_cache_memory=8 << 30)
+    rng = random.Random(2)
+    prompt = [rng.randrange(100, 150000) for _ in range(length)]
+    one = SamplingParams(max_tokens=1, ignore_eos=True)
+    llm.generate([prompt[:64]], one)
+    rows = []
+    for rate in (0.0, 0.9, 0.99):
+        times = []
+        for _ in range(runs):
+            llm.reset_prefix_cache()
+            cached = int(rate * length)
+            if cached:
+                llm.generate([prompt[:cached] + [7, 8, 9]], one)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            llm.generate([prompt], one)
+            times.append(time.perf_counter() - t0)
+        rows.append((rate, statistics.median(times)))
+    return rows
+
+
+def quantized_decode(model_dir: str, batch: int = 16, ctx: int = 512, steps: int = 32):
+    """Forward (graph replay) time of a decode step at `batch` for each quantization mode."""
+    from dashinfer_core import LLM, SamplingParams
+    rows = []
+    for name, options in (("bf16", {}), ("iq-int8", dict(quantization="iq-int8")),
+                          ("iq-int4 g128", dict(quantization="iq-int4", group_size=128)),
+                          ("kv int8", dict(kv_cache_dtype="int8"))):
+        llm = LLM(model_dir, dtype="bfloat16", device="cuda", skip_tokenizer_init=True, max_num_seqs=batch,
+                  kv_cache_memory=4 << 30, **options)
+        engine, runner = llm.engine, llm.engine.runner
+        rng = random.Random(3)
+        for i in range(batch):
+            engine.add_request(f"q{i}", [rng.randrange(100, 150000) for _ in range(ctx)],
+                               SamplingParams(max_tokens=steps, temperature=0.0, ignore_eos=True))
+        for _ in range(4):
+            engine.step()
+        graph = runner.graphs.graphs[next(s for s in runner.graphs.capture_sizes if s >= batch)][0]
+        rows.append((name, cuda_time(graph.replay, reps=30)))
+        while engine.has_unfinished_requests():
+            engine.step()
+        del llm, engine, runner
+        torch.cuda.empty_cache()
+    return rows
+
+
 def main() -> int:
     from test_cuda_engine import build_qwen2_half_b  # the same model the CUDA tests use
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -151,7 +203,23 @@ def main() -> int:
         sys.stdout.flush()
         ours, hf = throughput_vs_hf(model_dir)
         print(f"\nbatch 64, 128-256 prompt tokens, 128 new tokens, bf16: dashinfer-core {ours:.0f} tok/s, "
-              f"HF generate {hf:.0f} tok/s, ratio {ours / hf:.1f}x")
+              f"HF generate {hf:.0f} tok/s, ratio {ours / hf:.1f}x", flush=True)
+        for section in (prefix_cache_ttft, quantized_decode):
+            try:
+                rows = section(model_dir)
+            except Exception as exc:  # report and go on: one broken section must not hide the others
+                print(f"\n{section.__name__} failed: {type(exc).__name__}: {exc}", flush=True)
+                continue
+            if section is prefix_cache_ttft:
+                base = rows[0][1]
+                print("\nprefix cache, one 4000-token prompt, 1 output token, bf16 (median of 3):")
+                for rate, t in rows:
+                    print(f"  hit {rate * 100:>3.0f}%: TTFT {t * 1e3:7.2f} ms = {100 * t / base:5.1f}% of the 0 % row")
+            else:
+                print("\ndecode step (graph replay) at batch 16, context 512, by quantization mode:")
+                for name, t in rows:
+                    print(f"  {name:<14} {t * 1e3:.3f} ms")
+            sys.stdout.flush()
     return 0
 
 
