@@ -97,3 +97,20 @@ def test_uniforms_depend_only_on_seed_and_step():
     assert not torch.equal(a[0], a[2])
     assert a.min() > 0 and a.max() < 1
     assert abs(a.mean().item() - 0.5) < 0.02
+
+
+def test_rows_with_nan_or_inf_logits_get_token_minus_one():
+    torch.manual_seed(0)
+    logits = torch.randn(5, V) * 30
+    logits[1, 7] = float("nan")
+    logits[2, 3] = float("inf")
+    logits[3, 9] = float("-inf")
+    logits[3, 11] = float("inf")
+    logits[4, 0] = float("-inf")  # one -inf also breaks the row: the model never yields it
+    for greedy in (True, False):
+        t = tensors(5, greedy=torch.full((5,), greedy), all_greedy=greedy)
+        tokens = Sampler()(logits.clone(), t).token_ids.tolist()
+        assert tokens[1:] == [-1, -1, -1, -1]
+        assert tokens[0] != -1
+        if greedy:
+            assert tokens[0] == logits[0].argmax().item()
