@@ -57,7 +57,10 @@ def _dequant_gemm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, 
                              other=0.0)
             x_odd = tl.load(x_ptr + rm[:, None] * stride_xm + k_even[None, :] + 1,
                             mask=m_ok[:, None] & odd_ok[None, :], other=0.0)
-            if IEEE:
+            if HALF < 16:  # tl.dot needs K >= 16: a broadcast multiply-and-sum over the 8 columns
+                acc += tl.sum(x_even.to(tl.float32)[:, None, :] * w_even[None, :, :], axis=2)
+                acc += tl.sum(x_odd.to(tl.float32)[:, None, :] * w_odd[None, :, :], axis=2)
+            elif IEEE:
                 acc += tl.dot(x_even.to(tl.float32), tl.trans(w_even), input_precision="ieee")
                 acc += tl.dot(x_odd.to(tl.float32), tl.trans(w_odd), input_precision="ieee")
             else:

@@ -191,8 +191,12 @@ def test_dequant_gemm(dtype, bits, group, m, n, k):
     x = torch.randn(m * SCALE, k * SCALE, device=DEVICE).to(dtype)
     args = (qw.qweight, qw.scales, qw.zeros, bits, qw.group_size, n * SCALE, k * SCALE)
     out = dequant_gemm(x, *args)
-    torch.testing.assert_close(out, dequant_gemm_ref(x, *args), **(dict(atol=5e-2, rtol=5e-2) if dtype != torch.float32
-                                                                      else dict(atol=1e-4, rtol=1e-4)))
+    ref = dequant_gemm_ref(x, *args)
+    # Half precision: the kernel rounds each dequantized weight to x's dtype before its dot and the
+    # output to x's dtype after it, so allow ~1% of the output's range (an indexing bug is off by ~30%).
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else \
+        dict(atol=1e-2 * ref.float().abs().max().item(), rtol=1e-2)
+    torch.testing.assert_close(out, ref, **tol)
 
 
 def quantized_caches(num_blocks, hkv, bs, d, bits):
