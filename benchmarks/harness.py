@@ -46,7 +46,7 @@ def run_dashinfer_core(spec: dict) -> Result:
     from dashinfer_core import LLM, SamplingParams
     prompts = json.loads(Path(spec["prompts_file"]).read_text())
     llm = LLM(spec["model_dir"], dtype=spec["dtype"], device=spec["device"], num_threads=spec["threads"],
-              enable_prefix_caching=False)
+              enable_prefix_caching=False, quantization=spec.get("quantization"))
     llm.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))  # warm-up
     params = SamplingParams(max_tokens=spec["output_len"], temperature=0.0, ignore_eos=True)
     start_mono = time.monotonic()
@@ -67,7 +67,8 @@ def run_dashinfer_core(spec: dict) -> Result:
              for o in outs if len(o.token_ids) > 1]
     return Result(engine=REFERENCE_ENGINE, tokens_per_s=tokens / elapsed, ttft_p50_s=_median(ttfts),
                   tpot_p50_ms=_median(tpots), peak_mem_mb=peak_rss_mb(), num_tokens=tokens, elapsed_s=elapsed,
-                  note=f"{spec['dtype']}, max_num_seqs 64")
+                  note=f"{spec['dtype']}" + (f", {spec['quantization']} weights" if spec.get("quantization") else "")
+                  + ", max_num_seqs 64")
 
 
 def run_hf(spec: dict) -> Result:

@@ -56,6 +56,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--hf-batch-size", type=int, default=16, help="HF generate batch (left-padded)")
     p.add_argument("--single-stream", action="store_true", help="one prompt at a time (every engine)")
+    p.add_argument("--quantization", default=None, help="dashinfer-core weights: iq-int8, iq-int4, a8w8 (others as-is)")
     p.add_argument("--out", default=str(HERE / "out"), help="folder for the PNG and JSON")
     p.add_argument("--tag", default="throughput")
     args = p.parse_args(argv)
@@ -81,7 +82,8 @@ def main(argv=None) -> int:
             continue
         spec = dict(model_dir=model_dir, prompts_file=str(prompts_file), output_len=args.output_len,
                     threads=args.threads, dtype=args.dtype, device=args.device, hf_batch_size=args.hf_batch_size,
-                    gguf_path=str(gguf_path()), single_stream=args.single_stream)
+                    gguf_path=str(gguf_path()), single_stream=args.single_stream,
+                    quantization=args.quantization)
         print(f"[run] {name} ...", flush=True)
         t0 = time.perf_counter()
         result = run_engine_subprocess(name, spec, python)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dashinfer_core import LLM, SamplingParams
-from dashinfer_core.quant.linear import QuantizedLinear, a8w8_linear
+from dashinfer_core.quant.linear import INT8PACK_MAX_ROWS, QuantizedLinear, a8w8_linear, to_signed_int8
 from dashinfer_core.quant.weights import dequantize, pack_int4, quantize, unpack_int4
 
 
@@ -41,6 +41,24 @@ def test_quantized_linear_equals_dequantize_then_matmul(bits, group):
     torch.testing.assert_close(layer(x), x @ dequantize(qw).t() + b, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("rows", [1, 3, INT8PACK_MAX_ROWS, INT8PACK_MAX_ROWS + 5])
+def test_signed_int8_bf16_linear_equals_dequantize_then_matmul(rows):
+    # bf16 on the CPU: decode-sized inputs take torch's int8 GEMV, bigger ones the compiled dequant path;
+    # both must equal the same dequantized weight (up to bf16 rounding of the scales and the output).
+    torch.manual_seed(3)
+    w, b = torch.randn(40, 96), torch.randn(40)
+    w[:, 0] += 3.0  # an off-centre channel range, so the zero points are far from 128
+    qw = quantize(w, 8, None)
+    signed = to_signed_int8(qw)
+    assert signed.qweight.dtype == torch.int8 and torch.equal(dequantize(signed), dequantize(qw))
+    layer = QuantizedLinear(signed, b.bfloat16(), (40,), torch.bfloat16)
+    x = torch.randn(2, rows, 96).bfloat16()
+    ref = x.float() @ dequantize(qw).t() + b.bfloat16().float()
+    out = layer(x)
+    assert out.dtype == torch.bfloat16 and out.shape == (2, rows, 40)
+    torch.testing.assert_close(out.float(), ref, atol=2e-2 * ref.abs().max().item(), rtol=1e-2)
+
+
 def test_a8w8_is_close_to_the_float_matmul():
     torch.manual_seed(2)
     w, x = torch.randn(64, 128), torch.randn(9, 128)
@@ -57,9 +75,10 @@ QUESTIONS = ["What is the largest planet in our solar system?", "How many days a
 
 
 @pytest.mark.parametrize("options", [dict(quantization="iq-int8"), dict(quantization="iq-int8", group_size=64),
-                                     dict(quantization="iq-int4", group_size=32), dict(quantization="a8w8")])
+                                     dict(quantization="iq-int4", group_size=32), dict(quantization="a8w8"),
+                                     dict(quantization="iq-int8", dtype="bfloat16")])
 def test_quantized_embedded_model_answers(default_model_dir, options):
-    llm = LLM(dtype="float32", device="cpu", **options)
+    llm = LLM(device="cpu", **{"dtype": "float32", **options})
     outs = llm.chat([[{"role": "user", "content": q}] for q in QUESTIONS],
                     SamplingParams(max_tokens=24, temperature=0.0))
     assert all(o.error is None and len(o.text.split()) >= 5 for o in outs), [o.text for o in outs]  # fluent
@@ -69,6 +88,8 @@ def test_quantized_embedded_model_answers(default_model_dir, options):
     assert stats.num_free_blocks == stats.num_blocks
     linears = [m for m in llm.engine.runner.model.modules() if isinstance(m, QuantizedLinear)]
     assert len(linears) == 4 * 30
+    if options.get("dtype") == "bfloat16":  # the CPU's int8 GEMV layout
+        assert all(m.qweight.dtype == torch.int8 for m in linears)
 
 
 def test_gptq_checkpoint_loads_exactly(tmp_path, tiny_models):

@@ -27,6 +27,9 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("qweight", qw.qweight)
         self.register_buffer("scales", qw.scales)
         self.register_buffer("zeros", qw.zeros)
+        if qw.qweight.dtype == torch.int8:  # signed per-channel layout (see to_signed_int8)
+            self.register_buffer("scales_bf16", qw.scales[:, 0].to(torch.bfloat16))
+            self.register_buffer("zero_term", self.scales_bf16.float() * qw.zeros[:, 0])  # s * z, fp32
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         if activations_int8:  # symmetric int8 weight for torch._int_mm, [K, N] as it wants
             w = dequantize(qw)
@@ -47,6 +50,9 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.activations_int8:
             y = a8w8_linear(x, self.w_int8_t, self.w_scale)
+        elif self.qweight.dtype == torch.int8 and x.dtype == torch.bfloat16 and \
+                x.numel() <= INT8PACK_MAX_ROWS * self.in_features:
+            y = int8pack_linear(x, self.qweight, self.scales_bf16, self.zero_term)
         elif use_triton_ops(x):
             from dashinfer_kernels.dequant_gemm import dequant_gemm
             flat = x.reshape(-1, self.in_features)
@@ -91,6 +97,29 @@ def cpu_dequant_linear(x, qweight, scales, zeros, bits, group, k):
     return y.view(*x.shape[:-1], -1)
 
 
+# Decode-sized batches: torch's int8-weight GEMV kernel reads 1 byte per weight (4x less than
+# dequantize-then-GEMM in fp32); past ~8-16 rows its per-row cost loses to the compiled dequant path.
+INT8PACK_MAX_ROWS = 8
+
+
+def to_signed_int8(qw: QuantizedWeight) -> QuantizedWeight:
+    """Per-channel 8-bit weights as int8 (q - 128, zero point - 128): same w = (q - z) * s, in the
+    layout torch._weight_int8pack_mm takes (CPU only; the Triton kernel reads uint8)."""
+    assert qw.bits == 8 and qw.scales.shape[1] == 1
+    q = (qw.qweight.to(torch.int16) - 128).to(torch.int8)
+    return QuantizedWeight(q, qw.scales, qw.zeros - 128, 8, qw.group_size, qw.shape)
+
+
+def int8pack_linear(x: torch.Tensor, q: torch.Tensor, scales_bf16: torch.Tensor, zero_term: torch.Tensor):
+    """x @ ((q - z) * s)^T = s * (x @ q^T) - (s * z) * rowsum(x), with the first term from torch's int8 GEMV
+    (per-channel scales in x's dtype) and the zero-point term (zero_term = s * z) in fp32. Few ops: at
+    batch 1 each one costs about as much as a small GEMV."""
+    flat = x.reshape(-1, x.shape[-1])
+    y = torch._weight_int8pack_mm(flat, q, scales_bf16).float()
+    y = torch.addcmul(y, flat.sum(-1, keepdim=True, dtype=torch.float32), zero_term, value=-1.0)
+    return y.to(x.dtype).view(*x.shape[:-1], q.shape[0])
+
+
 def a8w8_linear(x: torch.Tensor, w_int8_t: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
     """Per-token symmetric int8 activations x per-channel int8 weights, int32 accumulation."""
     flat = x.reshape(-1, x.shape[-1]).float()
@@ -116,6 +145,9 @@ def quantize_model(model: nn.Module, mode: str, group_size: int | None, device: 
         for child_name, child in list(module.named_children()):
             if isinstance(child, Linear):
                 qw = quantize(child.weight.data, bits, group_size)
+                if device.type == "cpu" and bits == 8 and not act and group_size is None and \
+                        child.weight.dtype == torch.bfloat16:
+                    qw = to_signed_int8(qw)
                 bias = None if child.bias is None else child.bias.data
                 # The down projection's inputs (SiLU(gate) * up) carry outliers that per-token int8
                 # cannot hold (SmolLM2 answers garbage): it keeps int8 weights with float activations.
