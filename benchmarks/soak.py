@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import collections
+import ctypes
+import gc
 import random
 import resource
 import sys
@@ -69,9 +71,12 @@ def main(argv=None) -> int:
     reasons = collections.Counter()
     rejected = 0
     rss_warm = None  # after the first 10 %: pages the KV cache and allocators keep are resident by then
+    rss_by_decile = []  # RSS each time another 10 % of the requests has ended
     while pending or engine.has_unfinished_requests():
         if rss_warm is None and len(ended) >= args.requests // 10:
             rss_warm = rss_mb()
+        if len(ended) >= (len(rss_by_decile) + 1) * args.requests // 10:
+            rss_by_decile.append(round(rss_mb()))
         while pending and len(live) < args.in_flight:
             request_id, prompt, params, priority, abort_after = pending.pop()
             try:
@@ -106,6 +111,14 @@ def main(argv=None) -> int:
     print(f"finish reasons: {dict(reasons)}")
     print(f"KV blocks leaked: {leaked} of {stats.num_blocks}; ref counts all zero: {not any(engine.block_manager.ref_counts)}")
     print(f"RSS before {rss_before:.0f} MB, after the first 10 % {rss_warm:.0f} MB, at the end {rss_mb():.0f} MB")
+    print(f"RSS (MB) as each further 10 % of the requests ended: {rss_by_decile}")
+    print(f"requests still held by the engine: {len(engine.requests)}")
+    gc.collect()
+    try:  # glibc keeps freed heap pages: trimming tells allocator retention apart from live objects
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        print(f"RSS after gc + malloc_trim: {rss_mb():.0f} MB")
+    except OSError:
+        pass
     engine.guided.shutdown()
     return 0 if leaked == 0 and twice == 0 and len(ended) == args.requests - rejected else 1
 
