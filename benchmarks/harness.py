@@ -105,8 +105,10 @@ def run_hf(spec: dict) -> Result:
     for i in range(0, len(prompts), batch):
         clock = StepClock()
         chunk = prompts[i:i + batch]
+        # Offline: every request arrives at the start; single stream: each when the previous ends.
+        arrived = time.perf_counter() if spec.get("single_stream") else start
         tokens += generate(chunk, spec["output_len"], clock)
-        ttfts += [clock.times[0] - start] * len(chunk)
+        ttfts += [clock.times[0] - arrived] * len(chunk)
         if len(clock.times) > 1:
             tpots += [(clock.times[-1] - clock.times[0]) / (len(clock.times) - 1) * 1000] * len(chunk)
     elapsed = time.perf_counter() - start
