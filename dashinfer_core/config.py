@@ -49,7 +49,7 @@ class EngineConfig:
     seed: int = 0
     # Largest top-logprobs count a request may ask for (OpenAI allows 20).
     max_logprobs: int = 20
-    # CUDA only: False = capture CUDA graphs for decode batches.
+    # True = no CUDA graphs for decode batches (CUDA), no torch.compile'd decoder layers (CPU, bf16/fp16).
     enforce_eager: bool = False
     # torch intra-op threads on the CPU; None = leave torch's setting.
     num_threads: int | None = None

@@ -96,6 +96,9 @@ class ModelRunner:
             logger.warning("KV cache holds %d tokens: max_model_len lowered from %d to %d",
                            self.kv_cache.num_blocks * self.block_size, max_len, self.max_model_len)
         self.attention = make_attention_backend(config.attention_backend, self.device)
+        from ..models.compiled import CompiledLayerParts, wants_compiled_layers
+        if wants_compiled_layers(self.device, self.dtype, config.enforce_eager) and self.attention.name == "torch":
+            self.model.compiled_parts = CompiledLayerParts()
         self.sampler = Sampler()
         self.graphs = None
         if self.device.type == "cuda" and not config.enforce_eager and self.attention.name == "triton":

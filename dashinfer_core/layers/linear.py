@@ -14,7 +14,9 @@ if _ONEDNN_LINEAR is not None and not torch.backends.mkldnn.is_available():
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    if _ONEDNN_LINEAR is not None and x.device.type == "cpu" and x.dtype != torch.float16:
+    # Inside torch.compile (models/compiled.py) inductor cannot lower the oneDNN op; F.linear there.
+    if _ONEDNN_LINEAR is not None and x.device.type == "cpu" and x.dtype != torch.float16 \
+            and not torch.compiler.is_compiling():
         return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
 

@@ -35,8 +35,9 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
         self.scale = self.head_dim ** -0.5
 
-    def forward(self, x, positions, rope, kv_cache, meta: AttentionMetadata, backend):
-        """rope: (cos, sin) gathered for this step on the CPU, or the RotaryEmbedding on CUDA."""
+    def qkv(self, x, positions, rope):
+        """Projected and rotated q, k, v. rope: (cos, sin) gathered for this step on the CPU, or the
+        RotaryEmbedding on CUDA."""
         num_tokens = x.shape[0]
         qkv = self.qkv_proj(x)
         q, k, v = qkv.split(self.qkv_proj.shard_sizes, dim=-1)
@@ -50,8 +51,7 @@ class Attention(nn.Module):
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         else:
             apply_rotary_inplace(q, k, positions, rope)
-        out = backend.forward(q, k, v, kv_cache, meta, self.scale)
-        return self.o_proj(out.reshape(num_tokens, -1))
+        return q, k, v
 
 
 class MLP(nn.Module):
@@ -73,15 +73,29 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.mlp = MLP(cfg, dtype)
 
-    def forward(self, x, residual, positions, rope, kv_cache, meta, backend):
+    # The layer in three parts: attention over the paged cache between two pure tensor functions,
+    # which models/compiled.py can hand to torch.compile.
+    def pre_attention(self, x, residual, positions, rope):
         if residual is None:
             residual = x
             h = self.input_layernorm(x)
         else:
             h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(h, positions, rope, kv_cache, meta, backend)
+        q, k, v = self.self_attn.qkv(h, positions, rope)
+        return q, k, v, residual
+
+    def post_attention(self, out, residual):
+        h = self.self_attn.o_proj(out.reshape(out.shape[0], -1))
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
+
+    def forward(self, x, residual, positions, rope, kv_cache, meta, backend, parts=None):
+        """parts: a CompiledLayerParts (models/compiled.py) or None for eager."""
+        pre, post = (parts.pre, parts.post) if parts is not None else (DecoderLayer.pre_attention,
+                                                                        DecoderLayer.post_attention)
+        q, k, v, residual = pre(self, x, residual, positions, rope)
+        out = backend.forward(q, k, v, kv_cache, meta, self.self_attn.scale)
+        return post(self, out, residual)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -97,6 +111,7 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = None if cfg.tie_word_embeddings else nn.Parameter(
             torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype), requires_grad=False)
         self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, dtype)
+        self.compiled_parts = None  # set by the runner where compiling the layers pays (CPU, half precision)
 
     def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata, backend):
         x = F.embedding(input_ids, self.embed_tokens)
@@ -105,7 +120,7 @@ class LlamaForCausalLM(nn.Module):
         rope = self.rotary if use_triton_ops(x) else self.rotary.cos_sin(positions)
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x, residual = layer(x, residual, positions, rope, kv_cache, meta, backend)
+            x, residual = layer(x, residual, positions, rope, kv_cache, meta, backend, self.compiled_parts)
         x, _ = self.norm(x, residual)
         return x
 
