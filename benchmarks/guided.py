@@ -6,7 +6,6 @@ against a free-text request forced to the same output length, and compile / cach
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time

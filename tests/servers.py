@@ -68,3 +68,20 @@ def wait_until(check, timeout: float, what: str, processes: list[Process] = ()) 
             last_error = exc
         time.sleep(0.3)
     raise AssertionError(f"timed out after {timeout} s waiting for {what} (last error: {last_error})")
+
+
+def start_litellm_proxy(log_dir: Path, config_yaml: str) -> dict:
+    """The stock `litellm --config` proxy with our provider inside, on a free port, with a fresh
+    master key; our provider's engine stats served on another port. Returns base, key, stats, proc."""
+    import secrets
+    import shutil
+    (log_dir / "config.yaml").write_text(config_yaml)
+    key = "sk-" + secrets.token_hex(16)
+    port, stats_port = free_port(), free_port()
+    exe = shutil.which("litellm", path=os.path.dirname(sys.executable)) or "litellm"
+    proc = Process([exe, "--config", str(log_dir / "config.yaml"), "--host", "127.0.0.1", "--port", str(port)],
+                   log_dir, "proxy", env={"LITELLM_MASTER_KEY": key, "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+                                          "DASHINFER_STATS_PORT": str(stats_port)})
+    base = f"http://127.0.0.1:{port}"
+    wait_until(lambda: requests.get(f"{base}/health/liveliness", timeout=2).ok, 120, "the proxy", [proc])
+    return {"base": base, "key": key, "stats": f"http://127.0.0.1:{stats_port}", "proc": proc}

@@ -3,7 +3,6 @@ table with ratios computed from the measured figures, and writes the PNG and JSO
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest

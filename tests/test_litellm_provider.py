@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-import secrets
 
 import httpx
 import pytest
 import requests
 
-from servers import Process, free_port, wait_until
+from servers import start_litellm_proxy, wait_until
 
 pytestmark = pytest.mark.slow
 CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
@@ -25,20 +24,9 @@ litellm_settings:
 
 @pytest.fixture(scope="module")
 def proxy(tmp_path_factory, default_model_dir):
-    import shutil
-    import sys
-    log_dir = tmp_path_factory.mktemp("litellm-proxy")
-    (log_dir / "config.yaml").write_text(CONFIG)
-    key = "sk-" + secrets.token_hex(16)
-    port, stats_port = free_port(), free_port()
-    exe = shutil.which("litellm", path=os.path.dirname(sys.executable)) or "litellm"
-    proc = Process([exe, "--config", str(log_dir / "config.yaml"), "--host", "127.0.0.1", "--port", str(port)],
-                   log_dir, "proxy", env={"LITELLM_MASTER_KEY": key, "LITELLM_LOCAL_MODEL_COST_MAP": "True",
-                                          "DASHINFER_STATS_PORT": str(stats_port)})
-    base = f"http://127.0.0.1:{port}"
-    wait_until(lambda: requests.get(f"{base}/health/liveliness", timeout=2).ok, 120, "the proxy", [proc])
-    yield {"base": base, "key": key, "stats": f"http://127.0.0.1:{stats_port}", "proc": proc}
-    proc.stop()
+    proxy = start_litellm_proxy(tmp_path_factory.mktemp("litellm-proxy"), CONFIG)
+    yield proxy
+    proxy["proc"].stop()
 
 
 @pytest.fixture(scope="module")

@@ -54,7 +54,6 @@ def _model_config(model_dir: Path) -> dict:
 
 
 def _load_state_dict(model_dir: Path, torch_dtype, tie: bool):
-    import torch
     from safetensors.torch import load_file
     state = {}
     files = sorted(model_dir.glob("*.safetensors"))

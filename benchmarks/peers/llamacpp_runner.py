@@ -19,10 +19,8 @@ llamacpp_flash_attn (-1 auto = llama.cpp's default, 0 off, 1 on).
 """
 from __future__ import annotations
 
-import ctypes
 import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

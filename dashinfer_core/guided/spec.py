@@ -23,10 +23,6 @@ class GuidedSpec:
     kind: str  # one of GUIDED_FIELDS
     regex: str
 
-    @property
-    def cache_key(self) -> str:
-        return self.regex
-
 
 def escape_literal(text: str) -> str:
     """Escape regex metacharacters only (Rust's regex syntax rejects some escapes Python's re adds)."""

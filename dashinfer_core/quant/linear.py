@@ -8,7 +8,7 @@ from torch import nn
 
 from ..errors import InvalidParameterError
 from ..layers import use_triton_ops
-from ..layers.linear import Linear, linear
+from ..layers.linear import Linear
 from .weights import QuantizedWeight, dequantize, quantize
 
 # name -> (bits, activation quantization)
@@ -36,12 +36,6 @@ class QuantizedLinear(nn.Module):
             self.register_buffer("w_scale", (w.abs().amax(dim=1) / 127).clamp(min=1e-8))
             self.register_buffer("w_int8_t", torch.round(w / self.w_scale[:, None]).clamp(-127, 127)
                                  .to(torch.int8).t().contiguous())
-
-    @property
-    def weight_nbytes(self) -> int:
-        if self.activations_int8:
-            return self.w_int8_t.numel() + self.w_scale.numel() * 4
-        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.zeros))
 
     def quantized(self) -> QuantizedWeight:
         return QuantizedWeight(self.qweight, self.scales, self.zeros, self.bits, self.group_size,
