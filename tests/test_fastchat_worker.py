@@ -199,3 +199,24 @@ def test_two_workers_share_traffic_and_survive_a_kill(stack, client):
     time.sleep(2 * int(FAST_HEARTBEATS["FASTCHAT_CONTROLLER_HEART_BEAT_EXPIRATION"]) + 3)
     for _ in range(8):
         assert chat(client, CAPITAL, max_tokens=8).choices[0].message.content
+
+
+def test_response_format_and_guided_fields_reach_the_engine(client):
+    from test_openai_fields import check_guided_fields
+    check_guided_fields(client, MODEL)
+
+
+def test_fields_the_stack_cannot_honour_answer_400(client, stack):
+    from test_openai_fields import check_refused_fields, common_refusals
+    check_refused_fields(client, MODEL, [*common_refusals(),
+                                         (dict(stream_options={"include_usage": True}), "stream_options"),
+                                         (dict(logprobs=True, top_logprobs=2), "logprobs")])
+    # Fields FastChat's server does not forward itself reach the worker: ignore_eos runs to max_tokens.
+    r = chat(client, CAPITAL, max_tokens=10, extra_body={"ignore_eos": True, "min_tokens": 2})
+    assert r.usage.completion_tokens == 10 and r.choices[0].finish_reason == "length"
+    # What FastChat's clients may post to the worker that it cannot honour is refused there too.
+    for extra, field in (({"images": ["data:image/png;base64,AAAA"]}, "images"),
+                         ({"use_beam_search": True}, "use_beam_search"), ({"best_of": 3}, "best_of")):
+        r = requests.post(f"{stack['worker']}/worker_generate", json={"prompt": "Hi", "max_new_tokens": 2, **extra},
+                          timeout=30).json()
+        assert r["error_code"] == 40302 and r["text"].startswith(field), r

@@ -147,3 +147,16 @@ def test_sdk_in_process(default_model_dir):
     assert streamed == "The capital of France is Paris."
     with pytest.raises(litellm.BadRequestError):
         litellm.completion(model="dashinfer/default", messages=CAPITAL, top_p=0)
+
+
+def test_response_format_and_guided_fields_reach_the_engine(client):
+    from test_openai_fields import check_guided_fields
+    check_guided_fields(client, "smollm2")
+
+
+def test_fields_the_provider_cannot_honour_answer_400(client):
+    from test_openai_fields import check_refused_fields, common_refusals
+    check_refused_fields(client, "smollm2", common_refusals())
+    # stream_options.include_usage is honoured: LiteLLM sends the usage the provider reports.
+    chunks = list(chat(client, max_tokens=4, stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 4

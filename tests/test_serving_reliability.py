@@ -98,6 +98,14 @@ def cases(model):
         ("non-UTF-8 body", "/chat/completions", b'\xff\xfe{"model": "x"}', ""),
         ("malformed JSON", "/chat/completions", b'{"model": "x", "messages": [', ""),
         ("unknown model", "/chat/completions", chat_body("no-such-model"), "no-such-model"),
+        ("tools (not supported yet)", "/chat/completions",
+         chat_body(model, tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), "tools"),
+        ("logit_bias (not supported yet)", "/chat/completions", chat_body(model, logit_bias={"42": 5}), "logit_bias"),
+        ("unknown field", "/chat/completions", chat_body(model, no_such_field=1), "no_such_field"),
+        ("invalid JSON schema", "/chat/completions",
+         chat_body(model, response_format={"type": "json_schema", "json_schema": {"schema": {"type": "no-such-type"}}}),
+         "json_schema"),
+        ("malformed regex", "/chat/completions", chat_body(model, regex="(a+)+(b|c"), "regex"),
     ]
 
 
@@ -117,20 +125,19 @@ def test_bad_inputs_through_fastchat(fastchat):
     extra = [("megabyte-sized body", "/chat/completions",
               json.dumps(chat_body(MODEL, messages=[{"role": "user", "content": "x" * (3 << 20)}])).encode(),
               "limit")]
+    extra.append(("stream_options.include_usage (not supported yet)", "/chat/completions",
+                  chat_body(MODEL, stream=True, stream_options={"include_usage": True}), "stream_options"))
+    # The schema's compile runs past --guided-compile-timeout in the worker: that request fails alone.
+    extra.append(("schema that compiles too long", "/chat/completions",
+                  chat_body(MODEL, response_format={"type": "json_schema", "json_schema": {"schema": SLOW_SCHEMA}}),
+                  "guided_compile_timeout"))
     rows = check_cases(fastchat["api"], MODEL, extra=extra)
-    # Guided specs reach the worker when posted to it directly (FastChat's server has no response_format).
-    worker = fastchat["worker"]
-    for name, spec, needle in (("invalid JSON schema", {"json_schema": {"type": "no-such-type"}}, "json_schema"),
-                               ("malformed regex", {"regex": "(a+)+(b|c"}, "regex"),
-                               ("schema that compiles too long", {"json_schema": SLOW_SCHEMA}, "json_schema")):
-        r = post(f"{worker}/worker_generate", {"prompt": "Hi", "max_new_tokens": 4, **spec}, timeout=60).json()
-        rows.append((f"{name} (worker)", r["error_code"], r["text"][:160]))
-        assert r["error_code"] == 40302 and needle in r["text"], r
     # A regex that backtracking engines take exponential time on is an ordinary automaton here.
-    r = post(f"{worker}/worker_generate", {"prompt": "Hi", "max_new_tokens": 12, "echo": False, "temperature": 0,
-                                           "regex": "(x+x+)+y"}, timeout=60).json()
-    rows.append(("catastrophic-backtracking regex (x+x+)+y (worker)", r["error_code"], r["text"]))
-    assert r["error_code"] == 0 and re.fullmatch("x*y?", r["text"])
+    r = post(fastchat["api"] + "/chat/completions", chat_body(MODEL, max_tokens=12, temperature=0,
+                                                             regex="(x+x+)+y"), timeout=60)
+    rows.append(("catastrophic-backtracking regex (x+x+)+y", r.status_code, r.text[:160]))
+    assert r.status_code == 200 and re.fullmatch("x*y?", r.json()["choices"][0]["message"]["content"]), r.text
+    worker = fastchat["worker"]
     r = post(f"{worker}/worker_generate", raw=b"{not json")
     assert r.status_code == 400 and "malformed JSON" in r.text
     print("\nFastChat bad-input answers:")
@@ -220,19 +227,12 @@ def test_sigterm_drains_in_flight_requests(tmp_path, default_model_dir):
 
 def test_bad_inputs_through_litellm(litellm_proxy):
     headers = {"Authorization": f"Bearer {litellm_proxy['key']}"}
-    extra = [("invalid JSON schema", "/chat/completions",
-              chat_body("smollm2", response_format={"type": "json_schema", "json_schema": {"schema": {
-                  "type": "no-such-type"}}}), "json_schema"),
-             ("malformed regex", "/chat/completions", chat_body("smollm2", regex="(a+)+(b|c"), "regex"),
-             ("schema that compiles too long", "/chat/completions",
-              chat_body("smollm2", response_format={"type": "json_schema", "json_schema": {"schema": SLOW_SCHEMA}}),
-              "guided_compile_timeout")]
-    rows = []
-    for row in check_cases(litellm_proxy["api"], "smollm2", headers=headers, extra=extra[:2]):
-        rows.append(row)
+    rows = check_cases(litellm_proxy["api"], "smollm2", headers=headers)
     # The slow schema is accepted, then its compile times out: the request fails alone with a 5xx.
-    r = post(litellm_proxy["api"] + "/chat/completions", extra[2][2], headers=headers)
-    rows.append((extra[2][0], r.status_code, r.text[:160]))
+    r = post(litellm_proxy["api"] + "/chat/completions",
+             chat_body("smollm2", response_format={"type": "json_schema", "json_schema": {"schema": SLOW_SCHEMA}}),
+             headers=headers)
+    rows.append(("schema that compiles too long", r.status_code, r.text[:160]))
     assert r.status_code >= 400 and "guided_compile_timeout" in r.text
     print("\nLiteLLM bad-input answers:")
     for row in rows:

@@ -1,19 +1,28 @@
 """FastChat's own OpenAI-compatible API server (`fastchat.serve.openai_api_server`, same flags),
-with streaming working under pydantic 2, and request bodies bounded (DASHINFER_MAX_BODY_BYTES,
-default 8 MiB: 413 beyond).
+with streaming working under pydantic 2, request bodies bounded (DASHINFER_MAX_BODY_BYTES, default
+8 MiB: 413 beyond), and every request field either honoured or refused.
 
 FastChat 0.2.36 serialises stream chunks with `model.json(exclude_unset=True, ensure_ascii=False)`,
 pydantic 1's signature; pydantic 2 rejects the keyword arguments (FastChat #3140 / #3299), so every
-streamed response fails. This launcher gives FastChat's protocol models a `json()` that accepts them,
-then runs the unmodified server.
+streamed response fails. This launcher gives FastChat's protocol models a `json()` that accepts them.
+
+FastChat's server also forwards a fixed list of fields to the worker and drops the rest. Here its
+/v1/chat/completions and /v1/completions first check the raw body (openai_fields.py): response_format
+(json_object, json_schema), the guided fields (json_schema, regex, choice, or vLLM's guided_json,
+guided_regex, guided_choice, structured_outputs), seed, min_p, repetition_penalty, min_tokens,
+ignore_eos and max_completion_tokens reach the worker; a field the stack cannot honour (tools,
+stream_options.include_usage, logit_bias, ...) answers 400 naming it. The rest is FastChat's server,
+unmodified.
 
     python -m dashinfer_fastchat.openai_api_server --host 127.0.0.1 --port 8000 \\
         --controller-address http://127.0.0.1:21001
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
+from contextvars import ContextVar
 
 from pydantic import BaseModel
 
@@ -38,22 +47,64 @@ def patch_fastchat_protocol() -> int:
 
 
 MAX_N = 128  # the engine's own limit on completions per request
+# Worker parameters of the request being served, beyond the ones FastChat's server forwards itself
+# (set per request by the route wrapper, read by the patched get_gen_params; each request runs in
+# its own task, so its context holds its own value).
+_EXTRA_PARAMS: ContextVar[dict] = ContextVar("dashinfer_extra_worker_params", default={})
 
 
-def errors_before_streaming(app, peek: int = 2) -> None:
-    """Also bounds `n`. FastChat streams a worker's error (bad parameter, context overflow) inside a 200 response. Wrap
-    the two streaming routes so the first chunks are read before answering: an error among them
-    becomes a plain HTTP 400 with FastChat's error body, as the non-streaming routes do."""
+def error_response(param: str, message: str) -> "JSONResponse":
+    """HTTP 400 in OpenAI's error shape, `param` naming the field."""
+    from fastapi.responses import JSONResponse
+    return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "param": param,
+                                   "code": "unsupported_parameter"}}, status_code=400)
+
+
+def forward_extra_params(server) -> None:
+    """Make FastChat's get_gen_params (looked up as a module global by its routes) add the request's
+    extra worker parameters to the payload it builds."""
+    original = server.get_gen_params
+    if getattr(original, "_dashinfer", False):
+        return
+
+    async def get_gen_params(*args, **kwargs):
+        params = await original(*args, **kwargs)
+        params.update(_EXTRA_PARAMS.get())
+        return params
+    get_gen_params._dashinfer = True
+    server.get_gen_params = get_gen_params
+
+
+def checked_routes(app, peek: int = 2) -> None:
+    """Wrap FastChat's /v1/chat/completions and /v1/completions:
+    - the raw body is checked first (openai_fields.check_request): a field the stack cannot honour
+      answers 400 naming it; the ones FastChat's server does not forward (response_format, the
+      guided fields, seed, ...) go to the worker with the payload;
+    - `n` is bounded (FastChat sends n separate requests);
+    - FastChat streams a worker's error (bad parameter, context overflow) inside a 200 response: the
+      first chunks are read before answering, so an error among them becomes a plain HTTP 400 with
+      FastChat's error body, as the non-streaming routes do."""
     from fastapi.responses import JSONResponse, StreamingResponse
     from fastapi.routing import APIRoute
+    from starlette.requests import Request
 
-    def wrap(endpoint):
-        async def wrapped(*args, **kwargs):
+    from .openai_fields import FieldError, check_request
+
+    def wrap(endpoint, chat: bool):
+        async def wrapped(*args, raw_request: Request, **kwargs):
             request = kwargs.get("request")
+            try:
+                body = await raw_request.json()
+                extras, changes = check_request(body if isinstance(body, dict) else {}, chat)
+            except FieldError as exc:
+                return error_response(exc.param, str(exc))
+            for name, value in changes.items():
+                setattr(request, name, value)
             n = getattr(request, "n", None)
-            if isinstance(n, int) and n > MAX_N:  # FastChat sends n separate requests: bound it
+            if isinstance(n, int) and n > MAX_N:
                 return JSONResponse({"object": "error", "message": f"n: must be <= {MAX_N}, got {n}",
                                      "code": 40302}, status_code=400)
+            _EXTRA_PARAMS.set(extras)
             response = await endpoint(*args, **kwargs)
             if not isinstance(response, StreamingResponse):
                 return response
@@ -77,14 +128,17 @@ def errors_before_streaming(app, peek: int = 2) -> None:
                 async for chunk in iterator:
                     yield chunk
             return StreamingResponse(replay(), media_type=response.media_type)
-        wrapped.__signature__ = __import__("inspect").signature(endpoint)
+        signature = inspect.signature(endpoint)
+        wrapped.__signature__ = signature.replace(parameters=[
+            *signature.parameters.values(),
+            inspect.Parameter("raw_request", inspect.Parameter.KEYWORD_ONLY, annotation=Request)])
         return wrapped
 
-    for route in app.router.routes:
+    for i, route in enumerate(app.router.routes):
         if isinstance(route, APIRoute) and route.path in ("/v1/chat/completions", "/v1/completions"):
-            route.endpoint = wrap(route.endpoint)
-            route.dependant.call = route.endpoint
-            route.app = __import__("fastapi").routing.request_response(route.get_route_handler())
+            app.router.routes[i] = APIRoute(route.path, wrap(route.endpoint, route.path == "/v1/chat/completions"),
+                                            methods=list(route.methods), dependencies=route.dependencies,
+                                            name=route.name)
 
 
 def main() -> None:
@@ -95,7 +149,8 @@ def main() -> None:
     from .limits import BodyLimitMiddleware
     args = server.create_openai_api_server()
     server.app.add_middleware(BodyLimitMiddleware)
-    errors_before_streaming(server.app)
+    forward_extra_params(server)
+    checked_routes(server.app)
     ssl = dict(ssl_keyfile=os.environ["SSL_KEYFILE"], ssl_certfile=os.environ["SSL_CERTFILE"]) if args.ssl else {}
     uvicorn.run(server.app, host=args.host, port=args.port, log_level=os.environ.get("DASHINFER_LOG_LEVEL", "warning"),
                 **ssl)

@@ -73,7 +73,7 @@ class DashInferWorker(BaseModelWorker):
         prompt_text = params.get("prompt", "")
         echo = bool(params.get("echo", True))
         try:
-            sampling = sampling_params_from_fastchat(params)
+            sampling = sampling_params_from_fastchat(params, self.conv.stop_token_ids or ())
             prompt_ids = self.encode(prompt_text) if isinstance(prompt_text, str) else list(prompt_text)
             if not prompt_ids:
                 raise InvalidParameterError("prompt", "must not be empty")
@@ -140,8 +140,10 @@ def error_chunk(code: int, message: str) -> bytes:
     return (json.dumps({"text": message, "error_code": int(code)}) + "\0").encode()
 
 
-def sampling_params_from_fastchat(params: dict) -> SamplingParams:
-    """FastChat's generation parameters (what its OpenAI server and clients post) as SamplingParams."""
+def sampling_params_from_fastchat(params: dict, end_of_turn_ids=()) -> SamplingParams:
+    """FastChat's generation parameters (what its OpenAI server and clients post) as SamplingParams.
+    `end_of_turn_ids`: the conversation template's stop ids, which FastChat's server adds to every
+    request; with `ignore_eos` they are EOS by another name and are dropped too (as vLLM does)."""
     def number(key, default):
         value = params.get(key)
         return default if value is None else value
@@ -157,16 +159,28 @@ def sampling_params_from_fastchat(params: dict) -> SamplingParams:
         frequency_penalty=float(number("frequency_penalty", 0.0)),
         repetition_penalty=float(number("repetition_penalty", 1.0)),
         stop=params.get("stop") or None,
-        stop_token_ids=[t for t in (params.get("stop_token_ids") or []) if t is not None],
+        stop_token_ids=[t for t in (params.get("stop_token_ids") or []) if t is not None
+                        and not (params.get("ignore_eos") and t in end_of_turn_ids)],
         seed=params.get("seed"),
         logprobs=params.get("logprobs"),
     )
     if isinstance(kwargs["max_tokens"], float) and kwargs["max_tokens"].is_integer():
         kwargs["max_tokens"] = int(kwargs["max_tokens"])
-    for key in ("json_schema", "regex", "choice", "json_object"):
+    for key in ("min_p", "min_tokens", "ignore_eos", "json_schema", "regex", "choice", "json_object"):
         if params.get(key) is not None:
             kwargs[key] = params[key]
-    return SamplingParams.from_response_format(params.get("response_format"), **kwargs)
+    # What FastChat's clients may send that this worker cannot honour: refused, not ignored.
+    if params.get("images"):
+        raise InvalidParameterError("images", "this worker serves text-only models")
+    if params.get("use_beam_search"):
+        raise InvalidParameterError("use_beam_search", "beam search is not supported")
+    if params.get("best_of") not in (None, 1):
+        raise InvalidParameterError("best_of", "best-of sampling is not supported; use n")
+    try:
+        return SamplingParams.from_response_format(params.get("response_format"), **kwargs)
+    except TypeError as exc:  # e.g. response_format json_schema and json_schema both given
+        raise InvalidParameterError("response_format", f"conflicts with another guided-decoding field ({exc})") \
+            from None
 
 
 # ---- HTTP API (FastChat's worker protocol) ------------------------------------------------------

@@ -3,9 +3,13 @@
 One AsyncEngine per (model, engine options), created on first use and shared by every request, so
 concurrent requests are batched continuously. Engine options come from the model entry's
 litellm_params (any EngineConfig field: dtype, device, max_num_seqs, block_size, kv_cache_memory,
-enable_prefix_caching, ...); everything else is a sampling parameter. Errors become LiteLLM
-exceptions with the right HTTP status (400 bad parameter, 400 context window, 500 engine failure);
-for streams they are raised before the first chunk, so the proxy can still answer with that status.
+enable_prefix_caching, ...); everything else is a sampling parameter, `extra_body` included (guided
+decoding under our names json_schema / regex / choice, vLLM's guided_json / guided_regex /
+guided_choice / structured_outputs, or response_format). A parameter the provider cannot honour
+(tools, logit_bias, an unknown name, a message part that is not text, ...) is a 400 naming it, never
+dropped. Errors become LiteLLM exceptions with the right HTTP status (400 bad parameter, 400 context
+window, 500 engine failure); for streams they are raised before the first chunk, so the proxy can
+still answer with that status.
 """
 from __future__ import annotations
 
@@ -28,10 +32,51 @@ from dashinfer_core.llm import apply_chat_template
 PROVIDER = "dashinfer"
 # EngineConfig fields a model entry may set. `seed` is left out: in a request it is the sampling seed.
 ENGINE_FIELDS = {f.name for f in fields(EngineConfig)} - {"model", "seed", "skip_tokenizer_init"}
-# OpenAI / LiteLLM parameters that do not affect generation here.
-IGNORED_PARAMS = {"stream", "stream_options", "user", "extra_body", "metadata", "tools", "tool_choice",
-                  "parallel_tool_calls", "functions", "function_call", "max_retries", "timeout", "api_base",
-                  "api_key", "extra_headers", "logit_bias", "service_tier", "store"}
+# OpenAI / LiteLLM parameters accepted without bearing on what is generated: transport and
+# bookkeeping (LiteLLM itself honours stream_options.include_usage from the usage we report).
+PASSIVE_PARAMS = {"stream", "user", "metadata", "max_retries", "timeout", "api_base", "api_key", "extra_headers"}
+# Guided decoding: our names, vLLM's names, and the keys of vLLM's structured_outputs.
+GUIDED_NAMES = {"json_schema": "json_schema", "guided_json": "json_schema", "regex": "regex",
+                "guided_regex": "regex", "choice": "choice", "guided_choice": "choice"}
+STRUCTURED_OUTPUT_KEYS = {"json": "json_schema", "regex": "regex", "choice": "choice", "json_object": "json_object"}
+NO_TOOLS = "tool and function calling are not supported by this provider yet"
+
+
+def _harmless(name: str, value) -> bool:
+    """Parameters the provider does not act on whose value asks for nothing beyond its behaviour."""
+    if name in ("tools", "functions"):
+        return value == []
+    if name in ("tool_choice", "function_call"):
+        return value == "none"
+    if name == "parallel_tool_calls":
+        return True  # qualifies tool calls, and no tool can be given
+    if name == "stream_options":
+        return isinstance(value, dict) and set(value) <= {"include_usage"}
+    if name == "logit_bias":
+        return value == {}
+    if name == "store":
+        return value is False
+    if name == "service_tier":
+        return value in ("auto", "default")
+    if name == "modalities":
+        return value == ["text"]
+    return False
+
+
+def _refusal(name: str) -> str:
+    if name in ("tools", "functions", "tool_choice", "function_call"):
+        return NO_TOOLS
+    if name == "logit_bias":
+        return "not supported by the engine yet"
+    if name == "store":
+        return "completions are not stored by this provider"
+    if name in ("modalities", "audio"):
+        return "text output only"
+    if name in ("guided_grammar", "guided_decoding_backend", "guided_whitespace_pattern"):
+        return "not supported; guided decoding takes json_schema, regex or choice (or vLLM's guided_json, " \
+               "guided_regex, guided_choice)"
+    return "not a parameter this provider understands"
+
 
 _engines: dict[tuple, AsyncEngine] = {}
 _engines_lock = threading.Lock()
@@ -57,14 +102,59 @@ def _bad_request(message: str, model: str):
 
 
 def split_params(optional_params: dict, model: str) -> tuple[dict, dict]:
-    """(engine options, SamplingParams kwargs) from LiteLLM's optional_params."""
+    """(engine options, sampling parameters) from LiteLLM's optional_params, `extra_body` merged in.
+    A parameter the provider cannot honour raises a 400 naming it: nothing is dropped."""
+    params = dict(optional_params)
+    extra_body = params.pop("extra_body", None) or {}
+    if not isinstance(extra_body, dict):
+        raise _bad_request("extra_body: must be an object", model)
+    for key, value in extra_body.items():
+        if key in params and params[key] is not None and params[key] != value:
+            raise _bad_request(f"{key}: given both as a parameter and in extra_body", model)
+        params[key] = value
     engine_opts, sampling = {}, {}
-    for key, value in optional_params.items():
+    for key, value in params.items():
         if key in ENGINE_FIELDS:
             engine_opts[key] = value
-        elif key not in IGNORED_PARAMS and value is not None:
-            sampling[key] = value
+        elif value is not None and key not in PASSIVE_PARAMS and not _harmless(key, value):
+            sampling[key] = value  # what SamplingParams cannot take is refused there
     return engine_opts, sampling
+
+
+def guided_params(params: dict, model: str) -> dict:
+    """Pop the guided-decoding request (our names, vLLM's, structured_outputs, response_format) from
+    params: SamplingParams keywords, `response_format` left for SamplingParams.from_response_format.
+    At most one per request."""
+    found: dict[str, tuple[str, object]] = {}  # canonical -> (name in the request, value)
+
+    def add(canonical, named, value):
+        if found:
+            raise _bad_request(f"{named}: at most one guided-decoding field per request (already given: "
+                               f"{next(iter(found.values()))[0]})", model)
+        found[canonical] = (named, value)
+
+    response_format = params.pop("response_format", None)
+    if response_format is not None:
+        if not isinstance(response_format, dict):
+            raise _bad_request("response_format: must be an object with a 'type'", model)
+        if response_format.get("type") not in (None, "text"):
+            add("response_format", "response_format", response_format)
+    for name, canonical in GUIDED_NAMES.items():
+        value = params.pop(name, None)
+        if value is not None:
+            add(canonical, name, value)
+    structured = params.pop("structured_outputs", None)
+    if structured is not None:
+        if not isinstance(structured, dict):
+            raise _bad_request("structured_outputs: must be an object", model)
+        for key, value in structured.items():
+            if value is None or value is False:
+                continue
+            if key not in STRUCTURED_OUTPUT_KEYS:
+                raise _bad_request(f"structured_outputs.{key}: not supported; use json, regex, choice or "
+                                   f"json_object", model)
+            add(STRUCTURED_OUTPUT_KEYS[key], f"structured_outputs.{key}", value)
+    return {canonical: value for canonical, (_, value) in found.items()}
 
 
 def sampling_params(params: dict, model: str) -> SamplingParams:
@@ -75,10 +165,10 @@ def sampling_params(params: dict, model: str) -> SamplingParams:
                          ("min_p", "min_p"), ("presence_penalty", "presence_penalty"),
                          ("frequency_penalty", "frequency_penalty"), ("repetition_penalty", "repetition_penalty"),
                          ("seed", "seed"), ("n", "n"), ("stop", "stop"), ("min_tokens", "min_tokens"),
-                         ("ignore_eos", "ignore_eos"), ("json_schema", "json_schema"), ("regex", "regex"),
-                         ("choice", "choice")):
+                         ("ignore_eos", "ignore_eos")):
         if theirs in params:
             kwargs[ours] = params.pop(theirs)
+    kwargs.update(guided_params(params, model))
     kwargs.setdefault("max_tokens", 256)
     logprobs = params.pop("logprobs", None)
     top_logprobs = params.pop("top_logprobs", None)
@@ -87,10 +177,10 @@ def sampling_params(params: dict, model: str) -> SamplingParams:
             kwargs["logprobs"] = int(top_logprobs or 0)
     elif logprobs is not None:  # text completions: logprobs=N is the count
         kwargs["logprobs"] = logprobs
-    response_format = params.pop("response_format", None)
     if params:
-        raise _bad_request(f"{sorted(params)[0]}: not a parameter this provider understands "
-                           f"(unknown: {sorted(params)})", model)
+        first, *rest = sorted(params)
+        raise _bad_request(f"{first}: {_refusal(first)}" + (f" (nor is: {rest})" if rest else ""), model)
+    response_format = kwargs.pop("response_format", None)
     try:
         return SamplingParams.from_response_format(response_format, **kwargs)
     except InvalidParameterError as exc:
@@ -99,10 +189,37 @@ def sampling_params(params: dict, model: str) -> SamplingParams:
         raise _bad_request(str(exc), model) from None
 
 
-def message_text(content) -> str:
-    if isinstance(content, list):  # OpenAI content parts
-        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+def message_text(content, model: str = "", where: str = "messages[0].content") -> str:
+    if isinstance(content, list):  # OpenAI content parts: text only, joined by newlines (as vLLM, FastChat)
+        for j, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text":
+                raise _bad_request(f"{where}[{j}]: only text parts are supported (text-only models), got type "
+                                   f"{kind!r}", model)
+        return "\n".join(part.get("text", "") for part in content)
+    if content is not None and not isinstance(content, str):
+        raise _bad_request(f"{where}: must be a string or a list of text parts", model)
     return content or ""
+
+
+def conversation(messages: list, model: str) -> list[dict]:
+    """Chat messages as the chat template takes them; what it would lose (tool calls, names, images)
+    is refused with the field named. `developer` is OpenAI's newer name for `system`."""
+    out = []
+    for i, message in enumerate(messages):
+        role = message.get("role")
+        if role not in ("system", "user", "assistant", "developer"):
+            raise _bad_request(f"messages[{i}].role: must be one of system, user, assistant, developer, got {role!r}"
+                               + (f" ({NO_TOOLS})" if role in ("tool", "function") else ""), model)
+        for key, value in message.items():
+            if key not in ("role", "content") and value is not None:
+                raise _bad_request(f"messages[{i}].{key}: " + (NO_TOOLS if key in ("tool_calls", "function_call",
+                                                                                  "tool_call_id")
+                                                               else "not supported (only role and content are used)"),
+                                   model)
+        out.append({"role": "system" if role == "developer" else role,
+                    "content": message_text(message.get("content"), model, f"messages[{i}].content")})
+    return out
 
 
 class _Call:
@@ -118,12 +235,12 @@ class _Call:
         self.params = sampling_params(sampling, model)
         tokenizer = self.engine.tokenizer
         if (litellm_params or {}).get("text_completion"):
-            prompt = message_text(messages[0]["content"]) if messages else ""
+            prompt = message_text(messages[0]["content"], model, "prompt") if messages else ""
         else:
-            conversation = [{"role": m["role"], "content": message_text(m.get("content"))} for m in messages]
+            chat = conversation(messages, model)
             try:
                 with self.engine.engine.tokenizer_lock:
-                    prompt = apply_chat_template(tokenizer, conversation)
+                    prompt = apply_chat_template(tokenizer, chat)
             except Exception as exc:
                 raise _bad_request(f"messages: {exc}", model) from None
         self.request_id = f"litellm-{uuid.uuid4().hex}"

@@ -1,0 +1,198 @@
+"""Which OpenAI request fields the FastChat stack honours, and how those FastChat's own server does
+not know reach the worker.
+
+FastChat's OpenAI server parses a request into its own model and builds the worker payload from a
+fixed list of fields; anything else in the body would be dropped without a word. `check_request`
+reads the raw body first: a field the stack honours passes (the ones FastChat does not forward come
+back as extra worker parameters), a field it cannot honour raises `FieldError` naming it, so the
+server answers 400 instead of ignoring it.
+"""
+from __future__ import annotations
+
+# Read and honoured by FastChat's own server (request model -> worker payload).
+FASTCHAT_FIELDS = {"model", "temperature", "top_p", "top_k", "n", "max_tokens", "stop", "stream",
+                   "presence_penalty", "frequency_penalty", "user"}
+CHAT_FIELDS = FASTCHAT_FIELDS | {"messages"}
+COMPLETION_FIELDS = FASTCHAT_FIELDS | {"prompt", "logprobs", "echo"}
+# Forwarded to the worker as they are; its SamplingParams honours them.
+WORKER_FIELDS = ("seed", "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "response_format")
+# Guided decoding: our names (the LiteLLM provider's), vLLM's names, and vLLM's structured_outputs keys.
+GUIDED_NAMES = {"json_schema": "json_schema", "guided_json": "json_schema",
+                "regex": "regex", "guided_regex": "regex",
+                "choice": "choice", "guided_choice": "choice"}
+STRUCTURED_OUTPUT_KEYS = {"json": "json_schema", "regex": "regex", "choice": "choice", "json_object": "json_object"}
+CHAT_ROLES = {"system", "user", "assistant", "developer"}  # developer: OpenAI's newer name for system
+TEXT_ONLY = "this server runs text-only models"
+NO_TOOLS = "tool and function calling are not supported by this server yet"
+
+
+class FieldError(ValueError):
+    """A request field the stack cannot honour; `param` names it (OpenAI's error `param`)."""
+
+    def __init__(self, param: str, message: str):
+        self.param = param
+        super().__init__(f"{param}: {message}")
+
+
+def _harmless(name: str, value, body: dict) -> bool:
+    """Fields the stack does not act on but whose value asks for nothing beyond its behaviour."""
+    if name in ("tools", "functions"):
+        return value == []
+    if name in ("tool_choice", "function_call"):
+        return value == "none"
+    if name == "parallel_tool_calls":
+        return True  # qualifies tool calls, and no tool can be given
+    if name == "store":
+        return value is False
+    if name == "metadata":
+        return isinstance(value, dict)  # tags for stored completions; nothing is stored
+    if name == "service_tier":
+        return value in ("auto", "default")
+    if name == "modalities":
+        return value == ["text"]
+    if name == "best_of":
+        return value == 1
+    if name == "use_beam_search":
+        return value is False
+    if name == "suffix":
+        return value == ""
+    return False
+
+
+def _unsupported(name: str, value) -> str:
+    if name in ("tools", "functions", "tool_choice", "function_call"):
+        return NO_TOOLS
+    if name == "stream_options":
+        return "include_usage is not supported by this server yet (usage comes with non-streamed responses)"
+    if name == "logprobs":
+        return "not supported on chat completions by this server (it is on /v1/completions)"
+    if name == "top_logprobs":
+        return "not supported on chat completions by this server (logprobs is on /v1/completions)"
+    if name == "logit_bias":
+        return "not supported by the engine yet"
+    if name in ("best_of", "use_beam_search"):
+        return "best-of and beam search are not supported; use n for several samples"
+    if name == "suffix":
+        return "insertion (suffix) is not supported"
+    if name == "store":
+        return "completions are not stored by this server"
+    if name in ("modalities", "audio"):
+        return TEXT_ONLY + " (text output only)"
+    if name in ("guided_grammar", "guided_decoding_backend", "guided_whitespace_pattern"):
+        return "not supported; guided decoding takes json_schema, regex or choice (or vLLM's guided_json, " \
+               "guided_regex, guided_choice)"
+    return "not a field this server understands or honours"
+
+
+def guided_fields(body: dict) -> dict:
+    """The guided-decoding request as worker parameters (json_schema / regex / choice / json_object /
+    response_format); at most one per request."""
+    found: dict[str, tuple[str, object]] = {}  # canonical -> (field as named in the request, value)
+
+    def add(canonical: str, named: str, value) -> None:
+        if found:
+            first = next(iter(found.values()))[0]
+            raise FieldError(named, f"at most one guided-decoding field per request (already given: {first})")
+        found[canonical] = (named, value)
+
+    response_format = body.get("response_format")
+    if response_format is not None:
+        if not isinstance(response_format, dict):
+            raise FieldError("response_format", "must be an object with a 'type'")
+        if response_format.get("type") not in (None, "text"):
+            add("response_format", "response_format", response_format)
+    for name, canonical in GUIDED_NAMES.items():
+        if body.get(name) is not None:
+            add(canonical, name, body[name])
+    structured = body.get("structured_outputs")
+    if structured is not None:
+        if not isinstance(structured, dict):
+            raise FieldError("structured_outputs", "must be an object")
+        for key, value in structured.items():
+            if value is None or value is False:
+                continue
+            if key not in STRUCTURED_OUTPUT_KEYS:
+                raise FieldError(f"structured_outputs.{key}", "not supported; use json, regex, choice or json_object")
+            add(STRUCTURED_OUTPUT_KEYS[key], f"structured_outputs.{key}", value)
+    return {canonical: value for canonical, (_, value) in found.items()}
+
+
+def check_messages(messages) -> list | None:
+    """Chat messages FastChat can render without losing anything, with `developer` as `system`;
+    None when they need no change."""
+    if not isinstance(messages, list):
+        return None  # FastChat's request model says what is wrong
+    changed = False
+    out = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            return None
+        role = message.get("role")
+        if role not in CHAT_ROLES:
+            raise FieldError(f"messages[{i}].role", f"must be one of system, user, assistant, developer, got "
+                                                     f"{role!r}" + (f" ({NO_TOOLS})" if role in ("tool", "function")
+                                                                    else ""))
+        for key, value in message.items():
+            if key in ("role", "content") or value is None:
+                continue
+            raise FieldError(f"messages[{i}].{key}",
+                             NO_TOOLS if key in ("tool_calls", "function_call", "tool_call_id")
+                             else "not supported by this server (only role and content are used)")
+        content = message.get("content")
+        if isinstance(content, list):
+            for j, part in enumerate(content):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind != "text":
+                    raise FieldError(f"messages[{i}].content[{j}]", f"only text parts are supported ({TEXT_ONLY}), "
+                                                                    f"got type {kind!r}")
+            content = "\n".join(part.get("text", "") for part in content)  # what FastChat itself does
+            message = {**message, "content": content}
+            changed = True
+        elif content is None or not isinstance(content, str):
+            raise FieldError(f"messages[{i}].content", "must be a string or a list of text parts")
+        if role == "developer":
+            message = {**message, "role": "system"}
+            changed = True
+        out.append(message)
+    return out if changed else None
+
+
+def check_request(body: dict, chat: bool) -> tuple[dict, dict]:
+    """(extra worker parameters, changes to FastChat's parsed request) for a raw request body;
+    raises FieldError for the first field the stack cannot honour."""
+    known = CHAT_FIELDS if chat else COMPLETION_FIELDS
+    extras: dict = {}
+    changes: dict = {}
+    for name, value in body.items():
+        if value is None or name in known or name in WORKER_FIELDS or name in GUIDED_NAMES:
+            continue
+        if name in ("structured_outputs", "max_completion_tokens"):
+            continue
+        if name == "stream_options" and isinstance(value, dict) and not value.get("include_usage") \
+                and set(value) <= {"include_usage"}:
+            continue
+        if chat and name == "logprobs" and value is False:
+            continue
+        if _harmless(name, value, body):
+            continue
+        raise FieldError(name, _unsupported(name, value))
+    if not chat:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and prompt and not all(isinstance(p, str) for p in prompt):
+            raise FieldError("prompt", "token-id prompts are not supported here; send text")
+    if body.get("max_completion_tokens") is not None:
+        if body.get("max_tokens") not in (None, body["max_completion_tokens"]):
+            raise FieldError("max_completion_tokens", "conflicts with max_tokens; give one")
+        changes["max_tokens"] = body["max_completion_tokens"]
+    for name in WORKER_FIELDS:
+        if body.get(name) is not None and name != "response_format":
+            extras[name] = body[name]
+    extras.update(guided_fields(body))
+    if extras.get("seed") is not None and (body.get("n") or 1) > 1:
+        # FastChat sends the n choices as n identical worker requests: with one seed all would repeat.
+        raise FieldError("seed", "cannot be combined with n > 1 on this server (every choice would be the same)")
+    if chat:
+        messages = check_messages(body.get("messages"))
+        if messages is not None:
+            changes["messages"] = messages
+    return extras, changes

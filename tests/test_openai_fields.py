@@ -1,0 +1,196 @@
+"""OpenAI request fields through both stacks: what is honoured reaches the engine, what cannot be
+honoured answers 400 naming the field, nothing is dropped silently.
+
+The tests here check each adapter's field policy in-process (fast). The end-to-end checks below are
+run with the `openai` client against the real servers by the modules that own them
+(test_fastchat_worker.py: controller + worker + our OpenAI server; test_litellm_provider.py: the
+LiteLLM proxy), so no extra server stack is started for them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import pytest
+
+CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
+CAT = [{"role": "user", "content": "Describe a cat as JSON."}]
+CAT_SCHEMA = {"type": "object",
+              "properties": {"name": {"type": "string", "maxLength": 10},
+                             "age": {"type": "integer", "minimum": 0, "maximum": 30}},
+              "required": ["name", "age"]}
+PHONE = r"[0-9]{3}-[0-9]{4}"
+TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {}}}}
+
+
+# ---- end-to-end checks, called from the server test modules -------------------------------------
+def _chat(client, model, stream: bool, **kw) -> str:
+    kw = {"model": model, "temperature": 0, **kw}
+    if stream:
+        return "".join(c.choices[0].delta.content or ""
+                       for c in client.chat.completions.create(stream=True, **kw) if c.choices)
+    return client.chat.completions.create(**kw).choices[0].message.content
+
+
+def _complete(client, model, stream: bool, **kw) -> str:
+    kw = {"model": model, "temperature": 0, **kw}
+    if stream:
+        return "".join(c.choices[0].text or "" for c in client.completions.create(stream=True, **kw) if c.choices)
+    return client.completions.create(**kw).choices[0].text
+
+
+def check_guided_fields(client, model: str) -> None:
+    """response_format (json_object, json_schema) and the guided fields, under our names and vLLM's
+    (in extra_body), on chat and text completions, streamed and not."""
+    import jsonschema
+    for stream in (False, True):
+        text = _chat(client, model, stream, messages=CAPITAL, max_tokens=32, response_format={"type": "json_object"})
+        assert isinstance(json.loads(text), dict), (stream, text)
+        text = _chat(client, model, stream, messages=CAT, max_tokens=40,
+                     response_format={"type": "json_schema", "json_schema": {"name": "cat", "schema": CAT_SCHEMA}})
+        jsonschema.validate(json.loads(text), CAT_SCHEMA)
+        regex = {"guided_regex" if stream else "regex": PHONE}
+        text = _chat(client, model, stream, messages=[{"role": "user", "content": "Give me a phone number."}],
+                     max_tokens=12, extra_body=regex)
+        assert re.fullmatch(PHONE, text), (regex, text)
+        choice = {"guided_choice" if stream else "choice": ["yes", "no"]}
+        text = _chat(client, model, stream, messages=[{"role": "user", "content": "Is Paris in France?"}],
+                     max_tokens=4, extra_body=choice)
+        assert text in ("yes", "no"), (choice, text)
+        schema = {"guided_json" if stream else "json_schema": {"type": "object", "properties": {
+            "ok": {"type": "boolean"}}, "required": ["ok"]}}
+        text = _complete(client, model, stream, prompt="Answer in JSON:", max_tokens=12, extra_body=schema)
+        assert isinstance(json.loads(text)["ok"], bool), (schema, text)
+    text = _complete(client, model, True, prompt="The year was", max_tokens=6,
+                     extra_body={"structured_outputs": {"regex": "[0-9]{4}"}})
+    assert re.fullmatch("[0-9]{4}", text), text
+
+
+def check_refused_fields(client, model: str, refused: list[tuple[dict, str]]) -> None:
+    """Each (request arguments, field) answers 400 naming the field, streamed or not; then the server
+    still serves."""
+    from openai import BadRequestError
+    for kw, field in refused:
+        for stream in (False, True):
+            with pytest.raises(BadRequestError) as err:
+                client.chat.completions.create(**{"model": model, "messages": CAPITAL, "max_tokens": 2,
+                                                  "stream": stream, **kw})
+            assert err.value.status_code == 400 and field in str(err.value), (kw, field, str(err.value))
+    # Honoured or harmless: accepted.
+    r = client.chat.completions.create(model=model, messages=CAPITAL, max_tokens=2, temperature=0, user="someone",
+                                       tool_choice="none", seed=7, extra_body={"min_p": 0.05})
+    assert r.choices[0].message.content
+
+
+def common_refusals() -> list[tuple[dict, str]]:
+    return [(dict(tools=[TOOL]), "tools"),
+            (dict(tool_choice="required"), "tool_choice"),
+            (dict(logit_bias={"42": 5}), "logit_bias"),
+            (dict(extra_body={"no_such_field": 1}), "no_such_field"),
+            (dict(extra_body={"guided_grammar": "root ::= \"a\""}), "guided_grammar"),
+            (dict(extra_body={"regex": "a+", "guided_choice": ["a"]}), "guided_choice"),
+            (dict(messages=[{"role": "user", "content": [{"type": "image_url",
+                                                          "image_url": {"url": "http://127.0.0.1/x.png"}}]}]),
+             "messages[0].content[0]")]
+
+
+# ---- the policies, in-process -------------------------------------------------------------------
+def test_fastchat_field_policy():
+    from dashinfer_fastchat.openai_fields import FieldError, check_request
+    body = {"model": "m", "messages": CAPITAL}
+
+    def ok(chat=True, **kw):
+        return check_request({**body, **kw} if chat else {"model": "m", "prompt": "Hi", **kw}, chat)
+
+    assert ok() == ({}, {})
+    assert ok(user="u", stream=True, stream_options={"include_usage": False}, tool_choice="none", tools=[],
+              parallel_tool_calls=False, logprobs=False, store=False, metadata={"a": "b"}, service_tier="auto",
+              modalities=["text"], tools_unused=None) == ({}, {})
+    assert ok(response_format={"type": "json_object"}, seed=1, min_p=0.1, repetition_penalty=1.1, min_tokens=1,
+              ignore_eos=False)[0] == {"response_format": {"type": "json_object"}, "seed": 1, "min_p": 0.1,
+                                      "repetition_penalty": 1.1, "min_tokens": 1, "ignore_eos": False}
+    assert ok(response_format={"type": "text"}) == ({}, {})
+    for name, canonical in (("json_schema", "json_schema"), ("guided_json", "json_schema"), ("regex", "regex"),
+                            ("guided_regex", "regex"), ("choice", "choice"), ("guided_choice", "choice")):
+        assert ok(**{name: "x"})[0] == {canonical: "x"}
+    assert ok(structured_outputs={"json": {"type": "object"}})[0] == {"json_schema": {"type": "object"}}
+    assert ok(structured_outputs={"json_object": True})[0] == {"json_object": True}
+    assert ok(max_completion_tokens=5)[1] == {"max_tokens": 5}
+    assert ok(messages=[{"role": "developer", "content": [{"type": "text", "text": "a"}, {"type": "text",
+                                                                                        "text": "b"}]}])[1] == \
+        {"messages": [{"role": "system", "content": "a\nb"}]}
+    assert ok(chat=False, logprobs=2, echo=True, guided_regex="a")[0] == {"regex": "a"}
+    for kw, field in ((dict(tools=[TOOL]), "tools"), (dict(functions=[{"name": "f"}]), "functions"),
+                      (dict(tool_choice="auto"), "tool_choice"), (dict(function_call="auto"), "function_call"),
+                      (dict(stream_options={"include_usage": True}), "stream_options"),
+                      (dict(logprobs=True), "logprobs"), (dict(top_logprobs=2), "top_logprobs"),
+                      (dict(logit_bias={"1": 2}), "logit_bias"), (dict(echo=True), "echo"), (dict(store=True), "store"),
+                      (dict(service_tier="flex"), "service_tier"), (dict(modalities=["audio"]), "modalities"),
+                      (dict(foo=1), "foo"), (dict(guided_grammar="x"), "guided_grammar"),
+                      (dict(guided_decoding_backend="xgrammar"), "guided_decoding_backend"),
+                      (dict(structured_outputs={"grammar": "x"}), "structured_outputs.grammar"),
+                      (dict(regex="a", choice=["a"]), "choice"),
+                      (dict(response_format={"type": "json_object"}, guided_json={}), "guided_json"),
+                      (dict(response_format="json"), "response_format"),
+                      (dict(seed=1, n=2), "seed"),
+                      (dict(max_tokens=4, max_completion_tokens=5), "max_completion_tokens"),
+                      (dict(messages=[{"role": "tool", "content": "x", "tool_call_id": "1"}]), "messages[0].role"),
+                      (dict(messages=[{"role": "user", "content": "x", "name": "bob"}]), "messages[0].name"),
+                      (dict(messages=[{"role": "assistant", "content": None, "tool_calls": []}]),
+                       "messages[0].tool_calls"),
+                      (dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]),
+                       "messages[0].content[0]")):
+        with pytest.raises(FieldError) as err:
+            ok(**kw)
+        assert err.value.param == field and str(err.value).startswith(field), (kw, str(err.value))
+    for kw, field in ((dict(suffix="x"), "suffix"), (dict(best_of=2), "best_of"), (dict(use_beam_search=True),
+                                                                                   "use_beam_search"),
+                      (dict(prompt=[1, 2, 3]), "prompt")):
+        with pytest.raises(FieldError) as err:
+            ok(chat=False, **kw)
+        assert err.value.param == field, (kw, str(err.value))
+
+
+def test_litellm_field_policy():
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    import litellm
+
+    from dashinfer_litellm.provider import conversation, sampling_params, split_params
+
+    def params(**optional):
+        return sampling_params(split_params(optional, "m")[1], "m")
+
+    p = params(max_tokens=3, stream=True, stream_options={"include_usage": True}, user="u", tool_choice="none",
+               tools=[], parallel_tool_calls=True, logit_bias={}, store=False, service_tier="default", timeout=5)
+    assert p.max_tokens == 3 and p.guided_spec is None
+    for optional, kind in ((dict(response_format={"type": "json_object"}), "json_object"),
+                           (dict(json_schema={"type": "object"}), "json_schema"),
+                           (dict(extra_body={"guided_json": {"type": "object"}}), "json_schema"),
+                           (dict(guided_regex="a+"), "regex"), (dict(extra_body={"regex": "a+"}), "regex"),
+                           (dict(guided_choice=["a", "b"]), "choice"),
+                           (dict(structured_outputs={"choice": ["a"]}), "choice"),
+                           (dict(structured_outputs={"json_object": True}), "json_object")):
+        assert params(**optional).guided_spec.kind == kind, optional
+    for optional, field in ((dict(tools=[TOOL]), "tools"), (dict(tool_choice="required"), "tool_choice"),
+                            (dict(functions=[{"name": "f"}]), "functions"), (dict(logit_bias={"1": 2}), "logit_bias"),
+                            (dict(stream_options={"include_obfuscation": True}), "stream_options"),
+                            (dict(store=True), "store"), (dict(foo=1), "foo"),
+                            (dict(extra_body={"foo": 1}), "foo"), (dict(guided_grammar="x"), "guided_grammar"),
+                            (dict(regex="a", guided_regex="b"), "guided_regex"),
+                            (dict(response_format={"type": "json_object"}, choice=["a"]), "choice"),
+                            (dict(structured_outputs={"grammar": "x"}), "structured_outputs.grammar"),
+                            (dict(seed=1, extra_body={"seed": 2}), "seed")):
+        with pytest.raises(litellm.BadRequestError) as err:
+            params(**optional)
+        assert f"{field}:" in str(err.value), (optional, str(err.value))
+    assert conversation([{"role": "developer", "content": [{"type": "text", "text": "a"}, {"type": "text",
+                                                                                         "text": "b"}]}], "m") == \
+        [{"role": "system", "content": "a\nb"}]
+    for messages, field in (([{"role": "tool", "content": "x"}], "messages[0].role"),
+                            ([{"role": "user", "content": "x", "name": "bob"}], "messages[0].name"),
+                            ([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}],
+                             "messages[0].content[0]")):
+        with pytest.raises(litellm.BadRequestError) as err:
+            conversation(messages, "m")
+        assert f"{field}:" in str(err.value), str(err.value)
