@@ -1,4 +1,4 @@
-"""`dashinfer-core generate | chat | bench`: the engine from the shell."""
+"""`dashinfer-core generate | chat | bench | env`: the engine from the shell."""
 from __future__ import annotations
 
 import argparse
@@ -120,6 +120,33 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_env(args) -> int:
+    """What this machine offers and which path each CPU setting takes, without loading a model."""
+    import json
+
+    import torch
+
+    from .capabilities import choose_cpu_paths, detect, native_bf16
+    info = detect().as_dict()
+    info["native_bf16"] = native_bf16()
+    info["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    dtypes = [args.dtype] if args.dtype else ["float32", "bfloat16", "float16"]
+    quants = [args.quantization] if args.quantization else [None, "iq-int8", "iq-int4"]
+    dtype_of = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    choices = {f"{d}/{q or 'none'}": {name: str(c) for name, c in choose_cpu_paths(
+        dtype_of[d], q, args.group_size, args.enforce_eager).items()} for d in dtypes for q in quants}
+    if args.json:
+        print(json.dumps({"platform": info, "cpu_paths": choices}, indent=2))
+        return 0
+    for key, value in info.items():
+        print(f"{key:16} {value}")
+    for setting, paths in choices.items():
+        print(f"\n[{setting}]")
+        for name, choice in paths.items():
+            print(f"  {name:20} {choice}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="dashinfer-core", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -140,6 +167,13 @@ def main(argv=None) -> int:
     p.add_argument("--output-len", type=int, default=64)
     add_engine_args(p)
     p.set_defaults(func=cmd_bench)
+    p = sub.add_parser("env", help="what this machine offers and which fast paths the engine takes")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--quantization", default=None, choices=["iq-int8", "iq-int4", "a8w8"])
+    p.add_argument("--group-size", type=int, default=None)
+    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_env)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -66,6 +66,9 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"
     # Run without a tokenizer: prompts must be token ids, outputs carry token ids and no text.
     skip_tokenizer_init: bool = False
+    # CPU: pad each step's token count to one of a few sizes, so the GEMM and compile caches and the
+    # heap see a bounded set of shapes and memory levels off (engine/runner.py, padded_count).
+    bucket_batch_shapes: bool = True
 
     def __post_init__(self):
         if self.model == "default":

@@ -7,7 +7,7 @@ import logging
 import random
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..cache.block_manager import BlockManager
 from ..config import EngineConfig
@@ -41,6 +41,8 @@ class EngineStats:
     prefix_evictions: int = 0
     prefix_swaps_out: int = 0
     prefix_swaps_in: int = 0
+    # CPU fast path -> "on: why" / "off: why" (capabilities.py); empty off the CPU.
+    fast_paths: dict = field(default_factory=dict)
 
 
 class LLMEngine:
@@ -71,6 +73,7 @@ class LLMEngine:
         self.guided = GuidedManager(self.tokenizer, self.vocab_size,
                                     self.eos_token_ids[0] if self.eos_token_ids else None,
                                     self.config.guided_compile_timeout, self.config.guided_compile_workers)
+        self.guided.precompile_json_object()  # on a compile thread: the first json_object request finds it ready
 
     # ---- requests ------------------------------------------------------------------------------
     def build_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
@@ -182,7 +185,8 @@ class LLMEngine:
             num_steps=self.num_steps, prefix_hit_rate=pc.hit_rate, prefix_device_hit_tokens=pc.device_hit_tokens,
             prefix_cpu_hit_tokens=pc.cpu_hit_tokens, prefix_cached_blocks=len(bm.cache.by_block),
             prefix_cpu_cached_blocks=len(bm.cache.cpu_lru), prefix_evictions=pc.device_evictions,
-            prefix_swaps_out=pc.swaps_out, prefix_swaps_in=pc.swaps_in)
+            prefix_swaps_out=pc.swaps_out, prefix_swaps_in=pc.swaps_in,
+            fast_paths={name: str(choice) for name, choice in self.runner.fast_paths.items()})
 
     # ---- the step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

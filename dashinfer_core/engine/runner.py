@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ..cache.kv_cache import KVCache, bytes_per_block
+from ..capabilities import choose_cpu_paths, detect, isolate_compile_cache, native_bf16
 from ..config import EngineConfig
 from ..layers.attention import AttentionMetadata, make_attention_backend
 from ..layers.sampler import Sampler, SamplerOutput, SamplingTensors
@@ -54,6 +55,18 @@ def keep_freed_memory_mapped() -> None:
         pass
 
 
+def padded_count(n: int) -> int:
+    """The token (or row) count a CPU step is padded to: 1, 2, 4, 8, then multiples of 8 to 128, of 16
+    to 256, of 32 to 512, of 64 beyond (35 sizes up to 512). oneDNN keeps a primitive per GEMM shape
+    and glibc's heap fragments with every new buffer size: with each count from 1 to 512 possible, a
+    server's memory grew for hours (benchmarks/soak.py). Padding costs little: GEMMs of a few dozen
+    rows are bound by reading the weights, and past 64 rows the padding is under 1/8."""
+    if n <= 8:
+        return 1 << max(n - 1, 0).bit_length()
+    step = 8 if n <= 128 else 16 if n <= 256 else 32 if n <= 512 else 64
+    return -(-n // step) * step
+
+
 @dataclass
 class SampleRow:
     """One token to draw: for `seq`, from the logits of the last token of batch entry `batch_index`."""
@@ -78,6 +91,14 @@ class ModelRunner:
             if config.num_threads:
                 torch.set_num_threads(config.num_threads)
             keep_freed_memory_mapped()
+        # Fast paths by what this machine can do, chosen once (capabilities.py); the CPU ones only.
+        self.fast_paths = choose_cpu_paths(self.dtype, config.quantization, config.group_size,
+                                           config.enforce_eager) if self.device.type == "cpu" else {}
+        if self.device.type == "cpu":
+            isolate_compile_cache()
+        if self.device.type == "cpu" and self.dtype == torch.bfloat16 and not native_bf16():
+            logger.warning("this CPU has no native bf16 (%s): bfloat16 runs through F.linear, slower than float32",
+                           detect().cpu_capability)
         self.model_dir = resolve_model_dir(config.model)
         from ..models import load_model_config
         model_cfg = load_model_config(self.model_dir)
@@ -95,11 +116,15 @@ class ModelRunner:
         if self.max_model_len < max_len:
             logger.warning("KV cache holds %d tokens: max_model_len lowered from %d to %d",
                            self.kv_cache.num_blocks * self.block_size, max_len, self.max_model_len)
-        self.attention = make_attention_backend(config.attention_backend, self.device)
+        self.attention = make_attention_backend(config.attention_backend, self.device,
+                                                fused=self._path_on("compiled_attention"))
         from ..models.compiled import CompiledLayerParts, wants_compiled_layers
-        if wants_compiled_layers(self.device, self.dtype, config.enforce_eager) and self.attention.name == "torch":
+        if wants_compiled_layers(self.device, self.dtype, self._path_on("compiled_layers")) and \
+                self.attention.name == "torch":
             self.model.compiled_parts = CompiledLayerParts()
         self.sampler = Sampler()
+        # CPU: steps see a few token counts, not every count up to the budget (see padded_count).
+        self.bucket_shapes = self.device.type == "cpu" and config.bucket_batch_shapes
         self.graphs = None
         if self.device.type == "cuda" and not config.enforce_eager and self.attention.name == "triton":
             from .cuda_graphs import DecodeGraphs, default_capture_sizes
@@ -107,6 +132,10 @@ class ModelRunner:
                                        -(-self.max_model_len // self.block_size),
                                        default_capture_sizes(config.max_num_seqs))
             self.graphs.capture()
+
+    def _path_on(self, name: str) -> bool:
+        choice = self.fast_paths.get(name)
+        return choice is None or choice.on  # off the CPU, the device's own paths apply
 
     def _allocate_kv_cache(self) -> KVCache:
         cfg = self.model_cfg
@@ -145,7 +174,9 @@ class ModelRunner:
         if not rows:
             return None
         last_token = [meta.query_start_loc_host[r.batch_index + 1] - 1 for r in rows]
-        logits = self.model.compute_logits(hidden[torch.tensor(last_token, device=self.device)])
+        if self.bucket_shapes:  # the LM head's GEMM too sees only a few row counts
+            last_token += last_token[-1:] * (padded_count(len(last_token)) - len(last_token))
+        logits = self.model.compute_logits(hidden[torch.tensor(last_token, device=self.device)])[:len(rows)]
         out = self.sampler(logits, self._sampling_tensors(rows))
         return self._to_host(out)
 
@@ -157,6 +188,7 @@ class ModelRunner:
         input_ids, positions, meta = self._prepare_inputs(batch)
         self.attention.prepare(meta, self.kv_cache.layers[0])
         hidden = self.model(input_ids, positions, self.kv_cache.layers, meta, self.attention)
+        hidden = hidden[:meta.query_start_loc_host[-1]]  # without the shape-bucket padding
         return torch.log_softmax(self.model.compute_logits(hidden).float(), dim=-1)
 
     def _prepare_inputs(self, batch: ScheduledBatch):
@@ -175,6 +207,11 @@ class ModelRunner:
             seq_lens.append(start + n)
         query_start = np.zeros(len(batch.seqs) + 1, dtype=np.int64)
         np.cumsum(batch.num_new_tokens, out=query_start[1:])
+        num_pad = padded_count(int(query_start[-1])) - int(query_start[-1]) if self.bucket_shapes else 0
+        if num_pad:  # padding tokens: id 0 at position 0, stored nowhere (slot -1), in no sequence
+            token_chunks.append([0] * num_pad)
+            position_chunks.append(np.zeros(num_pad, dtype=np.int64))
+            slot_chunks.append(np.full(num_pad, -1, dtype=np.int64))
         to_dev = lambda a, dt: torch.from_numpy(np.asarray(a)).to(device=self.device, dtype=dt)  # noqa: E731
         input_ids = to_dev(np.fromiter((t for c in token_chunks for t in c), dtype=np.int64), torch.int64)
         positions = to_dev(np.concatenate(position_chunks), torch.int64)

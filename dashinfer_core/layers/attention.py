@@ -202,6 +202,7 @@ class TorchAttention:
         """q: [T, Hq, D], k/v: [T, Hkv, D], kv_cache: one layer's KVLayer -> [T, Hq, D]."""
         store_kv(k, v, kv_cache, meta)
         out = torch.empty_like(q)
+        out[meta.query_start_loc_host[-1]:].zero_()  # padding tokens (runner's shape buckets) belong to no sequence
         num_kv_heads, head_dim = k.shape[1], k.shape[2]
         group = q.shape[1] // num_kv_heads
         fused = self.fused and kv_cache.bits is None and q.device.type == "cpu"
@@ -318,13 +319,14 @@ class TritonAttention:
         return out
 
 
-def make_attention_backend(name: str, device: torch.device):
-    """'auto' = Triton on CUDA, torch elsewhere; 'triton' on the CPU needs TRITON_INTERPRET=1."""
+def make_attention_backend(name: str, device: torch.device, fused: bool = True):
+    """'auto' = Triton on CUDA, torch elsewhere; 'triton' on the CPU needs TRITON_INTERPRET=1.
+    fused: the torch backend may use the compiled decode attention (a capability choice)."""
     import os
     if name == "auto":
         name = "triton" if device.type == "cuda" else "torch"
     if name == "torch":
-        return TorchAttention()
+        return TorchAttention(fused=fused)
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         from ..errors import InvalidParameterError
         raise InvalidParameterError("attention_backend", "'triton' needs a CUDA device (or TRITON_INTERPRET=1)")

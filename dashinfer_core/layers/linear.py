@@ -6,18 +6,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..capabilities import drop_onednn_dtype, onednn_linear_on
+
 # On x86 CPUs oneDNN's GEMM runs 2-3x faster than the MKL sgemm behind F.linear (measured on the
-# AMD EPYC dev machine: 450 vs 210 GFLOP/s fp32 at 512 rows), for the same fp32 arithmetic.
+# AMD EPYC dev machine: 450 vs 210 GFLOP/s fp32 at 512 rows), for the same fp32 arithmetic. Which
+# dtypes it can run here is probed once (capabilities.py): bf16 needs avx512_bf16 or AMX.
 _ONEDNN_LINEAR = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
-if _ONEDNN_LINEAR is not None and not torch.backends.mkldnn.is_available():
-    _ONEDNN_LINEAR = None
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     # Inside torch.compile (models/compiled.py) inductor cannot lower the oneDNN op; F.linear there.
-    if _ONEDNN_LINEAR is not None and x.device.type == "cpu" and x.dtype != torch.float16 \
-            and not torch.compiler.is_compiling():
-        return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
+    if not torch.compiler.is_compiling() and x.device.type == "cpu" and onednn_linear_on(x.dtype):
+        try:
+            return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
+        except RuntimeError as exc:  # a shape the probe did not cover: never fail the request for it
+            drop_onednn_dtype(x.dtype, exc)
     return F.linear(x, weight, bias)
 
 

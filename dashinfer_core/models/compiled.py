@@ -52,5 +52,6 @@ class CompiledLayerParts:
         self.failed = True
 
 
-def wants_compiled_layers(device: torch.device, dtype: torch.dtype, enforce_eager: bool) -> bool:
-    return device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and not enforce_eager
+def wants_compiled_layers(device: torch.device, dtype: torch.dtype, enabled: bool) -> bool:
+    """enabled: the capability choice (capabilities.choose_cpu_paths) for this engine."""
+    return device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and enabled

@@ -1,0 +1,141 @@
+"""Fast paths are chosen by what the machine can do, each with a fallback that gives the same answers.
+
+A machine with AVX-512 tests what an AVX2 machine runs: a subprocess with oneDNN and ATen limited to
+AVX2 (ONEDNN_MAX_CPU_ISA, ATEN_CPU_CAPABILITY), where oneDNN cannot build a bf16 inner product, as on
+a real AVX2 CPU. Another subprocess turns every fast path off (DASHINFER_DISABLE=all), the routes a
+machine without oneDNN or a C++ compiler takes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dashinfer_core import capabilities
+from dashinfer_core.capabilities import choose_cpu_paths
+
+AVX2 = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+X86 = platform.machine() in ("x86_64", "AMD64")
+
+
+def run_fallback(env: dict, settings: list[dict]) -> dict:
+    script = Path(__file__).parent / "fallback_run.py"
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
+    proc = subprocess.run([sys.executable, str(script), json.dumps(settings)], env=full_env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])
+
+
+def answers_right(run: dict) -> bool:
+    days, sum_ = run["texts"]
+    return "7" in days and "4" in sum_
+
+
+def mean_abs_diff(a, b) -> float:
+    return float((torch.tensor(a) - torch.tensor(b)).abs().mean())
+
+
+@pytest.mark.skipif(not X86, reason="lowers the x86 ISA")
+def test_avx2_machine_runs_bf16_compiled_and_int8():
+    result = run_fallback(AVX2, [{"dtype": "float32"}, {"dtype": "bfloat16"},
+                                 {"dtype": "bfloat16", "quantization": "iq-int8"}])
+    assert result["platform"]["cpu_capability"] == "AVX2"
+    fp32, bf16, int8 = result["runs"]
+    for run in result["runs"]:
+        assert run["errors"] == [None, None] and run["leaked_blocks"] == 0, run
+        assert answers_right(run), run["texts"]
+    # No bf16 inner product in oneDNN below AVX512-BF16: the engine must not take that path.
+    assert fp32["paths"]["onednn_linear"].startswith("on")
+    assert bf16["paths"]["onednn_linear"].startswith("off") and int8["paths"]["onednn_linear"].startswith("off")
+    if capabilities.detect().cxx_compiler:  # the compiled layers run under AVX2 code generation too
+        assert bf16["compiled_layers_ran"] and bf16["paths"]["compiled_layers"].startswith("on")
+    # bf16 is an approximation of the fp32 model: ~0.1 nat per token here; a wrong route is off by nats.
+    assert mean_abs_diff(bf16["scores"], fp32["scores"]) < 0.3
+    assert mean_abs_diff(int8["scores"], fp32["scores"]) < 0.4
+
+
+def test_portable_routes_with_every_fast_path_off():
+    settings = [{"dtype": "float32"}, {"dtype": "bfloat16", "quantization": "iq-int8"},
+                {"dtype": "float32", "quantization": "iq-int4", "group_size": 32}]
+    result = run_fallback({**AVX2, "DASHINFER_DISABLE": "all"} if X86 else {"DASHINFER_DISABLE": "all"}, settings)
+    fp32, int8, int4 = result["runs"]
+    for run in result["runs"]:
+        assert run["errors"] == [None, None] and run["leaked_blocks"] == 0, run
+        assert all(not choice.startswith("on") for choice in run["paths"].values()), run["paths"]
+        assert not run["compiled_layers_ran"]
+    assert answers_right(fp32) and answers_right(int8), (fp32["texts"], int8["texts"])
+    assert len(int4["texts"][0].split()) >= 3  # int4 is lossier: fluent, not always right
+    # F.linear and oneDNN compute the same fp32 product (up to summation order).
+    from dashinfer_core import LLM
+    here = LLM(device="cpu", dtype="float32", kv_cache_memory=64 << 20)
+    from fallback_run import PROSE
+    ids = here.get_tokenizer()(PROSE)["input_ids"][:64]
+    assert mean_abs_diff(fp32["scores"], here.score(ids, chunk_tokens=24)) < 1e-3
+    assert mean_abs_diff(int8["scores"], fp32["scores"]) < 0.4
+
+
+def test_choices_follow_settings_and_overrides(monkeypatch):
+    monkeypatch.delenv("DASHINFER_DISABLE", raising=False)
+    paths = choose_cpu_paths(torch.float32, None, None, enforce_eager=False)
+    assert set(paths) == set(capabilities.FAST_PATHS)
+    assert not paths["compiled_layers"].on and "float32" in paths["compiled_layers"].why
+    assert not paths["int8_gemv"].on and not paths["compiled_dequant"].on
+    eager = choose_cpu_paths(torch.bfloat16, "iq-int4", 32, enforce_eager=True)
+    assert not eager["compiled_layers"].on and not eager["compiled_attention"].on
+    monkeypatch.setenv("DASHINFER_DISABLE", "compiled_attention,int8_gemv")
+    off = choose_cpu_paths(torch.bfloat16, "iq-int8", None, enforce_eager=False)
+    assert not off["compiled_attention"].on and "DASHINFER_DISABLE" in off["compiled_attention"].why
+    assert not off["int8_gemv"].on and "DASHINFER_DISABLE" in off["int8_gemv"].why
+    # A CPU whose oneDNN has no bf16 inner product: the choice says so and names the fallback.
+    monkeypatch.delenv("DASHINFER_DISABLE")
+    monkeypatch.setattr(capabilities, "onednn_linear_dtypes", lambda: frozenset({torch.float32}))
+    no_bf16 = choose_cpu_paths(torch.bfloat16, None, None, enforce_eager=False)
+    assert not no_bf16["onednn_linear"].on and "F.linear" in no_bf16["onednn_linear"].why
+
+
+def test_a_failing_onednn_call_falls_back_to_f_linear(monkeypatch):
+    from dashinfer_core.layers import linear as linear_mod
+
+    def broken(*args):
+        raise RuntimeError("could not create a primitive descriptor for the inner product forward propagation")
+    monkeypatch.setattr(linear_mod, "_ONEDNN_LINEAR", broken)
+    monkeypatch.setattr(capabilities, "_dropped", set())
+    monkeypatch.setattr(capabilities, "onednn_linear_dtypes", lambda: frozenset({torch.float32}))
+    x, w = torch.randn(3, 8), torch.randn(5, 8)
+    torch.testing.assert_close(linear_mod.linear(x, w), F.linear(x, w))
+    assert torch.float32 in capabilities._dropped and not capabilities.onednn_linear_on(torch.float32)
+
+
+def test_engine_stats_and_env_command_report_paths(tiny_models, capsys):
+    from dashinfer_core import LLM
+    from dashinfer_core.cli import main
+    llm = LLM(str(tiny_models["llama"]), dtype="float32", device="cpu", kv_cache_memory=8 << 20)
+    paths = llm.engine.stats().fast_paths
+    assert set(paths) == set(capabilities.FAST_PATHS)
+    assert all(v.startswith(("on: ", "off: ")) for v in paths.values())
+    assert main(["env", "--json", "--dtype", "bfloat16", "--quantization", "iq-int8"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["platform"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert set(report["cpu_paths"]) == {"bfloat16/iq-int8"}
+    assert set(report["cpu_paths"]["bfloat16/iq-int8"]) == set(capabilities.FAST_PATHS)
+
+
+def test_compile_cache_is_kept_per_cpu_and_isa(monkeypatch, tmp_path):
+    # Inductor's cache keys miss the vector ISA: code cached under another ISA gave NaN logits here.
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    folder = capabilities.isolate_compile_cache()
+    assert os.path.dirname(folder) == str(tmp_path)
+    assert torch.backends.cpu.get_cpu_capability().lower() in os.path.basename(folder)
+    assert capabilities.isolate_compile_cache() == folder == os.environ["TORCHINDUCTOR_CACHE_DIR"]
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    assert capabilities.isolate_compile_cache() != folder
