@@ -75,6 +75,25 @@ def test_json_schemas_validate_greedy_and_sampled(llm):
     assert stats.num_free_blocks == stats.num_blocks
 
 
+def test_json_object_output_and_precompile(llm):
+    """json_object output is a JSON object; the engine compiled its pattern when it started, so every
+    json_object request (the first included) is a cache hit and nothing is compiled for it."""
+    compiler = llm.engine.guided.compiler
+    hits, compiles = compiler.num_cache_hits, compiler.num_built + compiler.num_disk_hits
+    prompts = [chat_ids(llm, ASK), chat_ids(llm, "Give me a JSON object describing a cat.")]
+    params = [SamplingParams(max_tokens=120, temperature=t, seed=s, json_object=True)
+              for t, s in ((0.0, None), (1.0, 1), (1.0, 2))]
+    outs = llm.generate([p for p in prompts for _ in params], params * len(prompts))
+    assert compiler.num_cache_hits - hits == len(outs)
+    assert compiler.num_built + compiler.num_disk_hits == compiles
+    finished = [o for o in outs if o.finish_reason == "stop"]
+    assert len(finished) >= 2, [o.text for o in outs]
+    for out in outs:
+        assert out.text.startswith("{"), out.text
+    for out in finished:
+        assert isinstance(json.loads(out.text), dict), out.text
+
+
 def test_regex_and_choice_fullmatch(llm):
     prompt = chat_ids(llm, "Give me a date and a phone number.")
     specs = [dict(regex=r"\d{4}-\d{2}-\d{2}"), dict(regex=r"\(\d{3}\) \d{3}-\d{4}"),

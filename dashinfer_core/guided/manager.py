@@ -5,19 +5,37 @@ from __future__ import annotations
 
 import time
 
-from .compiler import GuidedCompiler
+from .compiler import GuidedCompiler, IndexDiskCache, default_disk_cache_dir
+from .spec import JSON_OBJECT_REGEX
 from .state import GuidedState, SmallAllowedSets
+
+_DEFAULT = object()
 
 
 class GuidedManager:
-    def __init__(self, tokenizer, vocab_size: int, eos_token_id: int | None, timeout: float, workers: int):
+    def __init__(self, tokenizer, vocab_size: int, eos_token_id: int | None, timeout: float, workers: int,
+                 disk_cache_dir=_DEFAULT):
+        """disk_cache_dir: where compiled indexes persist across restarts (default
+        default_disk_cache_dir(); None: memory only)."""
         self.eos_token_id = eos_token_id if eos_token_id is not None else -1
-        self.compiler = GuidedCompiler(tokenizer, vocab_size, self.eos_token_id, max_workers=workers)
+        if disk_cache_dir is _DEFAULT:
+            disk_cache_dir = default_disk_cache_dir()
+        disk_cache = IndexDiskCache(disk_cache_dir) if disk_cache_dir is not None else None
+        self.compiler = GuidedCompiler(tokenizer, vocab_size, self.eos_token_id, max_workers=workers,
+                                       disk_cache=disk_cache)
         self.timeout = timeout
         self.pending: list = []  # requests waiting for their index
         self.on_ready = None  # called (from a compile thread) when an index is done: wakes the loop
         self.num_forced_tokens = 0  # appended by jump-forward, without a sampling step
         self._small_sets: dict[int, SmallAllowedSets] = {}  # id(index) -> its states' small allowed sets
+
+    def precompile_json_object(self):
+        """Start compiling the json_object pattern in the background (the engine calls this when it
+        starts), so the first json_object request finds it ready; returns its future, or None without
+        a tokenizer. Never blocks: the vocabulary is built on the compile thread too."""
+        if self.compiler.tokenizer is None:
+            return None
+        return self.compiler.submit(JSON_OBJECT_REGEX)
 
     def park(self, request) -> None:
         request.guided_future = self.compiler.submit(request.params.guided_spec.regex)
