@@ -165,6 +165,9 @@ def test_disk_cache_stays_under_its_size_limit(tokenizer, tmp_path):
         compiler.shutdown()
     assert cache.num_stores == 2
     assert len(list(tmp_path.glob("*.idx"))) <= 1
+    small_files_only = IndexDiskCache(tmp_path / "small", max_file_bytes=10)
+    assert not small_files_only.store("big", compiler.submit('"yes"').result())
+    assert small_files_only.num_stores == 0 and not (tmp_path / "small").exists()
 
 
 def test_json_object_precompile(tokenizer, tmp_path):

@@ -34,6 +34,8 @@ logger = logging.getLogger(__name__)
 
 DISK_CACHE_FORMAT = 1
 DISK_CACHE_MAX_BYTES = 256 * 1024 * 1024
+# Larger indexes are not written (json_object's is ~6 MB; a pathological schema's can pass 200 MB).
+DISK_CACHE_MAX_FILE_BYTES = 32 * 1024 * 1024
 # Indexes that build faster than this are not worth a file (a small schema's index is still megabytes).
 PERSIST_MIN_SECONDS = 0.05
 
@@ -110,13 +112,16 @@ class IndexDiskCache:
     outlines-core's own serialization of the Index (what its pickle support uses; no pickle here, so
     loading a file runs no code). Written to a temporary file and renamed into place, so readers
     never see half a file; a file that fails its checksum or does not deserialize is deleted. The
-    folder is kept under max_bytes by deleting the least recently used files."""
+    folder is kept under max_bytes by deleting the least recently used files; an index whose file
+    would exceed max_file_bytes is not written."""
 
     MAGIC = b"dashinfer-guided-index\n"
 
-    def __init__(self, directory: str | os.PathLike, max_bytes: int = DISK_CACHE_MAX_BYTES):
+    def __init__(self, directory: str | os.PathLike, max_bytes: int = DISK_CACHE_MAX_BYTES,
+                 max_file_bytes: int = DISK_CACHE_MAX_FILE_BYTES):
         self.directory = Path(directory)
         self.max_bytes = max_bytes
+        self.max_file_bytes = max_file_bytes
         self.num_loads = 0
         self.num_stores = 0
         self.num_corrupt = 0
@@ -152,7 +157,7 @@ class IndexDiskCache:
 
     def store(self, key: str, index) -> bool:
         payload = self._serialize(index)
-        if payload is None:
+        if payload is None or len(payload) > self.max_file_bytes:
             return False
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
