@@ -7,6 +7,9 @@ Each CPU fast path has a plain fallback that runs wherever torch runs:
   the primitive and raises mid-request. Fallback: F.linear (ATen's GEMM).
 - int8_gemv: torch._weight_int8pack_mm for per-channel iq-int8 weights at decode sizes, bf16 only.
   Fallback: the dequantizing matmul (quant/linear.py).
+- int8_gemm: torch._int_mm for a8w8 (int8 activations x int8 weights, int32 sums). oneDNN's AVX2 kernel
+  (no VNNI) sums byte pairs in saturating 16-bit lanes and gets full-range inputs wrong (seen here:
+  off by up to 37,725 of a few hundred thousand). Fallback: the same integer product in fp32.
 - compiled_dequant: weight-only quantized matmuls (iq-int4, grouped iq-int8, and iq-int8 where the
   GEMV is off) as a compiled graph that dequantizes inside the matmul's loads.
 - compiled_layers: the decoder layers' non-attention work as torch.compile'd graphs (CPU, bf16/fp16).
@@ -36,7 +39,7 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-FAST_PATHS = ("onednn_linear", "int8_gemv", "compiled_dequant", "compiled_layers", "compiled_attention")
+FAST_PATHS = ("onednn_linear", "int8_gemv", "int8_gemm", "compiled_dequant", "compiled_layers", "compiled_attention")
 # /proc/cpuinfo flags that decide a path (x86) or say what the core has (aarch64 "Features").
 _INTERESTING_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16", "amx_int8",
                       "asimd", "bf16", "i8mm", "sve")
@@ -199,6 +202,21 @@ def int8_gemv_works() -> bool:
     return bool(torch.allclose(got, want, atol=0.05 * float(want.abs().max()) + 1e-3, rtol=0.02))
 
 
+@functools.cache
+def int8_gemm_works() -> bool:
+    """torch._int_mm gives exact int32 sums for full-range int8 inputs (the case that saturates)."""
+    if "int8_gemm" in disabled_paths() or not hasattr(torch, "_int_mm"):
+        return False
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randint(-127, 128, (17, 128), generator=gen, dtype=torch.int8)
+    b = torch.randint(-127, 128, (128, 32), generator=gen, dtype=torch.int8)
+    try:
+        return bool(torch.equal(torch._int_mm(a, b), a.int() @ b.int()))
+    except Exception as exc:
+        log.info("int8 GEMM unavailable: %s", str(exc).splitlines()[0][:120])
+        return False
+
+
 def compile_works() -> tuple[bool, str]:
     """(usable, why). Compiling itself is tried on first use; a failure there falls back for good."""
     if detect().cxx_compiler is None:
@@ -247,6 +265,16 @@ def choose_cpu_paths(dtype: torch.dtype, quantization: str | None, group_size: i
         paths["int8_gemv"] = PathChoice(False, "torch._weight_int8pack_mm fails or is wrong here")
     else:
         paths["int8_gemv"] = PathChoice(True, "torch int8 GEMV for decode-sized batches")
+
+    if quantization != "a8w8":
+        paths["int8_gemm"] = PathChoice(False, "only for a8w8")
+    elif "int8_gemm" in off:
+        paths["int8_gemm"] = PathChoice(False, "disabled by DASHINFER_DISABLE")
+    elif not int8_gemm_works():
+        paths["int8_gemm"] = PathChoice(False, "torch._int_mm is inexact on this CPU (saturating int8 "
+                                               "kernel); the integer product runs in fp32")
+    else:
+        paths["int8_gemm"] = PathChoice(True, "torch._int_mm with int32 sums")
 
     can_compile, why = compile_works()
     for name in ("compiled_dequant", "compiled_layers", "compiled_attention"):

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..capabilities import compile_works, disabled_paths, int8_gemv_works
+from ..capabilities import compile_works, disabled_paths, int8_gemm_works, int8_gemv_works
 from ..errors import InvalidParameterError
 from ..layers import use_triton_ops
 from ..layers.linear import Linear
@@ -130,7 +130,10 @@ def a8w8_linear(x: torch.Tensor, w_int8_t: torch.Tensor, w_scale: torch.Tensor) 
     pad = (17 - rows) if (x.is_cuda and rows <= 16) else 0  # cuBLAS int8 GEMM wants more than 16 rows
     if pad:
         x_int8 = F.pad(x_int8, (0, 0, 0, pad))
-    acc = torch._int_mm(x_int8, w_int8_t)[:rows]
+    if x.is_cuda or int8_gemm_works():
+        acc = torch._int_mm(x_int8, w_int8_t)[:rows]
+    else:  # exact below 2**24 per sum, and within fp32 rounding beyond: far below the quantization error
+        acc = torch.matmul(x_int8.float(), w_int8_t.float())
     y = acc.float() * x_scale * w_scale[None, :]
     return y.to(x.dtype).view(*x.shape[:-1], w_int8_t.shape[1])
 
