@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -97,3 +99,12 @@ def test_compile_cache_is_kept_per_cpu_and_isa(monkeypatch, tmp_path):
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "SSE41" if os.environ.get("ONEDNN_MAX_CPU_ISA") == "AVX2" else "AVX2")
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     assert capabilities.isolate_compile_cache() != folder
+
+
+def test_importing_the_package_isolates_the_compile_cache(tmp_path):
+    # Kernels compiled without the engine (QuantizedLinear in a script) must not load another ISA's code.
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path), ATEN_CPU_CAPABILITY="avx2")
+    out = subprocess.run([sys.executable, "-c", "import os, dashinfer_core; print(os.environ['TORCHINDUCTOR_CACHE_DIR'])"],
+                         env=env, capture_output=True, text=True, check=True).stdout.strip()
+    assert os.path.dirname(out) == str(tmp_path)
+    assert os.path.basename(out).startswith("dashinfer-") and "avx2" in os.path.basename(out)
