@@ -81,7 +81,8 @@ def test_quantized_embedded_model_answers(default_model_dir, options):
     llm = LLM(device="cpu", **{"dtype": "float32", **options})
     outs = llm.chat([[{"role": "user", "content": q}] for q in QUESTIONS],
                     SamplingParams(max_tokens=24, temperature=0.0))
-    assert all(o.error is None and len(o.text.split()) >= 5 for o in outs), [o.text for o in outs]  # fluent
+    # Fluent: words, not garbage. (a8w8 on an AMX machine answers "The answer is 4.": short and right.)
+    assert all(o.error is None and len(o.text.split()) >= 3 for o in outs), [o.text for o in outs]
     if options["quantization"] != "iq-int4":  # int8 keeps the answers; int4 is lossier
         assert "7 days" in outs[1].text and "4" in outs[2].text, [o.text for o in outs]
     stats = llm.engine.stats()
