@@ -106,8 +106,7 @@ def main(argv=None) -> int:
                     del live[request_id]
             elif left is not None:
                 live[request_id] = left - 1
-        if not engine.has_runnable_work():
-            engine.guided.wait(0.5)
+        engine.wait_for_work(0.5)
         for out in engine.step():
             if out.finished:
                 ended[out.request_id] += 1
@@ -123,7 +122,7 @@ def main(argv=None) -> int:
     print(f"ended exactly once: {sum(1 for v in ended.values() if v == 1)}, more than once: {twice}, "
           f"never: {args.requests - rejected - len(ended)}")
     print(f"finish reasons: {dict(reasons)}")
-    print(f"KV blocks leaked: {leaked} of {stats.num_blocks}; ref counts all zero: {not any(engine.block_manager.ref_counts)}")
+    print(f"KV blocks leaked: {leaked} of {stats.num_blocks}; ref counts all zero: {not any(engine.scheduler.block_manager.ref_counts)}")
     print(f"RSS before {rss_before:.0f} MB, after the first 10 % {rss_warm:.0f} MB, at the end {rss_mb():.0f} MB")
     print(f"RSS (MB) as each further 10 % of the requests ended: {rss_by_decile}")
     rss_end = rss_mb()
@@ -137,7 +136,7 @@ def main(argv=None) -> int:
         print(f"RSS after gc + malloc_trim: {rss_mb():.0f} MB")
     except OSError:
         pass
-    engine.guided.shutdown()
+    engine.shutdown()
     return 0 if leaked == 0 and twice == 0 and len(ended) == args.requests - rejected else 1
 
 

@@ -13,7 +13,7 @@ Each CPU fast path has a plain fallback that runs wherever torch runs:
 - compiled_dequant: weight-only quantized matmuls (iq-int4, grouped iq-int8, and iq-int8 where the
   GEMV is off) as a compiled graph that dequantizes inside the matmul's loads.
 - compiled_layers: the decoder layers' non-attention work as torch.compile'd graphs (CPU, bf16/fp16).
-- compiled_attention: the compiled gather-in-the-reduction decode attention (layers/attention.py).
+- compiled_attention: the compiled gather-in-the-reduction decode attention (layers/attention/torch_backend.py).
   The compiled paths need a C++ compiler for inductor; fallback: the same ops run eagerly.
 
 Support is probed by running a tiny op of each kind, so a library that reports support but cannot

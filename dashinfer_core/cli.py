@@ -6,34 +6,12 @@ import asyncio
 import sys
 import time
 
-from .config import EngineConfig
+from .config import DTYPES, QUANTIZATION_MODES
+from .engine_args import add_engine_args, engine_config_from_args
 from .sampling_params import SamplingParams
 
-
-def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("engine")
-    g.add_argument("--model", default=None, help="HF model directory (default: embedded SmolLM2-135M-Instruct)")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    g.add_argument("--block-size", type=int, default=32)
-    g.add_argument("--kv-cache-memory", type=int, default=None, help="KV cache bytes")
-    g.add_argument("--max-num-seqs", type=int, default=64)
-    g.add_argument("--max-num-batched-tokens", type=int, default=None)
-    g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--no-prefix-caching", action="store_true")
-    g.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
-    g.add_argument("--quantization", default=None, choices=["iq-int8", "iq-int4", "a8w8"])
-    g.add_argument("--group-size", type=int, default=None, help="quantization group (input channels)")
-    g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "uint4"])
-
-
-def engine_config(args) -> EngineConfig:
-    return EngineConfig(model=args.model, dtype=args.dtype, device=args.device, block_size=args.block_size,
-                        kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
-                        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-                        enable_prefix_caching=not args.no_prefix_caching, num_threads=args.num_threads,
-                        quantization=args.quantization, group_size=args.group_size,
-                        kv_cache_dtype=args.kv_cache_dtype)
+# generate and chat take a request --seed (sampling); the engine's default seed stays the config's.
+SAMPLING_COMMAND_SKIPS = ("seed",)
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -71,7 +49,7 @@ async def stream_to_stdout(engine, prompt_ids, params) -> str:
 
 def cmd_generate(args) -> int:
     from .llm import LLM
-    llm = LLM(config=engine_config(args))
+    llm = LLM(config=engine_config_from_args(args))
     prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     for out in llm.generate(prompts, sampling_params(args)):
         print(out.text if len(prompts) == 1 else f"[{out.request_id}] {out.text!r} ({out.finish_reason})")
@@ -81,7 +59,7 @@ def cmd_generate(args) -> int:
 def cmd_chat(args) -> int:
     from .engine.async_engine import AsyncEngine
     from .llm import apply_chat_template
-    engine = AsyncEngine(engine_config(args))
+    engine = AsyncEngine(engine_config_from_args(args))
     params = sampling_params(args)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     try:
@@ -105,7 +83,7 @@ def cmd_bench(args) -> int:
     import random
 
     from .llm import LLM
-    llm = LLM(config=engine_config(args))
+    llm = LLM(config=engine_config_from_args(args))
     rng = random.Random(0)
     vocab = llm.engine.vocab_size
     prompts = [[rng.randrange(100, vocab) for _ in range(args.input_len)] for _ in range(args.num_prompts)]
@@ -130,8 +108,8 @@ def cmd_env(args) -> int:
     info = detect().as_dict()
     info["native_bf16"] = native_bf16()
     info["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    dtypes = [args.dtype] if args.dtype else ["float32", "bfloat16", "float16"]
-    quants = [args.quantization] if args.quantization else [None, "iq-int8", "iq-int4"]
+    dtypes = [args.dtype] if args.dtype else [d for d in DTYPES if d != "auto"]
+    quants = [args.quantization] if args.quantization else [None, *QUANTIZATION_MODES]
     dtype_of = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     choices = {f"{d}/{q or 'none'}": {name: str(c) for name, c in choose_cpu_paths(
         dtype_of[d], q, args.group_size, args.enforce_eager).items()} for d in dtypes for q in quants}
@@ -147,18 +125,18 @@ def cmd_env(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dashinfer-core", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("generate", help="complete prompts (arguments, or one per stdin line)")
     p.add_argument("prompt", nargs="*")
-    add_engine_args(p)
+    add_engine_args(p, skip=SAMPLING_COMMAND_SKIPS)
     add_sampling_args(p)
     p.set_defaults(func=cmd_generate)
     p = sub.add_parser("chat", help="chat with the model, streamed")
     p.add_argument("--system", default=None, help="system message")
     p.add_argument("--message", default=None, help="send one message and exit")
-    add_engine_args(p)
+    add_engine_args(p, skip=SAMPLING_COMMAND_SKIPS)
     add_sampling_args(p)
     p.set_defaults(func=cmd_chat)
     p = sub.add_parser("bench", help="offline throughput on random prompts")
@@ -168,13 +146,17 @@ def main(argv=None) -> int:
     add_engine_args(p)
     p.set_defaults(func=cmd_bench)
     p = sub.add_parser("env", help="what this machine offers and which fast paths the engine takes")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--quantization", default=None, choices=["iq-int8", "iq-int4", "a8w8"])
+    p.add_argument("--dtype", default=None, choices=[d for d in DTYPES if d != "auto"])
+    p.add_argument("--quantization", default=None, choices=QUANTIZATION_MODES)
     p.add_argument("--group-size", type=int, default=None)
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_env)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     return args.func(args)
 
 

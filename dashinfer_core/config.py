@@ -1,81 +1,78 @@
 """EngineConfig: every knob of the engine in one validated dataclass; every knob has a default."""
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 from .errors import InvalidParameterError
 
-SUPPORTED_DTYPES = ("auto", "float32", "bfloat16", "float16")
-SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+BLOCK_SIZES = (16, 32, 64, 128)
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
+QUANTIZATION_MODES = ("iq-int8", "iq-int4", "a8w8")
+KV_CACHE_DTYPES = ("auto", "int8", "uint4")
+
+
+def option(default, help: str, choices: tuple | None = None, flag: bool = True):
+    """An EngineConfig field: its default, the help text and choices that the CLI and the FastChat
+    worker turn into flags (engine_args.py). flag=False: not offered on the command line."""
+    return field(default=default, metadata={"help": help, "choices": choices, "flag": flag})
 
 
 @dataclass
 class EngineConfig:
-    # Model: an HF directory (config.json + safetensors + tokenizer), or None / "default" for the
-    # embedded SmolLM2-135M-Instruct.
-    model: str | None = None
-    # Tokenizer directory; None = the model directory.
-    tokenizer: str | None = None
-    # "auto" = float32 on the CPU, bfloat16 on CUDA.
-    dtype: str = "auto"
-    # "auto" = CUDA when available, else the CPU. "cuda:1" picks a GPU.
-    device: str = "auto"
-    # Tokens per KV block (DashInfer's span).
-    block_size: int = 32
-    # KV cache budget in bytes; None = a fraction of free GPU memory on CUDA, 1 GiB on the CPU.
-    kv_cache_memory: int | None = None
-    # Fraction of the GPU's free memory (after weights) that the KV cache may take when
-    # kv_cache_memory is None.
-    gpu_memory_utilization: float = 0.85
-    # Sequences in one step at most.
-    max_num_seqs: int = 64
-    # Tokens in one step at most (decode tokens + prefill chunks); None = 512 on the CPU, 2048 on CUDA.
-    max_num_batched_tokens: int | None = None
-    # Context length limit; None = the model's max_position_embeddings.
-    max_model_len: int | None = None
-    # Split long prompts across steps so running sequences keep decoding.
-    enable_chunked_prefill: bool = True
-    # Reuse the KV of full blocks whose tokens (and parents) match an earlier request.
-    enable_prefix_caching: bool = True
-    # Prefix cache CPU tier (DashInfer's CPU swap): bytes of host memory that keep blocks evicted from
-    # the device, copied back on a later hit instead of recomputed; 0 = off.
-    cpu_cache_memory: int = 0
-    # Cached blocks unused for this many seconds no longer hit; None = never expire.
-    prefix_cache_ttl: float | None = 300.0
-    # Attention kernels: "torch" (CPU path and reference), "triton" (CUDA), "auto" picks by device.
-    attention_backend: str = "auto"
-    # Seeds the random seeds of requests that set none.
-    seed: int = 0
-    # Largest top-logprobs count a request may ask for (OpenAI allows 20).
-    max_logprobs: int = 20
-    # True = no CUDA graphs for decode batches (CUDA), no torch.compile'd decoder layers (CPU, bf16/fp16).
-    enforce_eager: bool = False
-    # torch intra-op threads on the CPU; None = leave torch's setting.
-    num_threads: int | None = None
-    # Guided decoding: a request whose pattern is not compiled within this many seconds fails alone.
-    guided_compile_timeout: float = 10.0
-    # Threads compiling guided patterns (a compile that overruns keeps its thread until it ends).
-    guided_compile_workers: int = 2
-    # Weight quantization at load (InstantQuant): None, "iq-int8", "iq-int4" (weight-only, asymmetric),
-    # or "a8w8" (int8 weights and per-token int8 activations). GPTQ checkpoints load as they are.
-    quantization: str | None = None
-    # Input channels per quantization group; None = one group per output channel.
-    group_size: int | None = None
-    # KV cache storage: "auto" (the model dtype), "int8" or "uint4" (per token and head, asymmetric).
-    kv_cache_dtype: str = "auto"
-    # Run without a tokenizer: prompts must be token ids, outputs carry token ids and no text.
-    skip_tokenizer_init: bool = False
-    # CPU: pad each step's token count to one of a few sizes, so the GEMM and compile caches and the
-    # heap see a bounded set of shapes and memory levels off (engine/runner.py, padded_count).
-    bucket_batch_shapes: bool = True
+    model: str | None = option(None, "HF model directory (config.json + safetensors + tokenizer), or None / "
+                               "'default' for the embedded SmolLM2-135M-Instruct")
+    tokenizer: str | None = option(None, "tokenizer directory; default: the model directory")
+    dtype: str = option("auto", "'auto' = float32 on the CPU, bfloat16 on CUDA", DTYPES)
+    device: str = option("auto", "'auto' = CUDA when available, else the CPU; 'cuda:1' picks a GPU")
+    block_size: int = option(32, "tokens per KV block (DashInfer's span)", BLOCK_SIZES)
+    kv_cache_memory: int | None = option(None, "KV cache budget in bytes; default: a fraction of free GPU memory "
+                                         "on CUDA, 4 GiB on the CPU")
+    gpu_memory_utilization: float = option(0.85, "fraction of the GPU's free memory (after weights) the KV cache "
+                                           "may take when kv_cache_memory is unset")
+    max_num_seqs: int = option(64, "sequences in one step at most")
+    max_num_batched_tokens: int | None = option(None, "tokens in one step at most (decode tokens + prefill "
+                                                "chunks); default: 512 on the CPU, 2048 on CUDA")
+    max_model_len: int | None = option(None, "context length limit; default: the model's max_position_embeddings")
+    enable_chunked_prefill: bool = option(True, "split long prompts across steps so running sequences keep decoding")
+    enable_prefix_caching: bool = option(True, "reuse the KV of full blocks whose tokens (and parents) match an "
+                                         "earlier request")
+    cpu_cache_memory: int = option(0, "prefix cache CPU tier (DashInfer's CPU swap): bytes of host memory keeping "
+                                   "blocks evicted from the device, copied back on a later hit; 0 = off")
+    prefix_cache_ttl: float | None = option(300.0, "cached blocks unused for this many seconds no longer hit; "
+                                            "unset = never expire")
+    attention_backend: str = option("auto", "attention kernels: 'torch' (CPU path and reference), 'triton' "
+                                    "(CUDA), 'auto' picks by device", ATTENTION_BACKENDS)
+    seed: int = option(0, "seeds the random seeds of requests that set none")
+    max_logprobs: int = option(20, "largest top-logprobs count a request may ask for (OpenAI allows 20)")
+    enforce_eager: bool = option(False, "no CUDA graphs for decode batches (CUDA), no torch.compile'd decoder "
+                                 "layers (CPU, bf16/fp16)")
+    num_threads: int | None = option(None, "torch intra-op threads on the CPU; default: leave torch's setting")
+    guided_compile_timeout: float = option(10.0, "guided decoding: a request whose pattern is not compiled "
+                                           "within this many seconds fails alone")
+    guided_compile_workers: int = option(2, "threads compiling guided patterns (a compile that overruns keeps "
+                                         "its thread until it ends)")
+    quantization: str | None = option(None, "weight quantization at load (InstantQuant): iq-int8, iq-int4 "
+                                      "(weight-only, asymmetric) or a8w8 (int8 weights and per-token int8 "
+                                      "activations); GPTQ checkpoints load as they are", QUANTIZATION_MODES)
+    group_size: int | None = option(None, "input channels per quantization group (a multiple of 16); default: "
+                                    "one group per output channel")
+    kv_cache_dtype: str = option("auto", "KV cache storage: 'auto' (the model dtype), 'int8' or 'uint4' (per "
+                                 "token and head, asymmetric)", KV_CACHE_DTYPES)
+    skip_tokenizer_init: bool = option(False, "run without a tokenizer: prompts must be token ids, outputs carry "
+                                       "token ids and no text")
+    bucket_batch_shapes: bool = option(True, "CPU: pad each step's token count to one of a few sizes, so the GEMM "
+                                       "and compile caches and the heap see a bounded set of shapes and memory "
+                                       "levels off (engine/runner.py, padded_count)")
 
     def __post_init__(self):
         if self.model == "default":
             self.model = None
-        _check(self.dtype in SUPPORTED_DTYPES, "dtype", f"must be one of {SUPPORTED_DTYPES}, got {self.dtype!r}")
-        _check(self.block_size in SUPPORTED_BLOCK_SIZES, "block_size",
-               f"must be one of {SUPPORTED_BLOCK_SIZES}, got {self.block_size!r}")
+        for f in fields(self):  # the listed choices, in one place (option(..., choices))
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices is not None and value not in choices and not (value is None and f.default is None):
+                raise InvalidParameterError(f.name, f"must be one of {choices}, got {value!r}")
         _check(self.kv_cache_memory is None or self.kv_cache_memory > 0, "kv_cache_memory",
                f"must be > 0 bytes, got {self.kv_cache_memory!r}")
         _check(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization",
@@ -86,20 +83,14 @@ class EngineConfig:
                "max_num_batched_tokens", f"must be >= 1, got {self.max_num_batched_tokens!r}")
         _check(self.max_model_len is None or self.max_model_len >= 2, "max_model_len",
                f"must be >= 2, got {self.max_model_len!r}")
-        _check(self.attention_backend in ATTENTION_BACKENDS, "attention_backend",
-               f"must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
         _check(0 <= self.max_logprobs <= 100, "max_logprobs", f"must be in [0, 100], got {self.max_logprobs!r}")
         _check(self.guided_compile_timeout > 0, "guided_compile_timeout",
                f"must be > 0 seconds, got {self.guided_compile_timeout!r}")
         _check(self.guided_compile_workers >= 1, "guided_compile_workers",
                f"must be >= 1, got {self.guided_compile_workers!r}")
-        _check(self.quantization in (None, "iq-int8", "iq-int4", "a8w8"), "quantization",
-               f"must be None, 'iq-int8', 'iq-int4' or 'a8w8', got {self.quantization!r}")
         _check(self.group_size is None or (isinstance(self.group_size, int) and self.group_size >= 16
                                            and self.group_size % 16 == 0), "group_size",
                f"must be None or a multiple of 16, got {self.group_size!r}")
-        _check(self.kv_cache_dtype in ("auto", "int8", "uint4"), "kv_cache_dtype",
-               f"must be 'auto', 'int8' or 'uint4', got {self.kv_cache_dtype!r}")
         _check(self.num_threads is None or self.num_threads >= 1, "num_threads",
                f"must be >= 1, got {self.num_threads!r}")
 

@@ -16,7 +16,7 @@ def main() -> int:
     engine = AsyncEngine(max_num_seqs=16)
     print(f"Loaded {engine.engine.runner.model_dir.name} on {engine.engine.runner.device} "
           f"({engine.engine.runner.dtype}) in {time.perf_counter() - start:.1f} s; "
-          f"KV cache: {engine.engine.block_manager.num_blocks} blocks of {engine.engine.config.block_size} tokens\n")
+          f"KV cache: {engine.engine.stats().num_blocks} blocks of {engine.engine.config.block_size} tokens\n")
     question = "Explain in three sentences why the sky is blue."
     print(f"you> {question}\nassistant> ", end="")
     prompt = apply_chat_template(engine.tokenizer, [{"role": "user", "content": question}])

@@ -30,33 +30,8 @@ class LLM:
 
     def score(self, token_ids: list[int], chunk_tokens: int = 512) -> list[float]:
         """Log-probability of each token after the first given the ones before it (teacher forcing),
-        computed chunk by chunk through the paged KV cache (quantized, if configured). For
-        perplexity: exp(-mean(score(ids)))."""
-        import torch
-
-        from .cache.block_manager import BlockOps
-        from .engine.scheduler import ScheduledBatch
-        from .engine.sequence import Sequence
-        engine = self.engine
-        if self.engine.has_unfinished_requests():
-            raise RuntimeError("score() needs an idle engine")
-        request = engine.build_request(f"score-{next(self._ids)}", token_ids[:1], SamplingParams(max_tokens=1))
-        seq = Sequence(request=request, index=0, token_ids=list(token_ids), num_prompt_tokens=len(token_ids))
-        scores: list[float] = []
-        try:
-            for start in range(0, len(token_ids) - 1, chunk_tokens):
-                n = min(chunk_tokens, len(token_ids) - 1 - start)
-                ops = BlockOps()
-                if not engine.block_manager.allocate(seq, start + n, ops):
-                    raise RuntimeError("score(): the KV cache cannot hold this text")
-                logprobs = engine.runner.all_logprobs(ScheduledBatch(seqs=[seq], num_new_tokens=[n], num_decodes=0,
-                                                                     ops=ops))
-                targets = torch.tensor(token_ids[start + 1:start + n + 1], device=logprobs.device)
-                scores += logprobs.gather(1, targets[:, None]).squeeze(1).tolist()
-                seq.num_computed_tokens += n
-        finally:
-            engine.block_manager.free(seq)
-        return scores
+        through the paged KV cache (quantized, if configured). For perplexity: exp(-mean(score(ids)))."""
+        return self.engine.score(token_ids, chunk_tokens)
 
     def generate(self, prompts: str | list[str] | list[list[int]],
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
@@ -92,8 +67,7 @@ class LLM:
             progress = tqdm(total=len(requests), desc="Generating", unit="req")
         try:
             while len(final) < len(wanted):
-                if not self.engine.has_runnable_work():  # only guided compiles pending: wait for one
-                    self.engine.guided.wait(self.engine.guided.seconds_to_next_deadline())
+                self.engine.wait_for_work()  # returns at once unless only guided compiles are pending
                 for out in self.engine.step():
                     if out.finished and out.request_id in wanted:
                         final[out.request_id] = out

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .kv_tiles import load_kv_tile
+from .kv_tiles import online_softmax_block
 
 
 @triton.jit
@@ -54,28 +54,10 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_p
     acc = tl.zeros([GROUP_PAD, BLOCK_D], dtype=tl.float32)
     for j in range(first_block, last_block):
         block = tl.load(block_tables_ptr + b * stride_bt + j).to(tl.int64)
-        k = load_kv_tile(k_cache_ptr, k_scale_ptr, k_zero_ptr, block, kv_head, NUM_KV_HEADS, BLOCK_SIZE, HEAD_DIM,
-                         BLOCK_D, KV_BITS, KV_GROUPS)
-        v = load_kv_tile(v_cache_ptr, v_scale_ptr, v_zero_ptr, block, kv_head, NUM_KV_HEADS, BLOCK_SIZE, HEAD_DIM,
-                         BLOCK_D, KV_BITS, KV_GROUPS)
-        if KV_BITS != 0:  # dequantized in float32: back to the query's dtype for the dot
-            k = k.to(q_ptr.dtype.element_ty)
-            v = v.to(q_ptr.dtype.element_ty)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = s * scale
-        s = tl.where((j * BLOCK_SIZE + n < seq_len)[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l = l * alpha + tl.sum(p, axis=1)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m = m_new
+        m, l, acc = online_softmax_block(q, m, l, acc, q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
+                                         k_zero_ptr, v_zero_ptr, block, kv_head,
+                                         (j * BLOCK_SIZE + n < seq_len)[None, :], scale, NUM_KV_HEADS,
+                                         BLOCK_SIZE, HEAD_DIM, BLOCK_D, KV_BITS, KV_GROUPS, IEEE)
 
     has_work = last_block > first_block
     safe_l = tl.where(l > 0, l, 1.0)

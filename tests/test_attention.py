@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import dashinfer_core.layers.attention as attention
 from dashinfer_core.cache.kv_cache import KVLayer
-from dashinfer_core.layers.attention import AttentionMetadata, TorchAttention
+from dashinfer_core.layers.attention import AttentionMetadata, TorchAttention, torch_backend
 
 HKV, GROUP, D, BS = 2, 3, 16, 4
 
@@ -23,10 +22,9 @@ def decode_case(lens: list[int], dtype: torch.dtype, seed: int = 0):
     q = torch.randn(len(lens), HKV * GROUP, D, generator=g).to(dtype)
     k = torch.randn(len(lens), HKV, D, generator=g).to(dtype)
     v = torch.randn(len(lens), HKV, D, generator=g).to(dtype)
-    meta = AttentionMetadata(slot_mapping=slots, query_start_loc=torch.arange(len(lens) + 1, dtype=torch.int32),
-                             seq_lens=torch.tensor(lens, dtype=torch.int32), block_tables=tables.int(),
-                             num_seqs=len(lens), num_decodes=len(lens), max_seq_len=max(lens), max_query_len=1,
-                             query_start_loc_host=list(range(len(lens) + 1)), seq_lens_host=list(lens))
+    meta = AttentionMetadata.build(slots, torch.arange(len(lens) + 1, dtype=torch.int32),
+                                   torch.tensor(lens, dtype=torch.int32), tables.int(), num_decodes=len(lens),
+                                   query_start_loc_host=list(range(len(lens) + 1)), seq_lens_host=list(lens))
     return KVLayer(data=data, head_dim=D), meta, q, k, v
 
 
@@ -54,7 +52,7 @@ def test_compiled_decode_attention_matches_a_loop_reference(dtype, tol):
     cache, meta, q, k, v = decode_case(lens, dtype)
     scale = D ** -0.5
     fused, fused_cache = run(TorchAttention(fused=True), cache, meta, q, k, v, scale)
-    assert attention._compiled_decode is not None, "the compiled path fell back to eager"
+    assert torch_backend.compiled_decode.active, "the compiled path fell back to eager"
     plain, _ = run(TorchAttention(fused=False), cache, meta, q, k, v, scale)
     want = loop_reference(fused_cache, meta, q, scale)
     assert torch.allclose(fused.double(), want, atol=tol, rtol=tol)

@@ -126,7 +126,7 @@ def test_n_completions_share_the_prompt_blocks(llm):
             tables = [s.block_table for s in request.sequences]
             first_block = tables[0][0]
             shared_seen |= all(t[0] == first_block for t in tables)
-            assert engine.block_manager.ref_counts[first_block] >= 2
+            assert engine.scheduler.block_manager.ref_counts[first_block] >= 2
     assert shared_seen
     assert_all_blocks_free(engine)
     out = llm.generate(prompt, params)[0]

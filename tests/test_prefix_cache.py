@@ -22,7 +22,7 @@ def make_llm(model_dir, prefix=True, blocks=200, cpu_blocks=0, **kw):
 def assert_no_leak(llm):
     stats = llm.engine.stats()
     assert stats.num_free_blocks == stats.num_blocks and stats.num_requests == 0
-    bm = llm.engine.block_manager
+    bm = llm.engine.scheduler.block_manager
     assert not any(bm.ref_counts)
     assert len(bm.free_blocks) + len(bm.evictable) == bm.num_blocks
 
@@ -88,7 +88,7 @@ def test_cpu_tier_round_trip_is_byte_identical(tiny_models, reference):
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     prompt = workload()[0]  # 40..70 tokens: at least 2 full blocks
     llm.generate(prompt, params)
-    bm = engine.block_manager
+    bm = engine.scheduler.block_manager
     first_blocks = [bm.cache.entries[k].device_block for k in list(bm.cache.entries)[:2]]
     saved = engine.runner.kv_cache.storage[:, :, first_blocks].clone()
     llm.generate(mixed_prompts(6, min_len=60, max_len=90, seed=7), params)  # push it out to the CPU
@@ -107,7 +107,7 @@ def test_cpu_tier_round_trip_is_byte_identical(tiny_models, reference):
 def test_ttl_expiry(tiny_models):
     llm = make_llm(tiny_models["llama"], prefix_cache_ttl=300.0)
     now = [1000.0]
-    llm.engine.block_manager.cache.clock = lambda: now[0]
+    llm.engine.scheduler.block_manager.cache.clock = lambda: now[0]
     params = SamplingParams(max_tokens=2, temperature=0.0)
     prompt = workload()[0]
     llm.generate(prompt, params)
@@ -115,7 +115,7 @@ def test_ttl_expiry(tiny_models):
     assert llm.generate(prompt, params)[0].num_cached_tokens > 0
     now[0] += 301
     assert llm.generate(prompt, params)[0].num_cached_tokens == 0
-    assert llm.engine.block_manager.stats.expired > 0
+    assert llm.engine.scheduler.block_manager.stats.expired > 0
     assert_no_leak(llm)
 
 

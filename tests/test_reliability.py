@@ -58,8 +58,7 @@ def test_random_load_keeps_every_invariant(tiny_models, workload):
                 out = engine.abort_request(r["id"])
                 assert r["id"] not in finished
                 finished[r["id"]] = out
-        if not engine.has_runnable_work():
-            engine.guided.wait(1.0)
+        engine.wait_for_work(1.0)
         for out in engine.step():
             if out.finished:
                 assert out.request_id not in finished, "a request ended twice"
@@ -69,7 +68,7 @@ def test_random_load_keeps_every_invariant(tiny_models, workload):
     # Every request ended exactly once, with a valid reason, and every block is free again.
     assert set(finished) == {r["id"] for r in workload["requests"]}
     stats = engine.stats()
-    assert stats.num_free_blocks == stats.num_blocks and not any(engine.block_manager.ref_counts)
+    assert stats.num_free_blocks == stats.num_blocks and not any(engine.scheduler.block_manager.ref_counts)
     for r in workload["requests"]:
         out = finished[r["id"]]
         assert out.error is None or out.finish_reason == "error"
@@ -80,7 +79,7 @@ def test_random_load_keeps_every_invariant(tiny_models, workload):
         if r["abort_at"] is None and r["params"]["temperature"] == 0.0 and not r["guided"]:
             alone = run_alone(model_dir, r["prompt"], r["params"])
             assert all(c.token_ids == alone for c in out.outputs), (r, out)
-    engine.guided.shutdown()
+    engine.shutdown()
 
 
 def test_nan_logits_fail_only_their_request(tiny_models, monkeypatch):

@@ -17,8 +17,8 @@ def make_seq(num_tokens: int, priority: int = 0) -> Sequence:
 
 def run_step(scheduler: Scheduler, sample_token: int = 7):
     batch = scheduler.schedule()
-    for seq, n in zip(batch.seqs, batch.num_new_tokens):
-        seq.num_computed_tokens += n
+    scheduler.finish_step(batch)
+    for seq in batch.seqs:
         if seq.num_computed_tokens == seq.num_tokens:
             seq.token_ids.append(sample_token)
     return batch

@@ -75,7 +75,8 @@ class BlockManager:
 
     def admit(self, seq: Sequence, hits: list[CacheEntry], num_tokens: int, ops: BlockOps) -> bool:
         """Give a sequence without blocks its cached prefix `hits` plus slots up to `num_tokens`;
-        False (and no change) if there is not enough room."""
+        False (and no change) if there is not enough room. The caller (the scheduler) then counts
+        the hits' tokens as computed."""
         assert not seq.block_table
         on_device = [e for e in hits if e.device_block is not None]
         needed = -(-num_tokens // self.block_size) - len(on_device)
@@ -96,15 +97,16 @@ class BlockManager:
             seq.block_uids.append(entry.uid)
             self.cache.touch(entry)
         cached = len(hits) * self.block_size
-        seq.num_computed_tokens = cached
         if seq.num_preemptions == 0:  # count the prompt's hits once, not on recompute
             seq.num_cached_tokens = cached
             seq.num_cpu_cached_tokens = (len(hits) - len(on_device)) * self.block_size
             self.stats.queried_tokens += seq.num_prompt_tokens
             self.stats.device_hit_tokens += len(on_device) * self.block_size
             self.stats.cpu_hit_tokens += seq.num_cpu_cached_tokens
-        ok = self.allocate(seq, num_tokens, ops)
-        assert ok, "admission capacity was checked"
+        # The cached blocks are full and never written (the last token is always computed), so the
+        # rest are new blocks.
+        while len(seq.block_table) * self.block_size < num_tokens:
+            seq.block_table.append(self._take(ops))
         return True
 
     def register_computed(self, seq: Sequence) -> None:

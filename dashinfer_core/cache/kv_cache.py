@@ -1,5 +1,5 @@
 """The paged KV cache tensors: per layer, K and V of shape [num_blocks, num_kv_heads, block_size,
-head_dim] (head-major blocks; see layers/attention.py), all views of one allocation so that block
+head_dim] (head-major blocks; see layers/attention/), all views of one allocation so that block
 copies touch every layer in one op."""
 from __future__ import annotations
 

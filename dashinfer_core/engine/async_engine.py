@@ -51,7 +51,7 @@ class AsyncEngine:
         self._streams: dict[str, _Stream] = {}
         self._dead: BaseException | None = None
         self._stopping = False
-        self.engine.guided.on_ready = self._wake
+        self.engine.set_work_callback(self._wake)
         self._thread = threading.Thread(target=self._loop, name="dashinfer-step-loop", daemon=True)
         self._thread.start()
 
@@ -116,7 +116,7 @@ class AsyncEngine:
             self._stopping = True
             self._cond.notify()
         self._thread.join(timeout)
-        self.engine.guided.shutdown()
+        self.engine.shutdown()
 
     # ---- the loop thread -----------------------------------------------------------------------
     def _loop(self) -> None:
@@ -127,7 +127,7 @@ class AsyncEngine:
                     # compile wake the loop when it ends (or at their deadline).
                     while not (self._stopping or self._pending_adds or self._pending_aborts
                                or self.engine.has_runnable_work()):
-                        self._cond.wait(self.engine.guided.seconds_to_next_deadline())
+                        self._cond.wait(self.engine.seconds_to_next_deadline())
                     if self._stopping:
                         break
                     adds, self._pending_adds = self._pending_adds, []

@@ -11,7 +11,7 @@ import logging
 
 import torch
 
-from ..layers.attention import AttentionMetadata
+from ..layers.context import ForwardContext, forward_context
 
 logger = logging.getLogger(__name__)
 
@@ -39,13 +39,12 @@ class DecodeGraphs:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
     def _forward(self, batch_size: int) -> torch.Tensor:
-        meta = AttentionMetadata(
-            slot_mapping=self.slot_mapping[:batch_size], query_start_loc=self.query_start_loc[:batch_size + 1],
-            seq_lens=self.seq_lens[:batch_size], block_tables=self.block_tables[:batch_size],
-            num_seqs=batch_size, num_decodes=batch_size, max_seq_len=0, max_query_len=1)
-        self.backend.prepare(meta, self.kv_layers[0])
-        return self.model(self.input_ids[:batch_size], self.positions[:batch_size], self.kv_layers, meta,
-                          self.backend)
+        ctx = forward_context(
+            positions=self.positions[:batch_size], slot_mapping=self.slot_mapping[:batch_size],
+            query_start_loc=self.query_start_loc[:batch_size + 1], seq_lens=self.seq_lens[:batch_size],
+            block_tables=self.block_tables[:batch_size], num_decodes=batch_size, backend=self.backend,
+            kv_layers=self.kv_layers, rotary=self.model.rotary)
+        return self.model(self.input_ids[:batch_size], ctx)
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -67,15 +66,17 @@ class DecodeGraphs:
     def can_run(self, num_decodes: int, num_seqs: int, num_tokens: int) -> bool:
         return num_decodes == num_seqs == num_tokens and 0 < num_seqs <= self.capture_sizes[-1]
 
-    def run(self, input_ids, positions, slot_mapping, seq_lens, block_tables) -> torch.Tensor:
-        """Inputs are the step's device tensors (B rows); returns hidden states [B, hidden]."""
+    def run(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """A decode-only step (B rows, its context built by the runner) replayed from the smallest
+        captured size >= B; returns hidden states [B, hidden]."""
         batch = input_ids.shape[0]
         size = next(s for s in self.capture_sizes if s >= batch)
+        meta = ctx.attn_meta
         self.input_ids[:batch].copy_(input_ids)
-        self.positions[:batch].copy_(positions)
-        self.slot_mapping[:batch].copy_(slot_mapping)
-        self.seq_lens[:batch].copy_(seq_lens)
-        self.block_tables[:batch, :block_tables.shape[1]].copy_(block_tables)
+        self.positions[:batch].copy_(ctx.positions)
+        self.slot_mapping[:batch].copy_(meta.slot_mapping)
+        self.seq_lens[:batch].copy_(meta.seq_lens)
+        self.block_tables[:batch, :meta.block_tables.shape[1]].copy_(meta.block_tables)
         if size > batch:  # padding rows: store nothing, attend to nothing
             self.slot_mapping[batch:size].fill_(-1)
             self.seq_lens[batch:size].zero_()

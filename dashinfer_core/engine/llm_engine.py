@@ -55,11 +55,12 @@ class LLMEngine:
         self.vocab_size = self.runner.vocab_size
         self.eos_token_ids = self.runner.model_cfg.eos_token_ids or tuple(
             t for t in (getattr(self.tokenizer, "eos_token_id", None),) if t is not None)
-        self.block_manager = BlockManager(
+        block_manager = BlockManager(
             self.runner.kv_cache.num_blocks, self.config.block_size, self.config.enable_prefix_caching,
             num_cpu_blocks=self.runner.kv_cache.cpu_storage.shape[2], ttl=self.config.prefix_cache_ttl)
         budget = self.config.max_num_batched_tokens or (2048 if self.runner.device.type == "cuda" else 512)
-        self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, budget,
+        # The scheduler owns the block manager: every allocation and free goes through it.
+        self.scheduler = Scheduler(block_manager, self.config.max_num_seqs, budget,
                                    self.config.enable_chunked_prefill)
         # HF tokenizers may reconfigure themselves inside encode(); the AsyncEngine encodes in the
         # caller's thread while the loop thread decodes, so both go through this lock.
@@ -142,18 +143,23 @@ class LLMEngine:
         return request
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
-        request = self.requests.pop(request_id, None)
-        if request is None:
-            return None
+        request = self.requests.get(request_id)
+        return None if request is None else self._end_request(request, "abort")
+
+    def _end_request(self, request: Request, reason: str, error: str | None = None,
+                     error_is_client: bool = False) -> RequestOutput:
+        """End a request before it finished by itself (abort, or an error): every completion, forked
+        or not yet, ends with `reason`, its blocks go back, and its last output is returned."""
         self.guided.remove(request)
+        if error is not None:
+            request.error, request.error_is_client = error, error_is_client
+        while request.needs_fork:
+            self._new_child(request)
         for seq in request.sequences:
-            self.scheduler.remove(seq)
             if not seq.is_finished:
-                self.output_processor.finish(seq, "abort")
-        request.forked = True  # never fork completions of an aborted request
-        while len(request.sequences) < request.params.n:  # unforked completions end as aborted too
-            child = self._new_child(request)
-            self.output_processor.finish(child, "abort")
+                self.output_processor.finish(seq, reason)
+            self.scheduler.remove(seq)
+        self.requests.pop(request.request_id, None)
         return self.output_processor.make_output(request)
 
     def has_unfinished_requests(self) -> bool:
@@ -162,6 +168,26 @@ class LLMEngine:
     def has_runnable_work(self) -> bool:
         """False when every unfinished request is only waiting for its guided pattern to compile."""
         return self.scheduler.has_unfinished() or self.guided.has_news()
+
+    def wait_for_work(self, timeout: float | None = None) -> bool:
+        """Block while every unfinished request only waits for its guided pattern to compile: until
+        a compile ends, the nearest compile deadline, or `timeout`. True if a step has work now."""
+        if not self.has_runnable_work():
+            waits = [t for t in (self.seconds_to_next_deadline(), timeout) if t is not None]
+            self.guided.wait(min(waits) if waits else None)
+        return self.has_runnable_work()
+
+    def seconds_to_next_deadline(self) -> float | None:
+        """When a parked guided request times out (a step must run then to end it); None: none parked."""
+        return self.guided.seconds_to_next_deadline()
+
+    def set_work_callback(self, callback) -> None:
+        """callback() is called from a compile thread when a parked request can run (AsyncEngine wakes
+        its loop with it)."""
+        self.guided.on_ready = callback
+
+    def shutdown(self) -> None:
+        self.guided.shutdown()
 
     def get_request_status(self, request_id: str) -> str | None:
         request = self.requests.get(request_id)
@@ -173,10 +199,33 @@ class LLMEngine:
 
     def reset_prefix_cache(self) -> int:
         """Drop every cached prefix not in use (benchmarks, or after a model-affecting change)."""
-        return self.block_manager.reset_prefix_cache()
+        return self.scheduler.reset_prefix_cache()
+
+    def score(self, token_ids: list[int], chunk_tokens: int = 512) -> list[float]:
+        """Log-probability of each token after the first given the ones before it (teacher forcing),
+        computed chunk by chunk through the paged KV cache (quantized, if configured). Needs an idle
+        engine; the scored text stays out of the prefix cache."""
+        if self.has_unfinished_requests():
+            raise RuntimeError("score() needs an idle engine")
+        if chunk_tokens < 1:
+            raise InvalidParameterError("chunk_tokens", f"must be >= 1, got {chunk_tokens!r}")
+        request = self.build_request("score", token_ids[:1], SamplingParams(max_tokens=1))
+        seq = Sequence(request=request, index=0, token_ids=list(token_ids), num_prompt_tokens=len(token_ids))
+        scores: list[float] = []
+        try:
+            for start in range(0, len(token_ids) - 1, chunk_tokens):
+                num_new = min(chunk_tokens, len(token_ids) - 1 - start)
+                batch = self.scheduler.schedule_one(seq, num_new)
+                if batch is None:
+                    raise RuntimeError("score(): the KV cache cannot hold this text")
+                scores += self.runner.score(batch, token_ids[start + 1:start + num_new + 1])
+                self.scheduler.finish_step(batch, cache_prefixes=False)
+        finally:
+            self.scheduler.remove(seq)
+        return scores
 
     def stats(self) -> EngineStats:
-        bm = self.block_manager
+        bm = self.scheduler.block_manager
         pc = bm.stats
         return EngineStats(
             num_blocks=bm.num_blocks, num_free_blocks=bm.num_free_blocks,
@@ -201,38 +250,38 @@ class LLMEngine:
             if seq.num_computed_tokens + n < seq.num_tokens:
                 continue  # a prefill chunk that does not reach the end yet
             rows.append(SampleRow(seq, i))
-            request = seq.request
-            if request.params.n > 1 and not request.forked:
+            if seq.request.needs_fork:
                 rows.extend(SampleRow(child, i) for child in self._fork(seq, n))
         try:
-            result = self.runner.execute(batch, rows)
+            sampled = self.runner.execute(batch, rows)
             self._consecutive_failures = 0
         except Exception as exc:
             return outputs + self._fail_batch(batch, exc)
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            seq.num_computed_tokens += n
-            self.block_manager.register_computed(seq)
+        self.scheduler.finish_step(batch)
         touched: dict[str, Request] = {}
+        failed: dict[str, str] = {}
         now = time.monotonic()
         for k, row in enumerate(rows):
             seq, request = row.seq, row.seq.request
             touched[request.request_id] = request
+            if request.request_id in failed:
+                continue
             if request.first_token_time is None:
                 request.first_token_time = now
             try:
-                token = result.token_ids[k]
+                token = sampled.token_ids[k]
                 if token < 0:
                     raise FloatingPointError("the model produced non-finite logits (NaN or inf) for this request")
-                self.output_processor.append_token(seq, token, _logprobs_of(result, k, seq))
+                self.output_processor.append_token(seq, token, sampled.logprobs_of_row(k, seq.params.logprobs))
                 if seq.guided is not None:
                     self.guided.after_token(seq, token, self.output_processor)
             except Exception as exc:  # one request's failure must not stop the others
                 logger.exception("request %s failed while processing its output", request.request_id)
-                request.error = f"{type(exc).__name__}: {exc}"
-                for s in request.sequences:
-                    if not s.is_finished:
-                        self.output_processor.finish(s, "error")
+                failed[request.request_id] = f"{type(exc).__name__}: {exc}"
         for request in touched.values():
+            if request.request_id in failed:
+                outputs.append(self._end_request(request, "error", failed[request.request_id]))
+                continue
             for seq in request.sequences:
                 if seq.is_finished:
                     self.scheduler.remove(seq)
@@ -248,17 +297,8 @@ class LLMEngine:
         logger.exception("step failed; ending the %d requests of its batch", len(batch.seqs))
         if self._consecutive_failures >= 3:
             raise exc
-        outputs = []
-        for request in {seq.request.request_id: seq.request for seq in batch.seqs}.values():
-            request.error = f"{type(exc).__name__}: {exc}"
-            request.forked = True
-            for seq in request.sequences:
-                if not seq.is_finished:
-                    self.output_processor.finish(seq, "error")
-                self.scheduler.remove(seq)
-            outputs.append(self.output_processor.make_output(request))
-            self.requests.pop(request.request_id, None)
-        return outputs
+        requests = {seq.request.request_id: seq.request for seq in batch.seqs}.values()
+        return [self._end_request(request, "error", f"{type(exc).__name__}: {exc}") for request in requests]
 
     def _admit_guided(self) -> list[RequestOutput]:
         """Queue guided requests whose pattern is ready; end those whose compile failed."""
@@ -268,29 +308,17 @@ class LLMEngine:
         for request in ready:
             self.guided.attach(request.sequences[0])
             self.scheduler.add(request.sequences[0])
-        outputs = []
-        for request, message in failed:
-            request.error = message
-            request.error_is_client = True
-            request.forked = True
-            for seq in request.sequences:
-                self.output_processor.finish(seq, "error")
-            outputs.append(self.output_processor.make_output(request))
-            self.requests.pop(request.request_id, None)
-        return outputs
+        return [self._end_request(request, "error", message, error_is_client=True) for request, message in failed]
 
     def _fork(self, parent: Sequence, num_new: int) -> list[Sequence]:
         """Completions 1..n-1 share the parent's blocks, including those this step fills."""
         request = parent.request
-        request.forked = True
         children = []
-        for _ in range(1, request.params.n):
+        while request.needs_fork:
             child = self._new_child(request)
-            self.block_manager.fork(parent, child)
-            child.num_computed_tokens = parent.num_computed_tokens + num_new
+            self.scheduler.fork(parent, child, num_new)
             if parent.guided is not None:
                 self.guided.attach(child)
-            self.scheduler.add_running(child)
             children.append(child)
         return children
 
@@ -300,17 +328,6 @@ class LLMEngine:
                          num_prompt_tokens=len(request.prompt_token_ids))
         request.sequences.append(child)
         return child
-
-
-def _logprobs_of(result, k: int, seq: Sequence) -> dict[int, float] | None:
-    wanted = seq.params.logprobs
-    if wanted is None or result.logprobs is None:
-        return None
-    entry = {result.token_ids[k]: result.logprobs[k]}
-    if wanted > 0:
-        for tok, lp in zip(result.top_token_ids[k][:wanted], result.top_logprobs[k][:wanted]):
-            entry.setdefault(tok, lp)
-    return entry
 
 
 def load_tokenizer(path):

@@ -1,5 +1,6 @@
-"""ModelRunner: owns the model, the KV cache and the sampler; turns a scheduled batch into one
-flattened varlen forward and samples the next token of every sequence that completed its tokens.
+"""ModelRunner: owns the model, the KV cache, the attention backend and the sampler; turns a
+scheduled batch into one flattened varlen forward (inputs + ForwardContext) and samples the next
+token of every sequence that completed its tokens.
 """
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import torch
 from ..cache.kv_cache import KVCache, bytes_per_block
 from ..capabilities import choose_cpu_paths, detect, isolate_compile_cache, native_bf16
 from ..config import EngineConfig
-from ..layers.attention import AttentionMetadata, make_attention_backend
-from ..layers.sampler import Sampler, SamplerOutput, SamplingTensors
+from ..layers.attention import make_attention_backend
+from ..layers.context import ForwardContext, forward_context
+from ..layers.sampler import Sampler, SamplerOutput
 from ..loader import load_model, resolve_model_dir
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
@@ -74,14 +76,6 @@ class SampleRow:
     batch_index: int
 
 
-@dataclass
-class StepResult:
-    token_ids: list[int]
-    logprobs: list[float] | None = None
-    top_logprobs: list[list[float]] | None = None
-    top_token_ids: list[list[int]] | None = None
-
-
 class ModelRunner:
     def __init__(self, config: EngineConfig):
         self.config = config
@@ -101,11 +95,11 @@ class ModelRunner:
                            detect().cpu_capability)
         self.model_dir = resolve_model_dir(config.model)
         from ..models import load_model_config
-        model_cfg = load_model_config(self.model_dir)
-        max_len = config.max_model_len or model_cfg.max_position_embeddings
-        if model_cfg.sliding_window:
-            max_len = min(max_len, model_cfg.sliding_window)  # attention never reaches past it
-        self.model, self.model_cfg = load_model(self.model_dir, self.dtype, self.device, max_len)
+        self.model_cfg = load_model_config(self.model_dir)
+        max_len = config.max_model_len or self.model_cfg.max_position_embeddings
+        if self.model_cfg.sliding_window:
+            max_len = min(max_len, self.model_cfg.sliding_window)  # attention never reaches past it
+        self.model = load_model(self.model_dir, self.model_cfg, self.dtype, self.device, max_len)
         if config.quantization:
             from ..quant.linear import quantize_model
             quantize_model(self.model, config.quantization, config.group_size, self.device)
@@ -120,13 +114,13 @@ class ModelRunner:
                                                 fused=self._path_on("compiled_attention"))
         from ..models.compiled import CompiledLayerParts, wants_compiled_layers
         if wants_compiled_layers(self.device, self.dtype, self._path_on("compiled_layers")) and \
-                self.attention.name == "torch":
+                self.attention.native_on_cpu:
             self.model.compiled_parts = CompiledLayerParts()
-        self.sampler = Sampler()
+        self.sampler = Sampler(self.vocab_size, self.model_cfg.eos_token_ids, self.device)
         # CPU: steps see a few token counts, not every count up to the budget (see padded_count).
         self.bucket_shapes = self.device.type == "cpu" and config.bucket_batch_shapes
         self.graphs = None
-        if self.device.type == "cuda" and not config.enforce_eager and self.attention.name == "triton":
+        if self.device.type == "cuda" and not config.enforce_eager and self.attention.supports_cuda_graphs:
             from .cuda_graphs import DecodeGraphs, default_capture_sizes
             self.graphs = DecodeGraphs(self.model, self.kv_cache.layers, self.attention, self.device,
                                        -(-self.max_model_len // self.block_size),
@@ -163,35 +157,34 @@ class ModelRunner:
 
     # ---- one step ------------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch, rows: list[SampleRow]) -> StepResult | None:
+    def execute(self, batch: ScheduledBatch, rows: list[SampleRow]) -> SamplerOutput | None:
+        """Forward the batch; draw a token for each row. Returns host lists (the step's one sync)."""
         self.kv_cache.apply(batch.ops)
-        input_ids, positions, meta = self._prepare_inputs(batch)
+        input_ids, ctx = self._prepare_inputs(batch)
+        meta = ctx.attn_meta
         if self.graphs is not None and self.graphs.can_run(meta.num_decodes, meta.num_seqs, input_ids.shape[0]):
-            hidden = self.graphs.run(input_ids, positions, meta.slot_mapping, meta.seq_lens, meta.block_tables)
+            hidden = self.graphs.run(input_ids, ctx)
         else:
-            self.attention.prepare(meta, self.kv_cache.layers[0])
-            hidden = self.model(input_ids, positions, self.kv_cache.layers, meta, self.attention)
+            hidden = self.model(input_ids, ctx)
         if not rows:
             return None
         last_token = [meta.query_start_loc_host[r.batch_index + 1] - 1 for r in rows]
         if self.bucket_shapes:  # the LM head's GEMM too sees only a few row counts
             last_token += last_token[-1:] * (padded_count(len(last_token)) - len(last_token))
         logits = self.model.compute_logits(hidden[torch.tensor(last_token, device=self.device)])[:len(rows)]
-        out = self.sampler(logits, self._sampling_tensors(rows))
-        return self._to_host(out)
+        return self.sampler(logits, self.sampler.prepare([r.seq for r in rows])).to_host()
 
     @torch.inference_mode()
-    def all_logprobs(self, batch: ScheduledBatch) -> torch.Tensor:
-        """Forward a batch and return log-softmax over the vocabulary at every token: [T, vocab]
-        (for scoring text; generation only needs the last token's)."""
+    def score(self, batch: ScheduledBatch, targets: list[int]) -> list[float]:
+        """Forward a one-sequence batch and return the log-probability of targets[i] after its token i
+        (scoring text; generation only needs the last token's distribution)."""
         self.kv_cache.apply(batch.ops)
-        input_ids, positions, meta = self._prepare_inputs(batch)
-        self.attention.prepare(meta, self.kv_cache.layers[0])
-        hidden = self.model(input_ids, positions, self.kv_cache.layers, meta, self.attention)
-        hidden = hidden[:meta.query_start_loc_host[-1]]  # without the shape-bucket padding
-        return torch.log_softmax(self.model.compute_logits(hidden).float(), dim=-1)
+        input_ids, ctx = self._prepare_inputs(batch)
+        hidden = self.model(input_ids, ctx)[:len(targets)]  # without the shape-bucket padding
+        logprobs = torch.log_softmax(self.model.compute_logits(hidden).float(), dim=-1)
+        return logprobs.gather(1, torch.tensor(targets, device=logprobs.device)[:, None]).squeeze(1).tolist()
 
-    def _prepare_inputs(self, batch: ScheduledBatch):
+    def _prepare_inputs(self, batch: ScheduledBatch) -> tuple[torch.Tensor, ForwardContext]:
         bs = self.block_size
         token_chunks, position_chunks, slot_chunks, seq_lens = [], [], [], []
         max_blocks = max(len(s.block_table) for s in batch.seqs)
@@ -214,86 +207,12 @@ class ModelRunner:
             slot_chunks.append(np.full(num_pad, -1, dtype=np.int64))
         to_dev = lambda a, dt: torch.from_numpy(np.asarray(a)).to(device=self.device, dtype=dt)  # noqa: E731
         input_ids = to_dev(np.fromiter((t for c in token_chunks for t in c), dtype=np.int64), torch.int64)
-        positions = to_dev(np.concatenate(position_chunks), torch.int64)
-        meta = AttentionMetadata(
+        ctx = forward_context(
+            positions=to_dev(np.concatenate(position_chunks), torch.int64),
             slot_mapping=to_dev(np.concatenate(slot_chunks), torch.int64),
             query_start_loc=to_dev(query_start, torch.int32),
             seq_lens=to_dev(np.asarray(seq_lens), torch.int32),
             block_tables=to_dev(block_tables, torch.int32),
-            num_seqs=len(batch.seqs),
-            num_decodes=batch.num_decodes,
-            max_seq_len=max(seq_lens),
-            max_query_len=max(batch.num_new_tokens),
-            query_start_loc_host=query_start.tolist(),
-            seq_lens_host=seq_lens,
-        )
-        return input_ids, positions, meta
-
-    def _sampling_tensors(self, rows: list[SampleRow]) -> SamplingTensors:
-        params = [r.seq.params for r in rows]
-        dev = self.device
-        greedy = [p.greedy for p in params]
-        vocab = self.vocab_size
-        t = SamplingTensors(
-            greedy=torch.tensor(greedy, device=dev),
-            temperature=torch.tensor([1.0 if g else p.temperature for g, p in zip(greedy, params)],
-                                     dtype=torch.float32, device=dev),
-            top_k=torch.tensor([vocab if p.top_k == -1 else min(p.top_k, vocab) for p in params], device=dev),
-            top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev),
-            min_p=torch.tensor([p.min_p for p in params], dtype=torch.float32, device=dev),
-            seeds=[r.seq.seed for r in rows],
-            steps=[r.seq.num_output_tokens for r in rows],
-            all_greedy=all(greedy),
-            use_top_k=any(p.top_k != -1 and not g for g, p in zip(greedy, params)),
-            use_top_p=any(p.top_p < 1.0 and not g for g, p in zip(greedy, params)),
-            use_min_p=any(p.min_p > 0.0 and not g for g, p in zip(greedy, params)),
-            num_logprobs=max((p.logprobs for p in params if p.logprobs is not None), default=-1),
-        )
-        if any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params):
-            self._add_penalties(t, rows)
-        guided = [(i, r.seq.guided) for i, r in enumerate(rows) if r.seq.guided is not None]
-        if guided:
-            bitmask = torch.zeros(len(guided), -(-vocab // 32), dtype=torch.int32)
-            for j, (_, state) in enumerate(guided):
-                state.write_mask(bitmask[j])
-            t.guided_bitmask = bitmask.to(dev)
-            t.guided_rows = torch.tensor([i for i, _ in guided], device=dev)
-        # min_tokens: ban the stop ids (not for guided rows: their pattern decides when EOS may come)
-        banned = [(i, tok) for i, r in enumerate(rows)
-                  if r.seq.num_output_tokens < r.seq.params.min_tokens and r.seq.guided is None
-                  for tok in self._stop_ids(r.seq)]
-        if banned:
-            t.banned_rows = torch.tensor([b[0] for b in banned], device=dev)
-            t.banned_tokens = torch.tensor([b[1] for b in banned], device=dev)
-        return t
-
-    def _stop_ids(self, seq: Sequence) -> list[int]:
-        eos = [] if seq.params.ignore_eos else list(self.model_cfg.eos_token_ids)
-        return [t for t in eos + seq.params.stop_token_ids if t < self.vocab_size]
-
-    def _add_penalties(self, t: SamplingTensors, rows: list[SampleRow]) -> None:
-        dev, vocab = self.device, self.vocab_size
-
-        def padded(lists):
-            width = max(1, max(len(x) for x in lists))
-            arr = np.full((len(lists), width), vocab, dtype=np.int64)
-            for i, x in enumerate(lists):
-                arr[i, :len(x)] = x
-            return torch.from_numpy(arr).to(dev)
-
-        params = [r.seq.params for r in rows]
-        t.repetition_penalty = torch.tensor([p.repetition_penalty for p in params], dtype=torch.float32, device=dev)
-        t.presence_penalty = torch.tensor([p.presence_penalty for p in params], dtype=torch.float32, device=dev)
-        t.frequency_penalty = torch.tensor([p.frequency_penalty for p in params], dtype=torch.float32, device=dev)
-        t.prompt_and_output_ids = padded([r.seq.token_ids for r in rows])
-        t.output_ids = padded([r.seq.output_token_ids for r in rows])
-
-    @staticmethod
-    def _to_host(out: SamplerOutput) -> StepResult:
-        result = StepResult(token_ids=out.token_ids.tolist())
-        if out.logprobs is not None:
-            result.logprobs = out.logprobs.tolist()
-        if out.top_logprobs is not None:
-            result.top_logprobs = out.top_logprobs.tolist()
-            result.top_token_ids = out.top_token_ids.tolist()
-        return result
+            num_decodes=batch.num_decodes, backend=self.attention, kv_layers=self.kv_cache.layers,
+            rotary=self.model.rotary, query_start_loc_host=query_start.tolist(), seq_lens_host=seq_lens)
+        return input_ids, ctx

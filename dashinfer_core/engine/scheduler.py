@@ -1,4 +1,5 @@
-"""Continuous-batching scheduler with chunked prefill and preemption by recompute.
+"""Continuous-batching scheduler with chunked prefill and preemption by recompute. It is the only
+caller of the block manager and the only writer of `Sequence.num_computed_tokens`.
 
 Each step it fills a token budget (`max_num_batched_tokens`) and a sequence cap (`max_num_seqs`):
 first the running sequences that decode (one token each), then running sequences part-way through
@@ -62,6 +63,32 @@ class Scheduler:
             self.waiting.remove(seq)
         self.block_manager.free(seq)
 
+    def fork(self, parent: Sequence, child: Sequence, num_new: int) -> None:
+        """`child` (a new completion of parent's request) shares every block of `parent`, including
+        the `num_new` tokens parent computes in the step being run, and joins the running set."""
+        self.block_manager.fork(parent, child)
+        child.num_computed_tokens = parent.num_computed_tokens + num_new
+        self.add_running(child)
+
+    def finish_step(self, batch: ScheduledBatch, cache_prefixes: bool = True) -> None:
+        """The batch's forward ran: its new tokens have K/V in the cache now; full blocks join the
+        prefix cache (unless cache_prefixes is False: scoring)."""
+        for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
+            seq.num_computed_tokens += num_new
+            if cache_prefixes:
+                self.block_manager.register_computed(seq)
+
+    def schedule_one(self, seq: Sequence, num_new: int) -> ScheduledBatch | None:
+        """A batch of one sequence outside the queues (LLMEngine.score): slots for its next
+        `num_new` tokens, or None when the cache cannot hold them."""
+        batch = ScheduledBatch(seqs=[seq], num_new_tokens=[num_new], num_decodes=int(num_new == 1))
+        if not self.block_manager.allocate(seq, seq.num_computed_tokens + num_new, batch.ops):
+            return None
+        return batch
+
+    def reset_prefix_cache(self) -> int:
+        return self.block_manager.reset_prefix_cache()
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
@@ -95,9 +122,11 @@ class Scheduler:
                 ok = num_new > 0 and self.block_manager.allocate(seq, seq.num_computed_tokens + num_new, batch.ops)
             else:
                 hits = self.block_manager.match_prefix(seq)
-                num_new = self._chunk(seq, budget, already_computed=len(hits) * self.block_manager.block_size)
-                ok = num_new > 0 and self.block_manager.admit(seq, hits, len(hits) * self.block_manager.block_size
-                                                              + num_new, batch.ops)
+                num_cached = len(hits) * self.block_manager.block_size
+                num_new = self._chunk(seq, budget, already_computed=num_cached)
+                ok = num_new > 0 and self.block_manager.admit(seq, hits, num_cached + num_new, batch.ops)
+                if ok:
+                    seq.num_computed_tokens = num_cached
             if not ok:
                 break
             self.waiting.pop(0)

@@ -36,16 +36,20 @@ class Request:
     cache_salt: str | None = None
     arrival_time: float = field(default_factory=time.monotonic)
     arrival_order: int = field(default_factory=lambda: next(_seq_counter))
+    # Completion 0 at first; completions 1..n-1 are forked from it once the prompt is computed (they
+    # share its blocks, so the prompt is prefilled once). A request that ends early gets its
+    # missing completions as ended ones, so `needs_fork` is False from then on.
     sequences: list["Sequence"] = field(default_factory=list)
-    # Completions 1..n-1 are forked from completion 0 once the prompt is computed (they share its
-    # blocks), so the prompt is prefilled once.
-    forked: bool = False
     error: str | None = None
     error_is_client: bool = False
     first_token_time: float | None = None
     # Guided decoding: the compiled index (a future until ready) and when waiting for it gives up.
     guided_future: object = None
     guided_deadline: float = 0.0
+
+    @property
+    def needs_fork(self) -> bool:
+        return len(self.sequences) < self.params.n
 
     @property
     def finished(self) -> bool:

@@ -50,6 +50,15 @@ class RotaryEmbedding(nn.Module):
         """Gathered once per step and shared by every layer: each [T, 1, D/2]."""
         return self.cos_cache[positions].unsqueeze(1), self.sin_cache[positions].unsqueeze(1)
 
+    def rotate(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+               cos_sin: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """q: [T, Hq, D], k: [T, Hkv, D]. With the step's gathered cos_sin, in torch; without
+        (CUDA), in place by the Triton kernel from the full tables."""
+        if cos_sin is not None:
+            return apply_rotary(q, *cos_sin), apply_rotary(k, *cos_sin)
+        apply_rotary_inplace(q, k, positions, self)
+        return q, k
+
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: [T, H, D]. Rotates the two halves: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)."""

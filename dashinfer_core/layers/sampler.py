@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 _MASK64 = (1 << 64) - 1
@@ -46,15 +47,97 @@ class SamplingTensors:
 
 @dataclass
 class SamplerOutput:
-    token_ids: torch.Tensor  # [S] int64
-    logprobs: torch.Tensor | None = None  # [S] float32: logprob of the sampled token
-    top_logprobs: torch.Tensor | None = None  # [S, K]
-    top_token_ids: torch.Tensor | None = None  # [S, K]
+    """The step's draws, one row per sampled sequence: device tensors from the sampler, Python lists
+    after to_host() (the step's one device-to-host sync)."""
+    token_ids: torch.Tensor | list[int]  # [S]; -1 = the row's logits were not finite
+    logprobs: torch.Tensor | list[float] | None = None  # [S]: logprob of the sampled token
+    top_logprobs: torch.Tensor | list[list[float]] | None = None  # [S, K]
+    top_token_ids: torch.Tensor | list[list[int]] | None = None  # [S, K]
+
+    def to_host(self) -> "SamplerOutput":
+        def host(x):
+            return None if x is None else x.tolist()
+        return SamplerOutput(self.token_ids.tolist(), host(self.logprobs), host(self.top_logprobs),
+                             host(self.top_token_ids))
+
+    def logprobs_of_row(self, row: int, wanted: int | None) -> dict[int, float] | None:
+        """{token: logprob} for row (host lists): the sampled token's, then up to `wanted` top ones."""
+        if wanted is None or self.logprobs is None:
+            return None
+        entry = {self.token_ids[row]: self.logprobs[row]}
+        if wanted > 0:
+            for tok, lp in zip(self.top_token_ids[row][:wanted], self.top_logprobs[row][:wanted]):
+                entry.setdefault(tok, lp)
+        return entry
 
 
 class Sampler:
-    def __init__(self):
+    """Turns the sampling parameters of a step's rows into tensors (prepare) and draws their tokens
+    from the logits (__call__)."""
+
+    def __init__(self, vocab_size: int = 0, eos_token_ids: tuple[int, ...] = (), device: torch.device | str = "cpu"):
+        self.vocab_size = vocab_size
+        self.eos_token_ids = list(eos_token_ids)
+        self.device = torch.device(device)
         self._generators: dict[torch.device, torch.Generator] = {}
+
+    def prepare(self, seqs: list) -> SamplingTensors:
+        """The per-row tensors for drawing the next token of each of `seqs` (engine Sequences)."""
+        params = [s.params for s in seqs]
+        dev, vocab = self.device, self.vocab_size
+        greedy = [p.greedy for p in params]
+        t = SamplingTensors(
+            greedy=torch.tensor(greedy, device=dev),
+            temperature=torch.tensor([1.0 if g else p.temperature for g, p in zip(greedy, params)],
+                                     dtype=torch.float32, device=dev),
+            top_k=torch.tensor([vocab if p.top_k == -1 else min(p.top_k, vocab) for p in params], device=dev),
+            top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev),
+            min_p=torch.tensor([p.min_p for p in params], dtype=torch.float32, device=dev),
+            seeds=[s.seed for s in seqs],
+            steps=[s.num_output_tokens for s in seqs],
+            all_greedy=all(greedy),
+            use_top_k=any(p.top_k != -1 and not g for g, p in zip(greedy, params)),
+            use_top_p=any(p.top_p < 1.0 and not g for g, p in zip(greedy, params)),
+            use_min_p=any(p.min_p > 0.0 and not g for g, p in zip(greedy, params)),
+            num_logprobs=max((p.logprobs for p in params if p.logprobs is not None), default=-1),
+        )
+        if any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params):
+            self._add_penalties(t, seqs)
+        guided = [(i, s.guided) for i, s in enumerate(seqs) if s.guided is not None]
+        if guided:
+            bitmask = torch.zeros(len(guided), -(-vocab // 32), dtype=torch.int32)
+            for j, (_, state) in enumerate(guided):
+                state.write_mask(bitmask[j])
+            t.guided_bitmask = bitmask.to(dev)
+            t.guided_rows = torch.tensor([i for i, _ in guided], device=dev)
+        # min_tokens: ban the stop ids (not for guided rows: their pattern decides when EOS may come)
+        banned = [(i, tok) for i, s in enumerate(seqs)
+                  if s.num_output_tokens < s.params.min_tokens and s.guided is None
+                  for tok in self._stop_ids(s.params)]
+        if banned:
+            t.banned_rows = torch.tensor([b[0] for b in banned], device=dev)
+            t.banned_tokens = torch.tensor([b[1] for b in banned], device=dev)
+        return t
+
+    def _stop_ids(self, params) -> list[int]:
+        eos = [] if params.ignore_eos else self.eos_token_ids
+        return [t for t in eos + params.stop_token_ids if t < self.vocab_size]
+
+    def _add_penalties(self, t: SamplingTensors, seqs: list) -> None:
+        def padded(lists):  # ragged id lists -> [S, L], padded with vocab_size (a column nobody reads)
+            width = max(1, max(len(x) for x in lists))
+            arr = np.full((len(lists), width), self.vocab_size, dtype=np.int64)
+            for i, x in enumerate(lists):
+                arr[i, :len(x)] = x
+            return torch.from_numpy(arr).to(self.device)
+
+        params = [s.params for s in seqs]
+        dev = self.device
+        t.repetition_penalty = torch.tensor([p.repetition_penalty for p in params], dtype=torch.float32, device=dev)
+        t.presence_penalty = torch.tensor([p.presence_penalty for p in params], dtype=torch.float32, device=dev)
+        t.frequency_penalty = torch.tensor([p.frequency_penalty for p in params], dtype=torch.float32, device=dev)
+        t.prompt_and_output_ids = padded([s.token_ids for s in seqs])
+        t.output_ids = padded([s.output_token_ids for s in seqs])
 
     def __call__(self, logits: torch.Tensor, t: SamplingTensors) -> SamplerOutput:
         logits = logits.float()
@@ -80,7 +163,6 @@ class Sampler:
             if t.num_logprobs > 0:
                 out.top_logprobs, out.top_token_ids = raw_logprobs.topk(t.num_logprobs, dim=-1)
         return out
-
 
     def seeded_uniform(self, t: SamplingTensors, vocab_size: int, device: torch.device) -> torch.Tensor:
         """[S, vocab] uniforms in (0, 1): row i from a generator seeded by (seeds[i], steps[i]);

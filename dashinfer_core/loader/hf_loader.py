@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UnsupportedModelError
-from ..models import ModelConfig, load_model_config, model_class
+from ..models import ModelConfig, model_class
 from .default_model import default_model_dir
 
 
@@ -52,12 +52,12 @@ def iter_safetensors(model_dir: Path, dtype: torch.dtype) -> Iterator[tuple[str,
                 yield name, tensor.to(dtype) if tensor.is_floating_point() else tensor
 
 
-def load_model(model_dir: Path, dtype: torch.dtype, device: torch.device,
-               max_positions: int) -> tuple[torch.nn.Module, ModelConfig]:
-    cfg = load_model_config(model_dir)
+def load_model(model_dir: Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
+               max_positions: int) -> torch.nn.Module:
+    """The model of `cfg` (load_model_config(model_dir)) with its weights, in eval mode."""
     cls = model_class(cfg)
     with torch.device(device):
         model = cls(cfg, dtype, max_positions)
     model.load_weights(iter_safetensors(model_dir, dtype))
     model.eval()
-    return model, cfg
+    return model

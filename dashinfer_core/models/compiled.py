@@ -5,51 +5,33 @@ bf16 + iq-int8 decode step went from 16.7 to 13.8 ms.
 
 Not used in fp32, where the eager ops keep results bit-identical to HF transformers (inductor fuses
 the RMSNorm reductions in another order), nor with enforce_eager. Attention stays outside: it reads
-the paged cache through host-side metadata and has its own compiled kernel (layers/attention.py).
+the paged cache through host-side metadata and has its own compiled kernel (layers/attention/torch_backend.py).
 """
 from __future__ import annotations
 
-import logging
-
 import torch
 
+from ..compiling import compile_or_eager
 from .llama import DecoderLayer
 
-log = logging.getLogger(__name__)
-
 # One compiled function per part for the whole process (dynamo caches by code object anyway);
-# token counts are dynamic, 1 (a single decode) gets its own graph.
-_compiled_pre = torch.compile(DecoderLayer.pre_attention, dynamic=True)
-_compiled_post = torch.compile(DecoderLayer.post_attention, dynamic=True)
+# token counts are dynamic, 1 (a single decode) gets its own graph. Both parts are pure functions of
+# their inputs, so after a compile failure (no C++ compiler, an unsupported op) eager gives the same.
+compiled_pre = compile_or_eager(DecoderLayer.pre_attention, name="compiled decoder layers (pre-attention)",
+                                dynamic=True)
+compiled_post = compile_or_eager(DecoderLayer.post_attention, name="compiled decoder layers (post-attention)",
+                                 dynamic=True)
 
 
 class CompiledLayerParts:
-    """What DecoderLayer.forward calls instead of its eager parts; falls back to eager for good on the
-    first compile failure (no C++ compiler, an unsupported op), which is safe because both parts are
-    pure functions of their inputs."""
+    """What DecoderLayer.forward calls instead of its eager parts."""
 
-    def __init__(self):
-        self.failed = False
+    pre = staticmethod(compiled_pre)
+    post = staticmethod(compiled_post)
 
-    def pre(self, layer, x, residual, positions, rope):
-        if not self.failed:
-            try:
-                return _compiled_pre(layer, x, residual, positions, rope)
-            except Exception as exc:
-                self._fail(exc)
-        return layer.pre_attention(x, residual, positions, rope)
-
-    def post(self, layer, out, residual):
-        if not self.failed:
-            try:
-                return _compiled_post(layer, out, residual)
-            except Exception as exc:
-                self._fail(exc)
-        return layer.post_attention(out, residual)
-
-    def _fail(self, exc: Exception) -> None:
-        log.warning("compiled decoder layers unavailable (%s); running them eagerly", exc)
-        self.failed = True
+    @property
+    def failed(self) -> bool:
+        return compiled_pre.failed or compiled_post.failed
 
 
 def wants_compiled_layers(device: torch.device, dtype: torch.dtype, enabled: bool) -> bool:

@@ -1,9 +1,10 @@
 """The Llama family in one file: Llama 2/3, Mistral, SmolLM2, Qwen2/2.5 (q/k/v biases) and Qwen3
 (per-head q/k RMSNorm). Decoder-only, pre-norm, GQA, rotary embeddings, gated SiLU MLP.
 
-The forward takes one flattened varlen batch (`input_ids` [T], `positions` [T]) plus the attention
-metadata, writes K/V into the paged cache and returns hidden states [T, hidden]; `compute_logits`
-projects only the rows that will sample.
+The forward takes one flattened varlen batch (`input_ids` [T]) and the step's ForwardContext
+(positions, attention metadata and backend, the KV cache layers, rotary inputs), writes K/V into the
+paged cache and returns hidden states [T, hidden]; `compute_logits` projects only the rows that will
+sample.
 """
 from __future__ import annotations
 
@@ -13,12 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import use_triton_ops
 from ..layers.activation import silu_and_mul
-from ..layers.attention import AttentionMetadata
+from ..layers.context import ForwardContext
 from ..layers.linear import Linear, linear
 from ..layers.norm import RMSNorm
-from ..layers.rotary import RotaryEmbedding, apply_rotary, apply_rotary_inplace
+from ..layers.rotary import RotaryEmbedding
 from ..quant.gptq import GPTQ_PARTS, check_gptq_config, install_gptq
 from .model_config import ModelConfig
 
@@ -35,9 +35,8 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
         self.scale = self.head_dim ** -0.5
 
-    def qkv(self, x, positions, rope):
-        """Projected and rotated q, k, v. rope: (cos, sin) gathered for this step on the CPU, or the
-        RotaryEmbedding on CUDA."""
+    def qkv(self, x, positions, cos_sin, rotary: RotaryEmbedding):
+        """Projected and rotated q, k, v (cos_sin: see ForwardContext)."""
         num_tokens = x.shape[0]
         qkv = self.qkv_proj(x)
         q, k, v = qkv.split(self.qkv_proj.shard_sizes, dim=-1)
@@ -47,10 +46,7 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q = self.q_norm(q.reshape(-1, self.head_dim)).view(num_tokens, self.num_heads, self.head_dim)
             k = self.k_norm(k.reshape(-1, self.head_dim)).view(num_tokens, self.num_kv_heads, self.head_dim)
-        if isinstance(rope, tuple):
-            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        else:
-            apply_rotary_inplace(q, k, positions, rope)
+        q, k = rotary.rotate(q, k, positions, cos_sin)
         return q, k, v
 
 
@@ -66,8 +62,9 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, layer_index: int):
         super().__init__()
+        self.layer_index = layer_index  # which of ForwardContext.kv_layers is this layer's cache
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.self_attn = Attention(cfg, dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
@@ -75,13 +72,13 @@ class DecoderLayer(nn.Module):
 
     # The layer in three parts: attention over the paged cache between two pure tensor functions,
     # which models/compiled.py can hand to torch.compile.
-    def pre_attention(self, x, residual, positions, rope):
+    def pre_attention(self, x, residual, positions, cos_sin, rotary):
         if residual is None:
             residual = x
             h = self.input_layernorm(x)
         else:
             h, residual = self.input_layernorm(x, residual)
-        q, k, v = self.self_attn.qkv(h, positions, rope)
+        q, k, v = self.self_attn.qkv(h, positions, cos_sin, rotary)
         return q, k, v, residual
 
     def post_attention(self, out, residual):
@@ -89,12 +86,12 @@ class DecoderLayer(nn.Module):
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
 
-    def forward(self, x, residual, positions, rope, kv_cache, meta, backend, parts=None):
+    def forward(self, x, residual, ctx: ForwardContext, parts=None):
         """parts: a CompiledLayerParts (models/compiled.py) or None for eager."""
         pre, post = (parts.pre, parts.post) if parts is not None else (DecoderLayer.pre_attention,
                                                                         DecoderLayer.post_attention)
-        q, k, v, residual = pre(self, x, residual, positions, rope)
-        out = backend.forward(q, k, v, kv_cache, meta, self.self_attn.scale)
+        q, k, v, residual = pre(self, x, residual, ctx.positions, ctx.cos_sin, ctx.rotary)
+        out = ctx.backend.forward(q, k, v, ctx.kv_layers[self.layer_index], ctx.attn_meta, self.self_attn.scale)
         return post(self, out, residual)
 
 
@@ -106,21 +103,18 @@ class LlamaForCausalLM(nn.Module):
         self.cfg = cfg
         self.embed_tokens = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype),
                                          requires_grad=False)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, dtype) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, dtype, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Parameter(
             torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype), requires_grad=False)
         self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, dtype)
         self.compiled_parts = None  # set by the runner where compiling the layers pays (CPU, half precision)
 
-    def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata, backend):
+    def forward(self, input_ids, ctx: ForwardContext):
         x = F.embedding(input_ids, self.embed_tokens)
-        # On the CPU cos/sin are gathered once and shared by every layer; on CUDA the rotary kernel
-        # reads the tables itself.
-        rope = self.rotary if use_triton_ops(x) else self.rotary.cos_sin(positions)
         residual = None
-        for layer, kv_cache in zip(self.layers, kv_caches):
-            x, residual = layer(x, residual, positions, rope, kv_cache, meta, backend, self.compiled_parts)
+        for layer in self.layers:
+            x, residual = layer(x, residual, ctx, self.compiled_parts)
         x, _ = self.norm(x, residual)
         return x
 

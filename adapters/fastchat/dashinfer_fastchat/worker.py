@@ -25,6 +25,7 @@ from fastchat.serve.base_model_worker import BaseModelWorker
 
 from dashinfer_core import (AsyncEngine, EngineConfig, EngineDeadError, InvalidParameterError, PromptTooLongError,
                             RequestFailedError, SamplingParams)
+from dashinfer_core.engine_args import add_engine_args, engine_config_from_args
 
 from .conversation import choose_conversation
 from .limits import BodyLimitMiddleware, json_body
@@ -249,41 +250,21 @@ async def api_engine_stats():
     return asdict(worker.engine.get_stats())
 
 
-def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("dashinfer-core engine")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    g.add_argument("--device", default="auto")
-    g.add_argument("--max-num-seqs", type=int, default=64)
-    g.add_argument("--max-num-batched-tokens", type=int, default=None)
-    g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--block-size", type=int, default=32)
-    g.add_argument("--kv-cache-memory", type=int, default=None, help="KV cache bytes")
-    g.add_argument("--cpu-cache-memory", type=int, default=0, help="prefix-cache CPU tier bytes")
-    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
-    g.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
-    g.add_argument("--guided-compile-timeout", type=float, default=10.0,
-                   help="seconds a guided pattern may take to compile before its request fails")
-    g.add_argument("--quantization", default=None, choices=["iq-int8", "iq-int4", "a8w8"])
-    g.add_argument("--group-size", type=int, default=None)
-    g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "uint4"])
-    g.add_argument("--tensor-parallel-size", type=int, default=1, help="only 1 is supported")
+def add_worker_engine_args(parser: argparse.ArgumentParser) -> None:
+    """Every EngineConfig option as a flag (generated from its fields), the model as --model-path
+    (FastChat's name), and FastChat's --tensor-parallel-size."""
+    group = add_engine_args(parser, skip=("model",), title="dashinfer-core engine")
+    group.add_argument("--tensor-parallel-size", type=int, default=1, help="only 1 is supported")
 
 
-def engine_config_from_args(args) -> EngineConfig:
+def worker_engine_config(args) -> EngineConfig:
     if args.tensor_parallel_size != 1:
         raise SystemExit("--tensor-parallel-size: only 1 is supported by this release")
     model = None if args.model_path in (None, "", "default") else args.model_path
-    return EngineConfig(model=model, dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs,
-                        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-                        block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
-                        cpu_cache_memory=args.cpu_cache_memory, enable_prefix_caching=args.enable_prefix_caching,
-                        num_threads=args.num_threads, guided_compile_timeout=args.guided_compile_timeout,
-                        quantization=args.quantization, group_size=args.group_size,
-                        kv_cache_dtype=args.kv_cache_dtype)
+    return engine_config_from_args(args, model=model)
 
 
-def main(argv=None) -> None:
-    global worker
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=21002)
@@ -294,9 +275,14 @@ def main(argv=None) -> None:
     parser.add_argument("--limit-worker-concurrency", type=int, default=1024)
     parser.add_argument("--no-register", action="store_true")
     parser.add_argument("--conv-template", default=None)
-    add_engine_args(parser)
-    args = parser.parse_args(argv)
-    engine = AsyncEngine(engine_config_from_args(args))
+    add_worker_engine_args(parser)
+    return parser
+
+
+def main(argv=None) -> None:
+    global worker
+    args = build_parser().parse_args(argv)
+    engine = AsyncEngine(worker_engine_config(args))
     worker = DashInferWorker(args.controller_address, args.worker_address, uuid.uuid4().hex[:8], args.model_path,
                              args.model_names, args.limit_worker_concurrency, args.no_register, engine,
                              args.conv_template)

@@ -1,0 +1,58 @@
+"""compile_or_eager: the one way this engine uses torch.compile.
+
+A compiled function is a speed-up, never a requirement: where inductor fails (no C++ compiler, an op
+it cannot lower, an ISA it gets wrong) the same function runs eagerly, or a caller-given fallback
+does, for good, after one warning. Whether a compiled path is wanted at all is capabilities.py's
+choice (probed once per machine); this wrapper only survives the failures a probe cannot foresee.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class CompiledOrEager:
+    def __init__(self, fn: Callable, name: str, fallback: Callable | None, enabled: Callable[[], bool] | bool,
+                 compile_options: dict):
+        self.fn = fn
+        self.name = name
+        self.fallback = fallback if fallback is not None else fn
+        self._enabled = enabled
+        self._compile_options = compile_options
+        self._compiled: Callable | None = None
+        self.failed = False
+
+    @property
+    def active(self) -> bool:
+        """The compiled form is in use (wanted and not failed)."""
+        if self.failed:
+            return False
+        if callable(self._enabled):  # asked once, at first use (capabilities are settled by then)
+            self._enabled = bool(self._enabled())
+        return self._enabled
+
+    def __call__(self, *args, **kwargs):
+        if self.active:
+            try:
+                if self._compiled is None:  # torch.compile is lazy: this costs nothing until the first call
+                    self._compiled = torch.compile(self.fn, **self._compile_options)
+                return self._compiled(*args, **kwargs)
+            except Exception as exc:
+                log.warning("%s: the compiled form failed (%s: %s); running eagerly from now on",
+                            self.name, type(exc).__name__, exc)
+                self.failed = True
+        return self.fallback(*args, **kwargs)
+
+
+def compile_or_eager(fn: Callable, *, name: str | None = None, fallback: Callable | None = None,
+                     enabled: Callable[[], bool] | bool = True, **compile_options) -> CompiledOrEager:
+    """`fn` under torch.compile(**compile_options); on the first failure `fallback` (default: fn
+    itself, eagerly) from then on. enabled: False (or a callable returning False, asked at the first
+    call) runs the fallback without compiling. One wrapper per function for the whole process: dynamo
+    caches by code object anyway."""
+    return CompiledOrEager(fn, name or getattr(fn, "__qualname__", "compiled function"), fallback, enabled,
+                           compile_options)

@@ -1,0 +1,268 @@
+"""TorchAttention: plain-torch paged attention, the CPU path and the reference for the Triton kernels.
+
+Decode queries (and the tokens of short prefill chunks) are answered together: rows are grouped into
+buckets of similar context length, and each bucket gathers its (block, head) chunks from the cache,
+either inside a compiled reduction (gathered_decode_attention) or by index_select + matmul. Longer
+prefill chunks attend with SDPA, one sequence at a time.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ...cache.kv_cache import KVLayer
+from ...compiling import compile_or_eager
+from ...quant.kv import dequantize_kv, quantize_kv
+from .metadata import AttentionMetadata
+
+
+def gathered_decode_attention(q: torch.Tensor, kv: torch.Tensor, chunks: torch.Tensor, bias: torch.Tensor,
+                              scale: float) -> torch.Tensor:
+    """Single-query attention straight from the paged cache, written as elementwise products and
+    sums so that torch.compile fuses the gather into the reductions: the cache is read once, where
+    index_select + matmul writes a padded copy and reads it again (2.3x slower per layer on the dev
+    machine, fp32, 64 sequences of ~460 tokens).
+    q: [n, Hkv, group, D]; kv: [2, blocks * Hkv, block_size, D]; chunks: [n, Hkv, nblk] (block, head)
+    ids; bias: [n, L] (0 or -inf, L = nblk * block_size) -> [n, Hkv, group, D]. Accumulates in fp32."""
+    n, num_kv_heads, nblk = chunks.shape
+    length, head_dim = nblk * kv.shape[2], q.shape[-1]
+    keys = kv[0][chunks].view(n, num_kv_heads, 1, length, head_dim).float()
+    values = kv[1][chunks].view(n, num_kv_heads, 1, length, head_dim).float()
+    scores = (q.float()[:, :, :, None, :] * keys).sum(-1) * scale + bias.float()[:, None, None, :]
+    probs = torch.softmax(scores, dim=-1)
+    return (probs[..., None] * values).sum(-2).to(q.dtype)
+
+
+def _matmul_path(*args) -> None:
+    return None  # the caller gathers and uses index_select + matmul instead
+
+
+# The compiled form of gathered_decode_attention, shared by every engine in the process; after a
+# compile failure (no C++ compiler) it answers None and the index_select + matmul path takes over.
+compiled_decode = compile_or_eager(gathered_decode_attention, name="compiled decode attention",
+                                   fallback=_matmul_path, dynamic=False)
+# Variants compiled so far. Past dynamo's recompile limit it would run the function eagerly, which
+# materializes [n, heads, group, L, D] products: new variants take the matmul path instead.
+_compiled_variants: set[tuple] = set()
+MAX_COMPILED_VARIANTS = 6
+
+
+def fused_decode(q, kv, chunks, bias, scale) -> torch.Tensor | None:
+    """Batch, context and pool sizes are marked dynamic (one compile per dtype and head shape, not
+    per batch); head counts and head_dim stay static so the inner loops vectorize. Sizes 1 are
+    specialized by dynamo, hence their place in the variant key. None = use the matmul path."""
+    variant = (q.dtype, kv.dtype, q.shape[1:], kv.shape[2:], q.shape[0] == 1, chunks.shape[2] == 1, float(scale))
+    if not compiled_decode.active or (variant not in _compiled_variants
+                                      and len(_compiled_variants) >= MAX_COMPILED_VARIANTS):
+        return None
+    _compiled_variants.add(variant)
+    for tensor, dims in ((q, (0,)), (kv, (1,)), (chunks, (0, 2)), (bias, (0, 1))):
+        for dim in dims:
+            torch._dynamo.maybe_mark_dynamic(tensor, dim)
+    return compiled_decode(q, kv, chunks, bias, scale)
+
+
+@dataclass
+class DecodeBucket:
+    """Queries answered together over contexts of similar length."""
+    token_idx: torch.Tensor  # [n]: the queries' rows in the step's tokens
+    chunks: torch.Tensor  # [n, Hkv, nblk]: (block, head) chunk ids of each query's context
+    bias: torch.Tensor  # [n, nblk * block_size]: 0 inside the context, -inf past it
+
+
+@dataclass
+class TorchStepState:
+    buckets: list[DecodeBucket]  # decodes and the tokens of short prefill chunks
+    long_prefills: list[int]  # sequences whose chunk attends with SDPA
+    token_idx: torch.Tensor | None  # tokens to store (None: all; padding tokens are skipped)
+    store_rows: torch.Tensor  # row of each stored (token, head) in the cache viewed as [-1, head_dim]
+
+
+class TorchAttention:
+    """Decode rows are grouped into buckets of similar context length, so padding to the longest
+    context in a bucket wastes little. Per bucket, one index_select gathers K and V of every
+    (block, head) chunk into a workspace laid out [2, seqs, heads, context, head_dim]; the
+    workspace is reused across layers and steps (fresh multi-MB tensors per layer cost more in page
+    faults than the copy itself). Prefill chunks attend with SDPA, one sequence at a time.
+    """
+
+    name = "torch"
+    supports_cuda_graphs = False  # prepare() reads the step's lengths on the host
+    native_on_cpu = True
+    MAX_BUCKETS = 4
+    BUCKET_GROWTH = 1.3  # start a new bucket when a context is this much longer than the bucket's first
+    SHORT_CHUNK = 8  # prefill chunks up to this many tokens go through the batched decode path
+
+    def __init__(self, fused: bool = True):
+        self._workspace: torch.Tensor | None = None
+        self.fused = fused  # compiled gathered_decode_attention for unquantized CPU caches
+
+    def prepare(self, meta: AttentionMetadata, kv_layer: KVLayer) -> None:
+        """Per-step precomputation shared by all layers (kv_layer: any layer's, for its shape)."""
+        _, _, num_kv_heads, block_size, _ = kv_layer.shape
+        tokens, table_rows, lens, long_prefills = self._split_queries(meta)
+        slots = meta.slot_mapping
+        valid = slots >= 0
+        token_idx = None if bool(valid.all()) else valid.nonzero().squeeze(1)
+        if token_idx is not None:
+            slots = slots[token_idx]
+        heads = torch.arange(num_kv_heads, device=slots.device)
+        blocks, offsets = slots // block_size, slots % block_size
+        store_rows = ((blocks[:, None] * num_kv_heads + heads[None, :]) * block_size + offsets[:, None]).reshape(-1)
+        meta.backend_state = TorchStepState(
+            buckets=self._decode_buckets(meta, tokens, table_rows, lens, num_kv_heads, block_size),
+            long_prefills=long_prefills, token_idx=token_idx, store_rows=store_rows)
+
+    def _split_queries(self, meta: AttentionMetadata) -> tuple[list[int], list[int], list[int], list[int]]:
+        """(token index, block-table row, context length) of every query answered on the batched
+        path: each decode, and each token of a short prefill chunk (guided jump-forward, the tail of
+        a chunked prompt) as if it were a decode at its own position; and the sequences whose longer
+        chunk attends with SDPA."""
+        tokens, rows, lens = list(range(meta.num_decodes)), list(range(meta.num_decodes)), \
+            list(meta.seq_lens_host[:meta.num_decodes])
+        long_prefills = []
+        starts = meta.query_start_loc_host
+        for i in range(meta.num_decodes, meta.num_seqs):
+            num_new = starts[i + 1] - starts[i]
+            if num_new > self.SHORT_CHUNK:
+                long_prefills.append(i)
+                continue
+            first_pos = meta.seq_lens_host[i] - num_new
+            tokens += range(starts[i], starts[i + 1])
+            rows += [i] * num_new
+            lens += range(first_pos + 1, first_pos + num_new + 1)
+        return tokens, rows, lens, long_prefills
+
+    def _decode_buckets(self, meta: AttentionMetadata, tokens: list[int], table_rows: list[int], lens: list[int],
+                        num_kv_heads: int, block_size: int) -> list[DecodeBucket]:
+        if not tokens:
+            return []
+        order = sorted(range(len(tokens)), key=lens.__getitem__)
+        groups, current = [], [order[0]]
+        for i in order[1:]:
+            if lens[i] > self.BUCKET_GROWTH * lens[current[0]] and len(groups) < self.MAX_BUCKETS - 1:
+                groups.append(current)
+                current = []
+            current.append(i)
+        groups.append(current)
+        device = meta.seq_lens.device
+        heads = torch.arange(num_kv_heads, device=device)
+        buckets = []
+        for group in groups:
+            num_blocks = -(-max(lens[i] for i in group) // block_size)
+            token_idx = torch.tensor([tokens[i] for i in group], device=device)
+            blocks = meta.block_tables[torch.tensor([table_rows[i] for i in group], device=device), :num_blocks].long()
+            # (block, head) chunk ids in [query, head, block] order.
+            chunks = blocks[:, None, :] * num_kv_heads + heads[None, :, None]
+            positions = torch.arange(num_blocks * block_size, device=device)
+            outside = positions[None, :] >= torch.tensor([lens[i] for i in group], device=device)[:, None]
+            bias = torch.zeros(outside.shape, device=device).masked_fill_(outside, float("-inf"))
+            buckets.append(DecodeBucket(token_idx, chunks, bias))
+        return buckets
+
+    def _gather(self, kv_layer: KVLayer, chunks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """[2, num_chunks, block_size, head_dim] of the listed (block, head) chunks of K and V
+        (dequantized into the workspace when the cache is quantized)."""
+        _, num_blocks, num_kv_heads, block_size, head_dim = kv_layer.shape
+        shape = (2, chunks.numel(), block_size, head_dim)
+        numel = 2 * chunks.numel() * block_size * head_dim
+        ws = self._workspace
+        device = kv_layer.data.device
+        if ws is None or ws.dtype != dtype or ws.device != device or ws.numel() < numel:
+            ws = self._workspace = torch.empty(numel, dtype=dtype, device=device)
+        out = ws[:numel].view(shape)
+        data = kv_layer.data.view(2, num_blocks * num_kv_heads, block_size, -1)
+        if kv_layer.bits is None:
+            torch.index_select(data, 1, chunks, out=out)
+        else:
+            def gather(pool):
+                return pool.view(2, num_blocks * num_kv_heads, block_size, -1).index_select(1, chunks)
+            dequantize_kv(data.index_select(1, chunks), gather(kv_layer.scales), gather(kv_layer.zeros),
+                          kv_layer.bits, out=out)
+        return out
+
+    @staticmethod
+    def _blocks(kv_layer: KVLayer, blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """[2, len(blocks), Hkv, block_size, D] of whole blocks (dequantized when quantized)."""
+        if kv_layer.bits is None:
+            return kv_layer.data[:, blocks]
+        return dequantize_kv(kv_layer.data[:, blocks], kv_layer.scales[:, blocks], kv_layer.zeros[:, blocks],
+                             kv_layer.bits, dtype)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: KVLayer,
+                meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        """q: [T, Hq, D], k/v: [T, Hkv, D], kv_layer: one layer's KVLayer -> [T, Hq, D]."""
+        state: TorchStepState = meta.backend_state
+        store_kv(k, v, kv_layer, state)
+        out = torch.empty_like(q)
+        out[meta.query_start_loc_host[-1]:].zero_()  # padding tokens (runner's shape buckets) belong to no sequence
+        num_kv_heads, head_dim = k.shape[1], k.shape[2]
+        group = q.shape[1] // num_kv_heads
+        fused = self.fused and kv_layer.bits is None and q.device.type == "cpu"
+        for bucket in state.buckets:
+            rows, chunks, bias = bucket.token_idx, bucket.chunks, bucket.bias
+            n, length = bias.shape
+            # The query heads of one KV head attend together: [n, Hkv, group, D] x [n, Hkv, D, L].
+            queries = q.index_select(0, rows).view(n, num_kv_heads, group, head_dim)
+            o = None
+            if fused:
+                kv = kv_layer.data.view(2, -1, kv_layer.shape[3], head_dim)
+                o = fused_decode(queries, kv, chunks, bias, scale)
+            if o is None:
+                kv = self._gather(kv_layer, chunks.reshape(-1), q.dtype)
+                keys = kv[0].view(n, num_kv_heads, length, head_dim)
+                values = kv[1].view(n, num_kv_heads, length, head_dim)
+                scores = torch.matmul(queries, keys.transpose(-1, -2)).mul_(scale).add_(bias[:, None, None, :])
+                o = torch.matmul(torch.softmax(scores, dim=-1), values)
+            out.index_copy_(0, rows, o.view(n, -1, head_dim))
+        block_size = kv_layer.shape[3]
+        starts, lens = meta.query_start_loc_host, meta.seq_lens_host
+        for i in state.long_prefills:  # the other sequences were answered with the decodes above
+            start, end, ctx_len = starts[i], starts[i + 1], lens[i]
+            num_new = end - start
+            qi = q[start:end].transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D]
+            # No cached prefix: attend to this chunk's own K/V, unless the cache is quantized: then
+            # always read it back, so results do not depend on chunking or prefix-cache hits (and
+            # match the Triton kernels, which always read the cache).
+            if ctx_len == num_new and kv_layer.bits is None:
+                ki, vi = k[start:end].transpose(0, 1), v[start:end].transpose(0, 1)
+                mask, causal = None, True
+            else:
+                blocks = meta.block_tables[i, : -(-ctx_len // block_size)].long()
+                kv = self._blocks(kv_layer, blocks, q.dtype).transpose(2, 3).flatten(1, 2)[:, :ctx_len]
+                ki, vi = kv[0].transpose(0, 1), kv[1].transpose(0, 1)
+                if 2 * num_new > ctx_len:
+                    # A large chunk: pad the queries in front to a square and use the causal flash
+                    # path, which skips masked tiles (an explicit mask computes every one).
+                    pad = qi.new_zeros(1, qi.shape[1], ctx_len - num_new, qi.shape[3])
+                    qi = torch.cat((pad, qi), dim=2)
+                    mask, causal = None, True
+                else:
+                    # Query j sits at position ctx_len - num_new + j and sees keys up to there.
+                    q_pos = torch.arange(ctx_len - num_new, ctx_len, device=q.device)
+                    mask = torch.arange(ctx_len, device=q.device)[None, :] <= q_pos[:, None]
+                    causal = False
+            oi = F.scaled_dot_product_attention(qi, ki.unsqueeze(0), vi.unsqueeze(0), attn_mask=mask,
+                                                is_causal=causal, scale=scale, enable_gqa=True)
+            out[start:end] = oi[0, :, -num_new:].transpose(0, 1)
+        return out
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, kv_layer: KVLayer, state: TorchStepState) -> None:
+    """Write the step's K/V rows into their slots (slot -1 = padding, skipped), quantizing them
+    when the cache is quantized."""
+    if state.token_idx is not None:
+        k, v = k[state.token_idx], v[state.token_idx]
+    rows = state.store_rows
+    head_dim = k.shape[-1]
+    data = kv_layer.data
+    for i, x in enumerate((k, v)):
+        if kv_layer.bits is None:
+            data[i].view(-1, head_dim).index_copy_(0, rows, x.reshape(-1, head_dim))
+        else:
+            qx, sx, zx = quantize_kv(x.reshape(-1, head_dim), kv_layer.bits)
+            data[i].view(-1, qx.shape[-1]).index_copy_(0, rows, qx)
+            kv_layer.scales[i].view(-1, sx.shape[-1]).index_copy_(0, rows, sx)
+            kv_layer.zeros[i].view(-1, zx.shape[-1]).index_copy_(0, rows, zx)

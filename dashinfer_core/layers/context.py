@@ -1,0 +1,41 @@
+"""ForwardContext: the per-step state every layer reads besides its weights and the hidden states.
+
+The runner (and the CUDA-graph capture) build one per forward with `forward_context`; the model hands
+it to each layer. A new capability that layers need per step (LoRA slot indices, image embeddings)
+adds a field here, not an argument to every forward.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..cache.kv_cache import KVLayer
+from . import use_triton_ops
+from .attention import AttentionBackend, AttentionMetadata
+from .rotary import RotaryEmbedding
+
+
+@dataclass
+class ForwardContext:
+    positions: torch.Tensor  # [T] int64: each token's position in its sequence
+    attn_meta: AttentionMetadata
+    backend: AttentionBackend
+    kv_layers: list[KVLayer]  # one per decoder layer
+    rotary: RotaryEmbedding
+    # (cos, sin) [T, 1, D/2] gathered once per step and shared by every layer (CPU); None where the
+    # rotary kernel reads rotary's tables itself (CUDA).
+    cos_sin: tuple[torch.Tensor, torch.Tensor] | None
+
+
+def forward_context(*, positions: torch.Tensor, slot_mapping: torch.Tensor, query_start_loc: torch.Tensor,
+                    seq_lens: torch.Tensor, block_tables: torch.Tensor, num_decodes: int, backend: AttentionBackend,
+                    kv_layers: list[KVLayer], rotary: RotaryEmbedding, query_start_loc_host: list[int] | None = None,
+                    seq_lens_host: list[int] | None = None) -> ForwardContext:
+    """The step's attention metadata, the backend's per-step preparation and the rotary inputs, in
+    one place."""
+    meta = AttentionMetadata.build(slot_mapping, query_start_loc, seq_lens, block_tables, num_decodes,
+                                   query_start_loc_host, seq_lens_host)
+    backend.prepare(meta, kv_layers[0])
+    return ForwardContext(positions=positions, attn_meta=meta, backend=backend, kv_layers=kv_layers, rotary=rotary,
+                          cos_sin=None if use_triton_ops(positions) else rotary.cos_sin(positions))
