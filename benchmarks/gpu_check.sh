@@ -2,7 +2,8 @@
 # One command on a CUDA machine (under 8 minutes on an H200): every Triton kernel against its
 # reference at realistic sizes in bf16 and fp16, the engine against HF transformers on a random
 # ~0.5B Qwen2-style model (fp32 exact, bf16 within tolerance), CUDA graphs against eager, then the
-# benchmark table (benchmarks/gpu_bench.py). Uses the machine's own torch / triton / transformers;
+# benchmark table (benchmarks/gpu_bench.py). Tensor parallel runs at size 1 on a one-GPU machine (its
+# TP=2 test needs two GPUs and says so; the CPU suite runs TP=2 over gloo). Uses the machine's own torch / triton / transformers;
 # downloads nothing. Logs go to $OUT (or benchmarks/out).
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -51,8 +51,11 @@ def cmd_generate(args) -> int:
     from .llm import LLM
     llm = LLM(config=engine_config_from_args(args))
     prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
-    for out in llm.generate(prompts, sampling_params(args)):
-        print(out.text if len(prompts) == 1 else f"[{out.request_id}] {out.text!r} ({out.finish_reason})")
+    try:
+        for out in llm.generate(prompts, sampling_params(args)):
+            print(out.text if len(prompts) == 1 else f"[{out.request_id}] {out.text!r} ({out.finish_reason})")
+    finally:
+        llm.shutdown()
     return 0
 
 

@@ -61,6 +61,15 @@ class EngineConfig:
                                  "token and head, asymmetric)", KV_CACHE_DTYPES)
     skip_tokenizer_init: bool = option(False, "run without a tokenizer: prompts must be token ids, outputs carry "
                                        "token ids and no text")
+    tensor_parallel_size: int = option(1, "ranks one model is split across (torch.distributed: gloo on the CPU, "
+                                       "NCCL on CUDA); this process is rank 0 and starts the others")
+    distributed_init_method: str | None = option(None, "how the ranks meet: unset = rank 0 starts the other ranks "
+                                                 "on this host; 'env://' = every rank is started by torchrun or a "
+                                                 "cluster scheduler (MASTER_ADDR, MASTER_PORT, WORLD_SIZE, RANK)")
+    cpu_threads_bind: str | None = option(None, "CPU cores of each rank, '|'-separated, e.g. '0-15|16-31' (as "
+                                          "vLLM's VLLM_CPU_OMP_THREADS_BIND); unset = the cores split evenly")
+    distributed_timeout: float = option(600.0, "seconds a rank waits in a collective before the group is declared "
+                                        "broken")
     bucket_batch_shapes: bool = option(True, "CPU: pad each step's token count to one of a few sizes, so the GEMM "
                                        "and compile caches and the heap see a bounded set of shapes and memory "
                                        "levels off (engine/runner.py, padded_count)")
@@ -93,6 +102,16 @@ class EngineConfig:
                f"must be None or a multiple of 16, got {self.group_size!r}")
         _check(self.num_threads is None or self.num_threads >= 1, "num_threads",
                f"must be >= 1, got {self.num_threads!r}")
+        _check(isinstance(self.tensor_parallel_size, int) and self.tensor_parallel_size >= 1, "tensor_parallel_size",
+               f"must be an integer >= 1, got {self.tensor_parallel_size!r}")
+        _check(self.distributed_init_method in (None, "env://"), "distributed_init_method",
+               f"must be unset or 'env://', got {self.distributed_init_method!r}")
+        _check(self.distributed_timeout > 0, "distributed_timeout", f"must be > 0 seconds, got {self.distributed_timeout!r}")
+        if self.cpu_threads_bind is not None:
+            from .distributed.launcher import parse_cpu_bind
+            groups = parse_cpu_bind(self.cpu_threads_bind)
+            _check(len(groups) == self.tensor_parallel_size, "cpu_threads_bind",
+                   f"needs one core list per rank ({self.tensor_parallel_size}), got {len(groups)}")
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "EngineConfig":

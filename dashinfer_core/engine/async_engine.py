@@ -108,6 +108,15 @@ class AsyncEngine:
         return self.engine.stats()
 
     @property
+    def dead_reason(self) -> BaseException | None:
+        """Why the step loop stopped, if it crashed (a tensor-parallel rank died, a broken engine)."""
+        return self._dead
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait until the step loop ends (shutdown, or a crash: then dead_reason says why)."""
+        self._thread.join(timeout)
+
+    @property
     def is_running(self) -> bool:
         return self._thread.is_alive() and self._dead is None
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from ..cache.block_manager import BlockManager
 from ..config import EngineConfig
-from ..errors import DuplicateRequestError, InvalidParameterError, PromptTooLongError
+from ..errors import DuplicateRequestError, EngineDeadError, InvalidParameterError, PromptTooLongError
 from ..outputs import RequestOutput
 from ..sampling_params import SamplingParams
 from ..guided.manager import GuidedManager
@@ -167,7 +167,7 @@ class LLMEngine:
 
     def has_runnable_work(self) -> bool:
         """False when every unfinished request is only waiting for its guided pattern to compile."""
-        return self.scheduler.has_unfinished() or self.guided.has_news()
+        return self.scheduler.has_unfinished() or self.guided.has_news() or self.runner.broken
 
     def wait_for_work(self, timeout: float | None = None) -> bool:
         """Block while every unfinished request only waits for its guided pattern to compile: until
@@ -183,11 +183,14 @@ class LLMEngine:
 
     def set_work_callback(self, callback) -> None:
         """callback() is called from a compile thread when a parked request can run (AsyncEngine wakes
-        its loop with it)."""
+        its loop with it), and when a tensor-parallel rank dies."""
         self.guided.on_ready = callback
+        self.runner.on_failure(callback)
 
     def shutdown(self) -> None:
+        """Stop the guided compile threads and the tensor-parallel ranks (if any)."""
         self.guided.shutdown()
+        self.runner.shutdown()
 
     def get_request_status(self, request_id: str) -> str | None:
         request = self.requests.get(request_id)
@@ -240,6 +243,7 @@ class LLMEngine:
     # ---- the step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one scheduled batch; returns an output for every request that changed."""
+        self.runner.check_alive()
         outputs = self._admit_guided()
         batch = self.scheduler.schedule()
         if batch.is_empty:
@@ -255,6 +259,8 @@ class LLMEngine:
         try:
             sampled = self.runner.execute(batch, rows)
             self._consecutive_failures = 0
+        except EngineDeadError:  # a tensor-parallel rank died: nothing can run any more
+            raise
         except Exception as exc:
             return outputs + self._fail_batch(batch, exc)
         self.scheduler.finish_step(batch)

@@ -13,10 +13,12 @@ import torch
 from ..cache.kv_cache import KVCache, bytes_per_block
 from ..capabilities import choose_cpu_paths, detect, isolate_compile_cache, native_bf16
 from ..config import EngineConfig
+from ..errors import EngineDeadError
 from ..layers.attention import make_attention_backend
 from ..layers.context import ForwardContext, forward_context
 from ..layers.sampler import Sampler, SamplerOutput
 from ..loader import load_model, resolve_model_dir
+from ..cache.block_manager import BlockOps
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
 
@@ -26,13 +28,18 @@ CPU_DEFAULT_KV_BYTES = 4 << 30
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, rank: int = 0) -> torch.device:
+    """The device of tensor-parallel rank `rank` (rank r of a CUDA group takes GPU r)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         from ..errors import InvalidParameterError
         raise InvalidParameterError("device", "CUDA was requested but torch sees no CUDA device")
+    if device.type == "cuda" and rank > 0:
+        device = torch.device("cuda", rank)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
     return device
 
 
@@ -70,6 +77,21 @@ def padded_count(n: int) -> int:
 
 
 @dataclass
+class StepPlan:
+    """Everything a rank needs for one forward, as host arrays: rank 0 builds it from the scheduled
+    batch and, under tensor parallel, sends it to the other ranks in one message."""
+    ops: BlockOps  # cache copies first
+    input_ids: np.ndarray  # [T] int64 (padding tokens included)
+    positions: np.ndarray  # [T] int64
+    slot_mapping: np.ndarray  # [T] int64, -1 = padding
+    query_start: list[int]  # [B + 1]
+    seq_lens: list[int]  # [B]
+    block_tables: np.ndarray  # [B, max_blocks] int32
+    num_decodes: int
+    logit_rows: list[int]  # tokens whose logits are wanted (empty: none)
+
+
+@dataclass
 class SampleRow:
     """One token to draw: for `seq`, from the logits of the last token of batch entry `batch_index`."""
     seq: Sequence
@@ -77,12 +99,18 @@ class SampleRow:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig):
+    """rank: this process's tensor-parallel rank. Rank 0 is the engine's runner: it starts the other
+    ranks (launcher.RankGroup), plans each step and samples; ranks > 0 (rank_worker.py) only run
+    the plans they receive."""
+
+    def __init__(self, config: EngineConfig, rank: int = 0, group=None):
+        """group: the TPGroup of a rank > 0 (rank 0 forms it itself)."""
         self.config = config
-        self.device = resolve_device(config.device)
+        self.rank = rank
+        self.device = resolve_device(config.device, rank)
         self.dtype = resolve_dtype(config.dtype, self.device)
         if self.device.type == "cpu":
-            if config.num_threads:
+            if config.num_threads and config.tensor_parallel_size == 1:
                 torch.set_num_threads(config.num_threads)
             keep_freed_memory_mapped()
         # Fast paths by what this machine can do, chosen once (capabilities.py); the CPU ones only.
@@ -96,10 +124,21 @@ class ModelRunner:
         self.model_dir = resolve_model_dir(config.model)
         from ..models import load_model_config
         self.model_cfg = load_model_config(self.model_dir)
+        from ..distributed.parallel_state import SINGLE
+        self.ranks = None
+        self.tp = group or SINGLE
+        if rank == 0 and config.tensor_parallel_size > 1:  # before the model: it is built as this rank's shard
+            from ..distributed.launcher import RankGroup, check_tp_settings, set_rank_threads
+            check_tp_settings(config, self.model_cfg, self.device)
+            if self.device.type == "cpu":
+                set_rank_threads(config, 0)
+            self.ranks = RankGroup(config, self.device)
+            self.tp = self.ranks.group
+        parallel = self.tp.size > 1
         max_len = config.max_model_len or self.model_cfg.max_position_embeddings
         if self.model_cfg.sliding_window:
             max_len = min(max_len, self.model_cfg.sliding_window)  # attention never reaches past it
-        self.model = load_model(self.model_dir, self.model_cfg, self.dtype, self.device, max_len)
+        self.model = load_model(self.model_dir, self.model_cfg, self.dtype, self.device, max_len, self.tp)
         if config.quantization:
             from ..quant.linear import quantize_model
             quantize_model(self.model, config.quantization, config.group_size, self.device)
@@ -113,14 +152,16 @@ class ModelRunner:
         self.attention = make_attention_backend(config.attention_backend, self.device,
                                                 fused=self._path_on("compiled_attention"))
         from ..models.compiled import CompiledLayerParts, wants_compiled_layers
+        # Not under tensor parallel: the layer parts hold all-reduces, which stay eager.
         if wants_compiled_layers(self.device, self.dtype, self._path_on("compiled_layers")) and \
-                self.attention.native_on_cpu:
+                self.attention.native_on_cpu and not parallel:
             self.model.compiled_parts = CompiledLayerParts()
         self.sampler = Sampler(self.vocab_size, self.model_cfg.eos_token_ids, self.device)
         # CPU: steps see a few token counts, not every count up to the budget (see padded_count).
         self.bucket_shapes = self.device.type == "cpu" and config.bucket_batch_shapes
         self.graphs = None
-        if self.device.type == "cuda" and not config.enforce_eager and self.attention.supports_cuda_graphs:
+        if self.device.type == "cuda" and not config.enforce_eager and self.attention.supports_cuda_graphs and \
+                not parallel:  # graphs would capture the NCCL all-reduces: eager under tensor parallel
             from .cuda_graphs import DecodeGraphs, default_capture_sizes
             self.graphs = DecodeGraphs(self.model, self.kv_cache.layers, self.attention, self.device,
                                        -(-self.max_model_len // self.block_size),
@@ -138,7 +179,8 @@ class ModelRunner:
         if kv_bits == 4 and cfg.head_dim % 2:
             from ..errors import InvalidParameterError
             raise InvalidParameterError("kv_cache_dtype", "uint4 needs an even head_dim")
-        per_block = bytes_per_block(cfg.num_layers, self.block_size, cfg.num_kv_heads, cfg.head_dim, self.dtype, kv_bits)
+        num_kv_heads = self.tp.kv_head_shard(cfg.num_kv_heads)[1]  # this rank's (all of them without tensor parallel)
+        per_block = bytes_per_block(cfg.num_layers, self.block_size, num_kv_heads, cfg.head_dim, self.dtype, kv_bits)
         budget = self.config.kv_cache_memory
         if budget is None:
             if self.device.type == "cuda":
@@ -146,45 +188,82 @@ class ModelRunner:
                 budget = int(free * self.config.gpu_memory_utilization)
             else:
                 budget = CPU_DEFAULT_KV_BYTES
-        num_blocks = budget // per_block
+        num_blocks = self.tp.min_int(budget // per_block)  # every rank holds the same number
         if num_blocks < 1:
             from ..errors import InvalidParameterError
             raise InvalidParameterError("kv_cache_memory", f"{budget} bytes hold no KV block; one block of "
                                         f"{self.block_size} tokens needs {per_block} bytes")
-        num_cpu_blocks = self.config.cpu_cache_memory // per_block if self.config.enable_prefix_caching else 0
-        return KVCache(cfg.num_layers, num_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim,
+        num_cpu_blocks = self.tp.min_int(self.config.cpu_cache_memory // per_block) \
+            if self.config.enable_prefix_caching else 0
+        return KVCache(cfg.num_layers, num_blocks, self.block_size, num_kv_heads, cfg.head_dim,
                        self.dtype, self.device, num_cpu_blocks=num_cpu_blocks, kv_bits=kv_bits)
 
+    def shutdown(self) -> None:
+        if self.ranks is not None:
+            self.ranks.shutdown()
+
     # ---- one step ------------------------------------------------------------------------------
-    @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, rows: list[SampleRow]) -> SamplerOutput | None:
         """Forward the batch; draw a token for each row. Returns host lists (the step's one sync)."""
-        self.kv_cache.apply(batch.ops)
-        input_ids, ctx = self._prepare_inputs(batch)
+        query_end = np.cumsum(batch.num_new_tokens)
+        logit_rows = [int(query_end[r.batch_index]) - 1 for r in rows]
+        if self.bucket_shapes and logit_rows:  # the LM head's GEMM too sees only a few row counts
+            logit_rows += logit_rows[-1:] * (padded_count(len(logit_rows)) - len(logit_rows))
+        logits = self._run(self._plan(batch, logit_rows))
+        if not rows:
+            return None
+        with torch.inference_mode():
+            return self.sampler(logits[:len(rows)], self.sampler.prepare([r.seq for r in rows])).to_host()
+
+    def score(self, batch: ScheduledBatch, targets: list[int]) -> list[float]:
+        """Forward a one-sequence batch and return the log-probability of targets[i] after its token i
+        (scoring text; generation only needs the last token's distribution)."""
+        logits = self._run(self._plan(batch, list(range(len(targets)))))
+        with torch.inference_mode():
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            return logprobs.gather(1, torch.tensor(targets, device=logprobs.device)[:, None]).squeeze(1).tolist()
+
+    def _run(self, plan: StepPlan) -> torch.Tensor | None:
+        """Rank 0: send the plan to the other ranks, then run it here too. A broken group (a rank
+        died) raises EngineDeadError: the engine cannot go on."""
+        if self.ranks is None:
+            return self.run_plan(plan)
+        self.ranks.send(plan)
+        try:
+            return self.run_plan(plan)
+        except Exception as exc:  # a rank stopped half-way through a forward is out of step: fatal
+            raise self.ranks.collective_failed(exc) from exc
+
+    @property
+    def broken(self) -> bool:
+        """A tensor-parallel rank died: nothing can run any more."""
+        return self.ranks is not None and self.ranks.failure is not None
+
+    def check_alive(self) -> None:
+        if self.broken:
+            raise EngineDeadError(f"tensor-parallel group broken: {self.ranks.failure}")
+
+    def on_failure(self, callback) -> None:
+        """callback() runs (on a watchdog thread) when a rank dies, so an idle engine learns of it."""
+        if self.ranks is not None:
+            self.ranks.on_failure = callback
+
+    @torch.inference_mode()
+    def run_plan(self, plan: StepPlan) -> torch.Tensor | None:
+        """Every rank: the cache copies, the forward, and the logits of plan.logit_rows ([R, vocab];
+        under tensor parallel the all-gather of every rank's vocabulary part)."""
+        self.kv_cache.apply(plan.ops)
+        input_ids, ctx = self._to_device(plan)
         meta = ctx.attn_meta
         if self.graphs is not None and self.graphs.can_run(meta.num_decodes, meta.num_seqs, input_ids.shape[0]):
             hidden = self.graphs.run(input_ids, ctx)
         else:
             hidden = self.model(input_ids, ctx)
-        if not rows:
+        if not plan.logit_rows:
             return None
-        last_token = [meta.query_start_loc_host[r.batch_index + 1] - 1 for r in rows]
-        if self.bucket_shapes:  # the LM head's GEMM too sees only a few row counts
-            last_token += last_token[-1:] * (padded_count(len(last_token)) - len(last_token))
-        logits = self.model.compute_logits(hidden[torch.tensor(last_token, device=self.device)])[:len(rows)]
-        return self.sampler(logits, self.sampler.prepare([r.seq for r in rows])).to_host()
+        return self.model.compute_logits(hidden[torch.tensor(plan.logit_rows, device=self.device)])
 
-    @torch.inference_mode()
-    def score(self, batch: ScheduledBatch, targets: list[int]) -> list[float]:
-        """Forward a one-sequence batch and return the log-probability of targets[i] after its token i
-        (scoring text; generation only needs the last token's distribution)."""
-        self.kv_cache.apply(batch.ops)
-        input_ids, ctx = self._prepare_inputs(batch)
-        hidden = self.model(input_ids, ctx)[:len(targets)]  # without the shape-bucket padding
-        logprobs = torch.log_softmax(self.model.compute_logits(hidden).float(), dim=-1)
-        return logprobs.gather(1, torch.tensor(targets, device=logprobs.device)[:, None]).squeeze(1).tolist()
-
-    def _prepare_inputs(self, batch: ScheduledBatch) -> tuple[torch.Tensor, ForwardContext]:
+    def _plan(self, batch: ScheduledBatch, logit_rows: list[int]) -> StepPlan:
         bs = self.block_size
         token_chunks, position_chunks, slot_chunks, seq_lens = [], [], [], []
         max_blocks = max(len(s.block_table) for s in batch.seqs)
@@ -205,14 +284,18 @@ class ModelRunner:
             token_chunks.append([0] * num_pad)
             position_chunks.append(np.zeros(num_pad, dtype=np.int64))
             slot_chunks.append(np.full(num_pad, -1, dtype=np.int64))
+        return StepPlan(ops=batch.ops,
+                        input_ids=np.fromiter((t for c in token_chunks for t in c), dtype=np.int64),
+                        positions=np.concatenate(position_chunks), slot_mapping=np.concatenate(slot_chunks),
+                        query_start=query_start.tolist(), seq_lens=seq_lens, block_tables=block_tables,
+                        num_decodes=batch.num_decodes, logit_rows=logit_rows)
+
+    def _to_device(self, plan: StepPlan) -> tuple[torch.Tensor, ForwardContext]:
         to_dev = lambda a, dt: torch.from_numpy(np.asarray(a)).to(device=self.device, dtype=dt)  # noqa: E731
-        input_ids = to_dev(np.fromiter((t for c in token_chunks for t in c), dtype=np.int64), torch.int64)
         ctx = forward_context(
-            positions=to_dev(np.concatenate(position_chunks), torch.int64),
-            slot_mapping=to_dev(np.concatenate(slot_chunks), torch.int64),
-            query_start_loc=to_dev(query_start, torch.int32),
-            seq_lens=to_dev(np.asarray(seq_lens), torch.int32),
-            block_tables=to_dev(block_tables, torch.int32),
-            num_decodes=batch.num_decodes, backend=self.attention, kv_layers=self.kv_cache.layers,
-            rotary=self.model.rotary, query_start_loc_host=query_start.tolist(), seq_lens_host=seq_lens)
-        return input_ids, ctx
+            positions=to_dev(plan.positions, torch.int64), slot_mapping=to_dev(plan.slot_mapping, torch.int64),
+            query_start_loc=to_dev(plan.query_start, torch.int32), seq_lens=to_dev(plan.seq_lens, torch.int32),
+            block_tables=to_dev(plan.block_tables, torch.int32), num_decodes=plan.num_decodes,
+            backend=self.attention, kv_layers=self.kv_cache.layers, rotary=self.model.rotary,
+            query_start_loc_host=plan.query_start, seq_lens_host=plan.seq_lens)
+        return to_dev(plan.input_ids, torch.int64), ctx

@@ -25,13 +25,21 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 class Linear(nn.Module):
+    """Tensor parallel: a column-parallel layer holds, of each shard, the rows starting at
+    shard_offsets[i] of the HF tensor; a row-parallel one holds the input columns from in_offset
+    (its partial outputs are summed across ranks by the model, and its bias is added on rank 0 only)."""
+
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
-                 shard_sizes: tuple[int, ...] | None = None):
+                 shard_sizes: tuple[int, ...] | None = None, shard_offsets: tuple[int, ...] | None = None,
+                 in_offset: int | None = None, first_rank: bool = True):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
         self.shard_sizes = shard_sizes or (out_features,)
         assert sum(self.shard_sizes) == out_features
+        self.shard_offsets = shard_offsets  # None: each shard is its whole HF tensor
+        self.in_offset = in_offset  # None: all input columns
+        self.first_rank = first_rank  # row-parallel: the rank that adds the bias
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
 
@@ -40,11 +48,19 @@ class Linear(nn.Module):
         return start, start + self.shard_sizes[shard]
 
     def load(self, name: str, tensor: torch.Tensor, shard: int = 0) -> None:
-        """Copy an HF weight or bias into shard `shard` of this layer."""
+        """Copy (this rank's part of) an HF weight or bias into shard `shard` of this layer."""
         target = self.weight if name == "weight" else self.bias
         if target is None:
             raise ValueError(f"checkpoint has a bias for a layer built without one ({tensor.shape})")
         start, end = self.shard_range(shard)
+        if self.shard_offsets is not None:
+            offset = self.shard_offsets[shard]
+            tensor = tensor[offset:offset + end - start]
+        if self.in_offset is not None:
+            if name == "weight":
+                tensor = tensor[:, self.in_offset:self.in_offset + self.in_features]
+            elif not self.first_rank:  # the partial outputs are summed: add the bias once
+                tensor = torch.zeros_like(tensor)
         expected = (end - start,) + tuple(target.shape[1:])
         if tuple(tensor.shape) != expected:
             raise ValueError(f"{name} shard {shard}: checkpoint shape {tuple(tensor.shape)} != {expected}")

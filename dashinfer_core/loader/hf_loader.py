@@ -53,11 +53,12 @@ def iter_safetensors(model_dir: Path, dtype: torch.dtype) -> Iterator[tuple[str,
 
 
 def load_model(model_dir: Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
-               max_positions: int) -> torch.nn.Module:
-    """The model of `cfg` (load_model_config(model_dir)) with its weights, in eval mode."""
+               max_positions: int, tp=None) -> torch.nn.Module:
+    """The model of `cfg` (load_model_config(model_dir)) with its weights, in eval mode; under tensor
+    parallel (tp: a TPGroup), this rank's shard, each tensor read and sliced in turn."""
     cls = model_class(cfg)
     with torch.device(device):
-        model = cls(cfg, dtype, max_positions)
+        model = cls(cfg, dtype, max_positions) if tp is None else cls(cfg, dtype, max_positions, tp=tp)
     model.load_weights(iter_safetensors(model_dir, dtype))
     model.eval()
     return model

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..distributed.parallel_state import SINGLE, TPGroup
+from ..errors import UnsupportedModelError
 from ..layers.activation import silu_and_mul
 from ..layers.context import ForwardContext
 from ..layers.linear import Linear, linear
@@ -24,13 +26,21 @@ from .model_config import ModelConfig
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, tp: TPGroup):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        # Tensor parallel: this rank's query heads and the KV heads they read (column-parallel q/k/v,
+        # row-parallel o); one rank holds them all by default.
+        first_head, self.num_heads = tp.q_head_shard(cfg.num_heads, cfg.num_kv_heads)
+        first_kv_head, self.num_kv_heads = tp.kv_head_shard(cfg.num_kv_heads)
+        self.head_dim = cfg.head_dim
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        parallel = tp.size > 1
+        kv_offset = first_kv_head * self.head_dim
         self.qkv_proj = Linear(cfg.hidden_size, q_size + 2 * kv_size, cfg.qkv_bias, dtype,
-                               shard_sizes=(q_size, kv_size, kv_size))
-        self.o_proj = Linear(q_size, cfg.hidden_size, cfg.o_bias, dtype)
+                               shard_sizes=(q_size, kv_size, kv_size),
+                               shard_offsets=(first_head * self.head_dim, kv_offset, kv_offset) if parallel else None)
+        self.o_proj = Linear(q_size, cfg.hidden_size, cfg.o_bias, dtype,
+                             in_offset=first_head * self.head_dim if parallel else None, first_rank=tp.rank == 0)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
         self.scale = self.head_dim ** -0.5
@@ -51,24 +61,29 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, tp: TPGroup):
         super().__init__()
-        inter = cfg.intermediate_size
-        self.gate_up_proj = Linear(cfg.hidden_size, 2 * inter, cfg.mlp_bias, dtype, shard_sizes=(inter, inter))
-        self.down_proj = Linear(inter, cfg.hidden_size, cfg.mlp_bias, dtype)
+        self.tp = tp
+        start, inter = tp.shard(cfg.intermediate_size)
+        parallel = tp.size > 1
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * inter, cfg.mlp_bias, dtype, shard_sizes=(inter, inter),
+                                   shard_offsets=(start, start) if parallel else None)
+        self.down_proj = Linear(inter, cfg.hidden_size, cfg.mlp_bias, dtype, in_offset=start if parallel else None,
+                                first_rank=tp.rank == 0)
 
     def forward(self, x):
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.tp.all_reduce(self.down_proj(silu_and_mul(self.gate_up_proj(x))))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, layer_index: int):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, layer_index: int, tp: TPGroup):
         super().__init__()
         self.layer_index = layer_index  # which of ForwardContext.kv_layers is this layer's cache
+        self.tp = tp
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.self_attn = Attention(cfg, dtype)
+        self.self_attn = Attention(cfg, dtype, tp)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.mlp = MLP(cfg, dtype)
+        self.mlp = MLP(cfg, dtype, tp)
 
     # The layer in three parts: attention over the paged cache between two pure tensor functions,
     # which models/compiled.py can hand to torch.compile.
@@ -82,7 +97,7 @@ class DecoderLayer(nn.Module):
         return q, k, v, residual
 
     def post_attention(self, out, residual):
-        h = self.self_attn.o_proj(out.reshape(out.shape[0], -1))
+        h = self.tp.all_reduce(self.self_attn.o_proj(out.reshape(out.shape[0], -1)))
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
 
@@ -96,22 +111,34 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, max_positions: int):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, max_positions: int, tp: TPGroup = SINGLE):
+        """tp: the tensor-parallel group this model is a shard of (one rank by default)."""
         super().__init__()
         if cfg.hidden_act != "silu":
             raise ValueError(f"hidden_act {cfg.hidden_act!r} is not supported (only 'silu')")
         self.cfg = cfg
-        self.embed_tokens = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype),
+        self.tp = tp
+        # Vocab-parallel embedding and LM head: this rank's rows of the vocabulary.
+        self.vocab_start, self.vocab_local = tp.shard(cfg.vocab_size)
+        self.embed_tokens = nn.Parameter(torch.empty(self.vocab_local, cfg.hidden_size, dtype=dtype),
                                          requires_grad=False)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, dtype, i) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, dtype, i, tp) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Parameter(
-            torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype), requires_grad=False)
+            torch.empty(self.vocab_local, cfg.hidden_size, dtype=dtype), requires_grad=False)
         self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, dtype)
         self.compiled_parts = None  # set by the runner where compiling the layers pays (CPU, half precision)
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return F.embedding(input_ids, self.embed_tokens)
+        local = input_ids - self.vocab_start
+        outside = (local < 0) | (local >= self.vocab_local)
+        x = F.embedding(local.masked_fill(outside, 0), self.embed_tokens).masked_fill_(outside[:, None], 0)
+        return self.tp.all_reduce(x)
+
     def forward(self, input_ids, ctx: ForwardContext):
-        x = F.embedding(input_ids, self.embed_tokens)
+        x = self.embed(input_ids)
         residual = None
         for layer in self.layers:
             x, residual = layer(x, residual, ctx, self.compiled_parts)
@@ -120,7 +147,7 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embed_tokens if self.lm_head is None else self.lm_head
-        return linear(hidden, weight)
+        return self.tp.all_gather_last_dim(linear(hidden, weight))
 
     # ---- weights -------------------------------------------------------------------------------
     # HF projection name -> (our merged layer, shard index)
@@ -136,7 +163,7 @@ class LlamaForCausalLM(nn.Module):
                 continue  # derived buffers, or a stored copy of tied embeddings
             if name in ("model.embed_tokens.weight", "lm_head.weight"):
                 param = self.embed_tokens if name.startswith("model.") else self.lm_head
-                _copy_checked(name, param, tensor)
+                _copy_checked(name, param, tensor[self.vocab_start:self.vocab_start + self.vocab_local])
                 loaded.add((name, "weight", 0))
                 continue
             parts = name.split(".")
@@ -160,6 +187,8 @@ class LlamaForCausalLM(nn.Module):
         missing = sorted(self._expected_weights() - loaded)
         if missing:
             raise ValueError(f"checkpoint is missing {len(missing)} weights, e.g. {missing[:3]}")
+        if gptq and self.tp.size > 1:
+            raise UnsupportedModelError("tensor_parallel_size: GPTQ checkpoints run with tensor_parallel_size 1")
         if gptq:
             install_gptq(self, gptq, check_gptq_config(self.cfg.raw.get("quantization_config") or {}))
 

@@ -95,3 +95,17 @@ def test_cuda_graphs_equal_eager(qwen_dir):
     assert [o.token_ids for o in graphs.generate(batch, params)] == [o.token_ids for o in eager.generate(batch, params)]
     stats = graphs.engine.stats()
     assert stats.num_free_blocks == stats.num_blocks
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="tensor parallel over NCCL needs two GPUs; "
+                    "a one-GPU machine runs TP=1 only (the CPU suite runs TP=2 over gloo)")
+def test_tensor_parallel_two_gpus_equals_one(qwen_dir):
+    batch = prompts(8, seed=5, low=5, high=60)
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    common = dict(dtype="float32", device="cuda", skip_tokenizer_init=True, kv_cache_memory=1 << 30)
+    one = [o.token_ids for o in LLM(str(qwen_dir), **common).generate(batch, params)]
+    two_llm = LLM(str(qwen_dir), tensor_parallel_size=2, **common)
+    try:
+        assert [o.token_ids for o in two_llm.generate(batch, params)] == one
+    finally:
+        two_llm.shutdown()

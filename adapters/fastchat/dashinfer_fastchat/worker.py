@@ -14,6 +14,8 @@ import argparse
 import asyncio
 import json
 import os
+import sys
+import threading
 import uuid
 from dataclasses import asdict
 
@@ -254,14 +256,30 @@ def add_worker_engine_args(parser: argparse.ArgumentParser) -> None:
     """Every EngineConfig option as a flag (generated from its fields), the model as --model-path
     (FastChat's name), and FastChat's --tensor-parallel-size."""
     group = add_engine_args(parser, skip=("model",), title="dashinfer-core engine")
-    group.add_argument("--tensor-parallel-size", type=int, default=1, help="only 1 is supported")
+    group.add_argument("--num-gpus", type=int, default=None,
+                       help="FastChat's name for the tensor-parallel size (as its vllm_worker maps it)")
 
 
 def worker_engine_config(args) -> EngineConfig:
-    if args.tensor_parallel_size != 1:
-        raise SystemExit("--tensor-parallel-size: only 1 is supported by this release")
     model = None if args.model_path in (None, "", "default") else args.model_path
-    return engine_config_from_args(args, model=model)
+    overrides = {"model": model}
+    if args.num_gpus is not None:
+        if args.tensor_parallel_size not in (1, args.num_gpus):
+            raise SystemExit(f"--num-gpus {args.num_gpus} and --tensor-parallel-size {args.tensor_parallel_size} "
+                             "disagree")
+        overrides["tensor_parallel_size"] = args.num_gpus
+    return engine_config_from_args(args, **overrides)
+
+
+def exit_when_engine_dies(engine: AsyncEngine) -> None:
+    """A dead engine (e.g. a tensor-parallel rank crashed) cannot serve: exit non-zero so the
+    controller stops routing here (its heartbeat check drops the worker) and a supervisor restarts it."""
+    def watch():
+        engine.join()
+        if engine.dead_reason is not None:
+            print(f"dashinfer worker: the engine died ({engine.dead_reason}); exiting", file=sys.stderr, flush=True)
+            os._exit(1)
+    threading.Thread(target=watch, name="dashinfer-engine-watch", daemon=True).start()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -283,6 +301,7 @@ def main(argv=None) -> None:
     global worker
     args = build_parser().parse_args(argv)
     engine = AsyncEngine(worker_engine_config(args))
+    exit_when_engine_dies(engine)
     worker = DashInferWorker(args.controller_address, args.worker_address, uuid.uuid4().hex[:8], args.model_path,
                              args.model_names, args.limit_worker_concurrency, args.no_register, engine,
                              args.conv_template)
