@@ -29,6 +29,22 @@ def tiny_config(family: str):
         return transformers.Qwen2Config(**TINY_COMMON, tie_word_embeddings=True)
     if family == "qwen3":
         return transformers.Qwen3Config(**TINY_COMMON, head_dim=32, tie_word_embeddings=False)
+    # MoE: layer 0 dense (mlp_only_layers) and layer 1 sparse for Qwen2-MoE, with its shared expert.
+    if family == "qwen2_moe":
+        return transformers.Qwen2MoeConfig(**TINY_COMMON, tie_word_embeddings=False, num_experts=8,
+                                           num_experts_per_tok=2, moe_intermediate_size=48,
+                                           shared_expert_intermediate_size=96, norm_topk_prob=False,
+                                           mlp_only_layers=[0])
+    if family == "qwen3_moe":
+        return transformers.Qwen3MoeConfig(**TINY_COMMON, head_dim=32, tie_word_embeddings=False, num_experts=8,
+                                           num_experts_per_tok=8, moe_intermediate_size=32, norm_topk_prob=True)
+    if family == "mixtral":
+        return transformers.MixtralConfig(**{**TINY_COMMON, "intermediate_size": 64}, tie_word_embeddings=False,
+                                          num_local_experts=4, num_experts_per_tok=1)
+    if family == "glm":
+        return transformers.GlmConfig(**TINY_COMMON, head_dim=16, pad_token_id=0, tie_word_embeddings=False)
+    if family == "glm4":
+        return transformers.Glm4Config(**TINY_COMMON, head_dim=32, pad_token_id=0, tie_word_embeddings=False)
     raise ValueError(family)
 
 
@@ -40,12 +56,17 @@ def build_tiny_model(family: str, path: Path, tokenizer_dir: Path, seed: int = 0
     cfg.eos_token_id = 2
     cfg.bos_token_id = 1
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    if family == "qwen2":  # Qwen2 starts its q/k/v biases at zero: make them matter
+    if family in ("qwen2", "qwen2_moe", "glm", "glm4"):  # q/k/v biases start at zero: make them matter
         with torch.no_grad():
             for layer in model.model.layers:
                 for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                     proj.bias.normal_(0, 0.5)
-    if family == "qwen3":
+    if family == "glm4":  # its extra post-norms start at one: make them matter
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.post_self_attn_layernorm.weight.normal_(1.0, 0.3)
+                layer.post_mlp_layernorm.weight.normal_(1.0, 0.3)
+    if family in ("qwen3", "qwen3_moe"):
         with torch.no_grad():
             for layer in model.model.layers:
                 layer.self_attn.q_norm.weight.normal_(1.0, 0.3)

@@ -62,7 +62,11 @@ def check_tp_settings(config: EngineConfig, model_cfg, device: torch.device) -> 
     size = config.tensor_parallel_size
     if size == 1:
         return
-    for name, value in (("intermediate_size", model_cfg.intermediate_size), ("vocab_size", model_cfg.vocab_size)):
+    sizes = [("intermediate_size", model_cfg.intermediate_size), ("vocab_size", model_cfg.vocab_size)]
+    if model_cfg.moe is not None:  # each expert's intermediate size is split like a dense MLP's
+        sizes += [("moe_intermediate_size", model_cfg.moe.intermediate_size),
+                  ("shared_expert_intermediate_size", model_cfg.moe.shared_expert_intermediate_size)]
+    for name, value in sizes:
         if value % size:
             raise InvalidParameterError("tensor_parallel_size", f"{size} does not divide the model's {name} ({value})")
     # Attention heads go by GQA group: each rank takes whole KV heads (unevenly if need be); with fewer

@@ -152,9 +152,10 @@ class ModelRunner:
         self.attention = make_attention_backend(config.attention_backend, self.device,
                                                 fused=self._path_on("compiled_attention"))
         from ..models.compiled import CompiledLayerParts, wants_compiled_layers
-        # Not under tensor parallel: the layer parts hold all-reduces, which stay eager.
+        # Not under tensor parallel (the layer parts hold all-reduces, which stay eager), nor for MoE
+        # models (the expert dispatch reads the routing on the host).
         if wants_compiled_layers(self.device, self.dtype, self._path_on("compiled_layers")) and \
-                self.attention.native_on_cpu and not parallel:
+                self.attention.native_on_cpu and not parallel and self.model_cfg.moe is None:
             self.model.compiled_parts = CompiledLayerParts()
         self.sampler = Sampler(self.vocab_size, self.model_cfg.eos_token_ids, self.device)
         # CPU: steps see a few token counts, not every count up to the budget (see padded_count).

@@ -38,9 +38,16 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict, dtype: torch.dtype):
+    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict, dtype: torch.dtype,
+                 rotary_dim: int | None = None, interleaved: bool = False):
+        """rotary_dim: the leading dims that rotate (GLM: half of head_dim), the rest pass through;
+        interleaved: rotate pairs (x0, x1), (x2, x3), ... (GLM) instead of the two halves."""
         super().__init__()
-        inv_freq = rope_inv_freq(head_dim, theta, scaling)
+        self.rotary_dim = rotary_dim or head_dim
+        self.interleaved = interleaved
+        # The Triton kernel rotates full-width halves; other layouts take the torch path everywhere.
+        self.kernel_ok = self.rotary_dim == head_dim and not interleaved
+        inv_freq = rope_inv_freq(self.rotary_dim, theta, scaling)
         positions = torch.arange(max_positions, dtype=torch.int64).to(torch.float32)
         freqs = positions[:, None] * inv_freq[None, :]
         self.register_buffer("cos_cache", freqs.cos().to(dtype), persistent=False)  # [max_pos, D/2]
@@ -54,8 +61,13 @@ class RotaryEmbedding(nn.Module):
                cos_sin: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
         """q: [T, Hq, D], k: [T, Hkv, D]. With the step's gathered cos_sin, in torch; without
         (CUDA), in place by the Triton kernel from the full tables."""
+        if cos_sin is None and not self.kernel_ok:
+            cos_sin = self.cos_sin(positions)
         if cos_sin is not None:
-            return apply_rotary(q, *cos_sin), apply_rotary(k, *cos_sin)
+            if self.kernel_ok:
+                return apply_rotary(q, *cos_sin), apply_rotary(k, *cos_sin)
+            return (apply_partial_rotary(q, *cos_sin, self.rotary_dim, self.interleaved),
+                    apply_partial_rotary(k, *cos_sin, self.rotary_dim, self.interleaved))
         apply_rotary_inplace(q, k, positions, self)
         return q, k
 
@@ -64,6 +76,18 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """x: [T, H, D]. Rotates the two halves: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def apply_partial_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int,
+                         interleaved: bool) -> torch.Tensor:
+    """Rotate the first rotary_dim dims of x (halves, or interleaved pairs as GLM does); the rest pass."""
+    rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
+    if interleaved:
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+        rot = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+    else:
+        rot = apply_rotary(rot, cos, sin)
+    return torch.cat((rot, rest), dim=-1)
 
 
 def apply_rotary_inplace(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding) -> None:

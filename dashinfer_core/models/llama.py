@@ -1,5 +1,6 @@
 """The Llama family in one file: Llama 2/3, Mistral, SmolLM2, Qwen2/2.5 (q/k/v biases) and Qwen3
-(per-head q/k RMSNorm). Decoder-only, pre-norm, GQA, rotary embeddings, gated SiLU MLP.
+(per-head q/k RMSNorm), and their mixture-of-experts forms Qwen2-MoE, Qwen3-MoE and Mixtral (moe.py
+replaces the MLP of the sparse layers). Decoder-only, pre-norm, GQA, rotary embeddings, gated SiLU MLP.
 
 The forward takes one flattened varlen batch (`input_ids` [T]) and the step's ForwardContext
 (positions, attention metadata and backend, the KV cache layers, rotary inputs), writes K/V into the
@@ -23,6 +24,7 @@ from ..layers.norm import RMSNorm
 from ..layers.rotary import RotaryEmbedding
 from ..quant.gptq import GPTQ_PARTS, check_gptq_config, install_gptq
 from .model_config import ModelConfig
+from .moe import MoE
 
 
 class Attention(nn.Module):
@@ -61,10 +63,14 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, tp: TPGroup):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, tp: TPGroup, intermediate_size: int | None = None,
+                 reduce: bool = True):
+        """intermediate_size: default cfg's (an MoE expert has its own); reduce: sum the row-parallel
+        output across ranks here (an MoE block sums its experts first, then reduces once)."""
         super().__init__()
         self.tp = tp
-        start, inter = tp.shard(cfg.intermediate_size)
+        self.reduce = reduce
+        start, inter = tp.shard(intermediate_size or cfg.intermediate_size)
         parallel = tp.size > 1
         self.gate_up_proj = Linear(cfg.hidden_size, 2 * inter, cfg.mlp_bias, dtype, shard_sizes=(inter, inter),
                                    shard_offsets=(start, start) if parallel else None)
@@ -72,7 +78,8 @@ class MLP(nn.Module):
                                 first_rank=tp.rank == 0)
 
     def forward(self, x):
-        return self.tp.all_reduce(self.down_proj(silu_and_mul(self.gate_up_proj(x))))
+        out = self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.tp.all_reduce(out) if self.reduce else out
 
 
 class DecoderLayer(nn.Module):
@@ -83,7 +90,13 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.self_attn = Attention(cfg, dtype, tp)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.mlp = MLP(cfg, dtype, tp)
+        # GLM-4: each sublayer's output is normed before its residual add.
+        self.post_self_attn_layernorm = self.post_mlp_layernorm = None
+        if cfg.post_sublayer_norms:
+            self.post_self_attn_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+            self.post_mlp_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        sparse = cfg.moe is not None and layer_index in cfg.moe.sparse_layers
+        self.mlp = MoE(cfg, dtype, tp, MLP) if sparse else MLP(cfg, dtype, tp)
 
     # The layer in three parts: attention over the paged cache between two pure tensor functions,
     # which models/compiled.py can hand to torch.compile.
@@ -98,8 +111,13 @@ class DecoderLayer(nn.Module):
 
     def post_attention(self, out, residual):
         h = self.tp.all_reduce(self.self_attn.o_proj(out.reshape(out.shape[0], -1)))
+        if self.post_self_attn_layernorm is not None:
+            h = self.post_self_attn_layernorm(h)
         h, residual = self.post_attention_layernorm(h, residual)
-        return self.mlp(h), residual
+        h = self.mlp(h)
+        if self.post_mlp_layernorm is not None:
+            h = self.post_mlp_layernorm(h)
+        return h, residual
 
     def forward(self, x, residual, ctx: ForwardContext, parts=None):
         """parts: a CompiledLayerParts (models/compiled.py) or None for eager."""
@@ -126,7 +144,8 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Parameter(
             torch.empty(self.vocab_local, cfg.hidden_size, dtype=dtype), requires_grad=False)
-        self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, dtype)
+        self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, dtype,
+                                      cfg.rotary_dim, cfg.rotary_interleaved)
         self.compiled_parts = None  # set by the runner where compiling the layers pays (CPU, half precision)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -154,11 +173,19 @@ class LlamaForCausalLM(nn.Module):
     _SHARDS = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
                "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
+    # Mixtral's HF names -> the Qwen-MoE layout this model uses (mlp.experts.N.{gate,up,down}_proj).
+    _MIXTRAL_NAMES = ((".block_sparse_moe.", ".mlp."), (".w1.", ".gate_proj."), (".w3.", ".up_proj."),
+                      (".w2.", ".down_proj."))
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Fill parameters from HF-named tensors; raises on unknown or missing names."""
         loaded: set[tuple[str, str, int]] = set()
         gptq: dict[tuple[str, int], dict[str, torch.Tensor]] = {}  # (layer path, shard) -> GPTQ tensors
+        mixtral = self.cfg.architecture == "MixtralForCausalLM"
         for name, tensor in weights:
+            if mixtral and ".block_sparse_moe." in name:
+                for old, new in self._MIXTRAL_NAMES:
+                    name = name.replace(old, new)
             if "rotary_emb.inv_freq" in name or (name == "lm_head.weight" and self.lm_head is None):
                 continue  # derived buffers, or a stored copy of tied embeddings
             if name in ("model.embed_tokens.weight", "lm_head.weight"):
@@ -174,6 +201,12 @@ class LlamaForCausalLM(nn.Module):
             if module_path[-1] in self._SHARDS:
                 module_path[-1], shard = self._SHARDS[module_path[-1]]
             module = self.get_submodule(".".join(module_path)) if _has_module(self, module_path) else None
+            if isinstance(module, Linear) and module_path[-1] == "gate_up_proj" and kind in ("weight", "bias") \
+                    and name.endswith(f"gate_up_proj.{kind}"):  # GLM stores gate|up merged: one shard each
+                for part_index, part in enumerate(tensor.chunk(2, dim=0)):
+                    module.load(kind, part, part_index)
+                    loaded.add((".".join(module_path), kind, part_index))
+                continue
             if isinstance(module, Linear) and kind in GPTQ_PARTS:
                 gptq.setdefault((".".join(module_path), shard), {})[kind] = tensor
                 kind = "weight"  # the quantized tensors stand for the weight

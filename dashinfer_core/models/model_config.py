@@ -11,6 +11,19 @@ from ..errors import UnsupportedModelError
 
 
 @dataclass(frozen=True)
+class MoEConfig:
+    """Mixture-of-experts layers (Qwen2-MoE, Qwen3-MoE, Mixtral), read as transformers reads them."""
+    num_experts: int
+    top_k: int
+    intermediate_size: int  # of each expert
+    norm_topk_prob: bool  # renormalise the top-k routing weights to sum to 1
+    sparse_layers: tuple[int, ...]  # layers whose MLP is the MoE block (the others are dense)
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE's always-on expert (sigmoid-gated); 0 = none
+    # Qwen casts the routing weights to the model dtype before weighting the experts; Mixtral keeps fp32.
+    weights_in_model_dtype: bool = True
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     architecture: str
     model_type: str
@@ -35,6 +48,12 @@ class ModelConfig:
     bos_token_id: int | None = None
     sliding_window: int | None = None
     hidden_act: str = "silu"
+    moe: MoEConfig | None = None
+    # GLM: rotary embedding on the first rotary_dim dims, as interleaved pairs; GLM-4: a norm after
+    # attention and after the MLP, before each residual add.
+    rotary_dim: int | None = None
+    rotary_interleaved: bool = False
+    post_sublayer_norms: bool = False
     # The raw config.json, for quantization_config and anything family-specific.
     raw: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -72,10 +91,15 @@ def load_model_config(model_dir: Path) -> ModelConfig:
         elif gen_eos is not None:
             eos_ids = tuple(dict.fromkeys(eos_ids + (gen_eos,)))
 
-    is_qwen2 = model_type == "qwen2" or arch == "Qwen2ForCausalLM"
-    is_qwen3 = model_type == "qwen3" or arch == "Qwen3ForCausalLM"
+    is_qwen2 = model_type in ("qwen2", "qwen2_moe") or arch in ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM")
+    is_qwen3 = model_type in ("qwen3", "qwen3_moe") or arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
+    is_glm = arch in ("GlmForCausalLM", "Glm4ForCausalLM")
+    partial = rope.pop("partial_rotary_factor", None) or raw.get("partial_rotary_factor") or (0.5 if is_glm else 1.0)
+    if partial != 1.0 and not is_glm:
+        raise UnsupportedModelError(f"partial_rotary_factor: {partial} is supported for the GLM family only")
     attention_bias = bool(raw.get("attention_bias", False))
-    sliding = raw.get("sliding_window") if raw.get("use_sliding_window", model_type == "mistral") else None
+    sliding = raw.get("sliding_window") if raw.get("use_sliding_window",
+                                                   model_type in ("mistral", "mixtral")) else None
     return ModelConfig(
         architecture=arch,
         model_type=model_type,
@@ -91,14 +115,56 @@ def load_model_config(model_dir: Path) -> ModelConfig:
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         rope_theta=float(rope_theta),
         rope_scaling=rope,
-        # Qwen2 always has q/k/v biases (its config has no switch); Llama-style configs say.
-        qkv_bias=True if is_qwen2 else attention_bias,
-        o_bias=False if (is_qwen2 or is_qwen3) else attention_bias,
+        # Qwen2 always has q/k/v biases (Qwen2-MoE's config may switch them off); Llama-style configs say.
+        qkv_bias=bool(raw.get("qkv_bias", True)) if is_qwen2 else attention_bias,
+        o_bias=False if (is_qwen2 or is_qwen3 or is_glm) else attention_bias,
         mlp_bias=bool(raw.get("mlp_bias", False)),
         qk_norm=is_qwen3,
         eos_token_ids=eos_ids,
         bos_token_id=raw.get("bos_token_id"),
         sliding_window=sliding,
         hidden_act=raw.get("hidden_act", "silu"),
+        moe=read_moe_config(arch, raw),
+        rotary_dim=int(head_dim * partial) if is_glm else None,
+        rotary_interleaved=is_glm,
+        post_sublayer_norms=arch == "Glm4ForCausalLM",
         raw=raw,
     )
+
+
+def read_moe_config(arch: str, raw: dict) -> MoEConfig | None:
+    """The MoE layout of a Qwen2-MoE / Qwen3-MoE / Mixtral config (None for a dense model). Fields
+    the engine cannot honour raise UnsupportedModelError naming them."""
+    num_layers = raw["num_hidden_layers"]
+    if arch in ("Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"):
+        # Hub checkpoints say num_experts; transformers 5 saves Qwen3-MoE's as num_local_experts.
+        num_experts = raw["num_experts"] if raw.get("num_experts") is not None else _require(raw, "num_local_experts")
+        step = raw.get("decoder_sparse_step", 1)
+        only_dense = raw.get("mlp_only_layers") or []
+        if not isinstance(step, int) or step < 1:
+            raise UnsupportedModelError(f"decoder_sparse_step: must be an integer >= 1, got {step!r}")
+        sparse = tuple(i for i in range(num_layers)
+                       if i not in only_dense and num_experts > 0 and (i + 1) % step == 0)
+        moe = MoEConfig(num_experts=num_experts, top_k=_require(raw, "num_experts_per_tok"),
+                        intermediate_size=_require(raw, "moe_intermediate_size"),
+                        norm_topk_prob=bool(raw.get("norm_topk_prob", False)), sparse_layers=sparse,
+                        shared_expert_intermediate_size=(raw.get("shared_expert_intermediate_size") or 0)
+                        if arch == "Qwen2MoeForCausalLM" else 0)
+    elif arch == "MixtralForCausalLM":
+        moe = MoEConfig(num_experts=_require(raw, "num_local_experts"), top_k=_require(raw, "num_experts_per_tok"),
+                        intermediate_size=raw["intermediate_size"], norm_topk_prob=True,
+                        sparse_layers=tuple(range(num_layers)), weights_in_model_dtype=False)
+    else:
+        return None
+    if not 1 <= moe.top_k <= moe.num_experts:
+        raise UnsupportedModelError(f"num_experts_per_tok: must be in [1, {moe.num_experts}], got {moe.top_k}")
+    for name in ("router_type", "scoring_func", "topk_method", "n_group", "topk_group"):
+        if raw.get(name) not in (None, "softmax", "greedy"):  # only softmax routing over all experts
+            raise UnsupportedModelError(f"{name}: {raw[name]!r} routing is not supported (softmax top-k only)")
+    return moe
+
+
+def _require(raw: dict, name: str):
+    if raw.get(name) is None:
+        raise UnsupportedModelError(f"{name}: missing from config.json (needed for the MoE layers)")
+    return raw[name]

@@ -136,7 +136,7 @@ def quantize_model(model: nn.Module, mode: str, group_size: int | None, device: 
         raise InvalidParameterError("group_size", "a8w8 quantizes per channel; leave group_size unset")
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
-            if isinstance(child, Linear):
+            if isinstance(child, Linear) and not getattr(child, "keep_full_precision", False):  # MoE routers
                 qw = quantize(child.weight.data, bits, group_size)
                 if device.type == "cpu" and bits == 8 and not act and group_size is None and \
                         child.weight.dtype == torch.bfloat16 and int8_gemv_works():
