@@ -4,7 +4,8 @@ are gated SiLU MLPs, and Qwen2-MoE's sigmoid-gated shared expert.
 Arithmetic follows transformers so fp32 output is token-identical: routing probabilities in fp32,
 top-k (ties broken by torch.topk, as HF does), optional renormalisation, then each expert that got
 tokens runs once on all of them (tokens sorted by expert: one matmul per active expert, no loop over
-tokens) and its weighted output is added into the result in expert order.
+tokens) and its weighted output is added into the result in expert order. On CUDA the experts run in
+one fused Triton kernel (dashinfer_kernels.fused_moe) over weights stacked [experts, ...].
 
 Experts are ordinary (merged gate/up) Linears, so InstantQuant quantizes them and tensor parallel
 splits each expert's intermediate size like a dense MLP's; the router and the shared-expert gate stay
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from ..distributed.parallel_state import TPGroup
+from ..layers import use_triton_ops
 from ..layers.linear import Linear
 from .model_config import ModelConfig
 
@@ -33,6 +35,16 @@ class MoE(nn.Module):
         self.gate.keep_full_precision = True
         self.experts = nn.ModuleList(expert_cls(cfg, dtype, tp, moe.intermediate_size, reduce=False)
                                      for _ in range(moe.num_experts))
+        # The experts' weights stacked [experts, ...] for the fused kernel; each expert's Linear holds
+        # a view of its slice, so loading fills both. Dropped once the experts are quantized.
+        first = self.experts[0]
+        self.w13 = nn.Parameter(torch.empty(moe.num_experts, *first.gate_up_proj.weight.shape, dtype=dtype),
+                                requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(moe.num_experts, *first.down_proj.weight.shape, dtype=dtype),
+                               requires_grad=False)
+        for e, expert in enumerate(self.experts):
+            expert.gate_up_proj.weight = nn.Parameter(self.w13[e], requires_grad=False)
+            expert.down_proj.weight = nn.Parameter(self.w2[e], requires_grad=False)
         self.shared_expert = self.shared_expert_gate = None
         if moe.shared_expert_intermediate_size:
             self.shared_expert = expert_cls(cfg, dtype, tp, moe.shared_expert_intermediate_size, reduce=False)
@@ -47,8 +59,22 @@ class MoE(nn.Module):
             weights /= weights.sum(dim=-1, keepdim=True)
         return (weights.to(x.dtype) if self.weights_in_model_dtype else weights), experts
 
+    def drop_stacked_experts(self) -> None:
+        """The experts were replaced (quantized): the stacked copy is stale."""
+        self.w13 = self.w2 = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, experts = self.route(x)
+        if self.w13 is not None and use_triton_ops(x):  # CUDA: the fused kernel, no host sync
+            from dashinfer_kernels.fused_moe import fused_moe
+            out = fused_moe(x, self.w13, self.w2, weights, experts)
+        else:
+            out = self._dispatch(x, weights, experts)
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return self.tp.all_reduce(out)
+
+    def _dispatch(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(x)
         flat = experts.flatten()
         order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert, tokens in order
@@ -63,6 +89,4 @@ class MoE(nn.Module):
             tokens = pairs // self.top_k
             y = self.experts[expert](x[tokens]) * flat_weights[pairs, None]
             out.index_add_(0, tokens, y.to(out.dtype))
-        if self.shared_expert is not None:
-            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        return self.tp.all_reduce(out)
+        return out

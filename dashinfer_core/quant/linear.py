@@ -135,6 +135,8 @@ def quantize_model(model: nn.Module, mode: str, group_size: int | None, device: 
     if act and group_size is not None:
         raise InvalidParameterError("group_size", "a8w8 quantizes per channel; leave group_size unset")
     for name, module in list(model.named_modules()):
+        if hasattr(module, "drop_stacked_experts"):  # MoE: its experts are about to be replaced
+            module.drop_stacked_experts()
         for child_name, child in list(module.named_children()):
             if isinstance(child, Linear) and not getattr(child, "keep_full_precision", False):  # MoE routers
                 qw = quantize(child.weight.data, bits, group_size)

@@ -274,3 +274,27 @@ def test_paged_attention_on_quantized_cache(bits, hq, hkv, d, bs, splits):
                             block_m=64 if ON_GPU else 16, kv_quant=quant)
     torch.testing.assert_close(outp, paged_prefill_attention_ref(qp, k_fp, v_fp, tables, seq_lens, starts, d ** -0.5),
                                atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("num_experts,top_k,tokens", [(4, 1, 13), (8, 2, 21), (8, 8, 5), (16, 2, 3)])
+def test_fused_moe(num_experts, top_k, tokens):
+    """Experts chosen by no token, blocks padded past the last pair, k from 1 to all experts."""
+    from dashinfer_kernels.fused_moe import align_by_expert, fused_moe, fused_moe_ref
+    g = torch.Generator().manual_seed(num_experts * 10 + top_k)
+    hidden, inter = 32 * SCALE, 48 * SCALE
+    for dtype in DTYPES:
+        x = torch.randn(tokens * SCALE, hidden, generator=g).to(DEVICE, dtype)
+        w13 = (torch.randn(num_experts, 2 * inter, hidden, generator=g) / hidden ** 0.5).to(DEVICE, dtype)
+        w2 = (torch.randn(num_experts, hidden, inter, generator=g) / inter ** 0.5).to(DEVICE, dtype)
+        scores = torch.rand(x.shape[0], num_experts, generator=g)
+        if num_experts > top_k:
+            scores[:, 0] = -1.0  # expert 0 is never chosen
+        weights, ids = scores.softmax(-1).topk(top_k, dim=-1)
+        ids, weights = ids.to(DEVICE), weights.to(DEVICE, dtype)
+        sorted_ids, block_expert = align_by_expert(ids, num_experts, 16)
+        used = set(ids.flatten().tolist())
+        assert set(block_expert[block_expert >= 0].tolist()) == used  # a block per expert with tokens only
+        real = sorted_ids[sorted_ids < ids.numel()]
+        assert sorted(real.tolist()) == list(range(ids.numel()))  # every pair once
+        torch.testing.assert_close(fused_moe(x, w13, w2, weights, ids), fused_moe_ref(x, w13, w2, weights, ids),
+                                   **tol(dtype))
