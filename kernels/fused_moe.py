@@ -48,16 +48,23 @@ def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int):
 
 
 @triton.jit
+def _block_pairs(sorted_ids_ptr, block_expert_ptr, num_pairs, BLOCK_M: tl.constexpr):
+    """This program's block: its expert (-1 past the last real block), its rows of the sorted pairs,
+    their pair ids and which of them are real (not padding)."""
+    block = tl.program_id(0)
+    expert = tl.load(block_expert_ptr + block)
+    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    pairs = tl.load(sorted_ids_ptr + rows)
+    return expert, rows, pairs, pairs < num_pairs
+
+
+@triton.jit
 def _gate_up_kernel(x_ptr, w13_ptr, sorted_ids_ptr, block_expert_ptr, inter_ptr, num_pairs,
                     TOP_K: tl.constexpr, H: tl.constexpr, INTER: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    block = tl.program_id(0)
-    expert = tl.load(block_expert_ptr + block)
+    expert, rows, pairs, valid = _block_pairs(sorted_ids_ptr, block_expert_ptr, num_pairs, BLOCK_M)
     if expert < 0:
         return
-    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
-    pairs = tl.load(sorted_ids_ptr + rows)
-    valid = pairs < num_pairs
     tokens = tl.where(valid, pairs // TOP_K, 0)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < INTER
@@ -81,13 +88,9 @@ def _gate_up_kernel(x_ptr, w13_ptr, sorted_ids_ptr, block_expert_ptr, inter_ptr,
 def _down_kernel(inter_ptr, w2_ptr, sorted_ids_ptr, block_expert_ptr, weights_ptr, out_ptr, num_pairs,
                  H: tl.constexpr, INTER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr):
-    block = tl.program_id(0)
-    expert = tl.load(block_expert_ptr + block)
+    expert, rows, pairs, valid = _block_pairs(sorted_ids_ptr, block_expert_ptr, num_pairs, BLOCK_M)
     if expert < 0:
         return
-    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
-    pairs = tl.load(sorted_ids_ptr + rows)
-    valid = pairs < num_pairs
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < H
     w_base = w2_ptr + expert.to(tl.int64) * (H * INTER)
