@@ -20,7 +20,7 @@ import threading
 import time
 
 import torch
-import torch.distributed as dist  # noqa: F401  (is_nccl_available)
+import torch.distributed as dist
 
 from ..config import EngineConfig
 from ..errors import EngineDeadError, InvalidParameterError
