@@ -10,6 +10,7 @@ from .engine.llm_engine import LLMEngine
 from .errors import (DuplicateRequestError, EngineDeadError, InvalidParameterError, PromptTooLongError,
                      UnsupportedModelError)
 from .llm import LLM
+from .lora import LoRARequest
 from .outputs import CompletionOutput, RequestOutput
 from .sampling_params import SamplingParams
 
@@ -18,5 +19,5 @@ __version__ = "0.1.0"
 __all__ = [
     "LLM", "AsyncEngine", "LLMEngine", "EngineConfig", "SamplingParams", "RequestOutput", "CompletionOutput",
     "InvalidParameterError", "PromptTooLongError", "DuplicateRequestError", "UnsupportedModelError",
-    "EngineDeadError", "RequestFailedError",
+    "EngineDeadError", "RequestFailedError", "LoRARequest",
 ]

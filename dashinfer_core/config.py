@@ -73,6 +73,12 @@ class EngineConfig:
     bucket_batch_shapes: bool = option(True, "CPU: pad each step's token count to one of a few sizes, so the GEMM "
                                        "and compile caches and the heap see a bounded set of shapes and memory "
                                        "levels off (engine/runner.py, padded_count)")
+    enable_lora: bool = option(False, "serve LoRA adapters (PEFT directories) beside the base model: each request "
+                               "may name one (LoRARequest); rows of different adapters share a step")
+    max_loras: int = option(4, "adapters resident in device slots at once (a step mixes at most this many)")
+    max_lora_rank: int = option(16, "largest adapter rank (r) accepted; slots are sized for it")
+    max_cpu_loras: int | None = option(None, "adapters kept loaded in host memory (least recently used dropped "
+                                       "first); default: max_loras")
 
     def __post_init__(self):
         if self.model == "default":
@@ -107,6 +113,13 @@ class EngineConfig:
         _check(self.distributed_init_method in (None, "env://"), "distributed_init_method",
                f"must be unset or 'env://', got {self.distributed_init_method!r}")
         _check(self.distributed_timeout > 0, "distributed_timeout", f"must be > 0 seconds, got {self.distributed_timeout!r}")
+        _check(isinstance(self.max_loras, int) and self.max_loras >= 1, "max_loras",
+               f"must be an integer >= 1, got {self.max_loras!r}")
+        _check(isinstance(self.max_lora_rank, int) and 1 <= self.max_lora_rank <= 512, "max_lora_rank",
+               f"must be an integer in [1, 512], got {self.max_lora_rank!r}")
+        _check(self.max_cpu_loras is None or (isinstance(self.max_cpu_loras, int) and
+                                              self.max_cpu_loras >= self.max_loras), "max_cpu_loras",
+               f"must be >= max_loras ({self.max_loras}), got {self.max_cpu_loras!r}")
         if self.cpu_threads_bind is not None:
             from .distributed.launcher import parse_cpu_bind
             groups = parse_cpu_bind(self.cpu_threads_bind)

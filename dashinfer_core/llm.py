@@ -7,6 +7,7 @@ from collections.abc import Sequence as SequenceABC
 from .config import EngineConfig
 from .engine.llm_engine import LLMEngine
 from .errors import InvalidParameterError
+from .lora.request import LoRARequest
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
 
@@ -37,17 +38,34 @@ class LLM:
         through the paged KV cache (quantized, if configured). For perplexity: exp(-mean(score(ids)))."""
         return self.engine.score(token_ids, chunk_tokens)
 
+    # ---- LoRA adapters (enable_lora=True) ---------------------------------------------------------
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        """Load a PEFT adapter directory now; a bad one raises InvalidParameterError naming the field."""
+        return self.engine.add_lora(lora_request)
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        return self.engine.remove_lora(lora_int_id)
+
+    def list_loras(self) -> set[int]:
+        return self.engine.list_loras()
+
     def generate(self, prompts: str | list[str] | list[list[int]],
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 priority: list[int] | None = None, use_tqdm: bool = False) -> list[RequestOutput]:
-        """Run every prompt (text, or a list of token ids) to completion; outputs in prompt order."""
+                 priority: list[int] | None = None, use_tqdm: bool = False,
+                 lora_request: LoRARequest | list[LoRARequest | None] | None = None) -> list[RequestOutput]:
+        """Run every prompt (text, or a list of token ids) to completion; outputs in prompt order.
+        lora_request: one adapter for every prompt, or one (or None: the base model) per prompt."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params_list = _per_prompt(sampling_params, len(prompts), "sampling_params")
         priorities = _per_prompt(priority if priority is not None else 0, len(prompts), "priority")
-        # Validate every prompt before queueing any, so a bad one leaves nothing behind.
-        requests = [self.engine.build_request(f"llm-{next(self._ids)}", p, sp, pr)
-                    for p, sp, pr in zip(prompts, params_list, priorities)]
+        loras = _per_prompt(lora_request, len(prompts), "lora_request")
+        # Validate every prompt (and read every adapter) before queueing any, so a bad one leaves
+        # nothing behind.
+        requests = [self.engine.build_request(f"llm-{next(self._ids)}", p, sp, pr, lora_request=lr)
+                    for p, sp, pr, lr in zip(prompts, params_list, priorities, loras)]
+        for lora in {lr.lora_int_id: lr for lr in loras if lr is not None}.values():
+            self.engine.add_lora(lora)
         for request in requests:
             self.engine.add(request)
         return self._run(requests, use_tqdm)
@@ -55,12 +73,13 @@ class LLM:
     def chat(self, messages: Conversation | list[Conversation],
              sampling_params: SamplingParams | list[SamplingParams] | None = None,
              add_generation_prompt: bool = True, chat_template_kwargs: dict | None = None,
-             use_tqdm: bool = False) -> list[RequestOutput]:
+             use_tqdm: bool = False, lora_request: LoRARequest | list[LoRARequest | None] | None = None
+             ) -> list[RequestOutput]:
         """Render each conversation with the tokenizer's chat template, then generate."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         token_lists = [apply_chat_template(self.engine.tokenizer, conv, add_generation_prompt,
                                            **(chat_template_kwargs or {})) for conv in conversations]
-        return self.generate(token_lists, sampling_params, use_tqdm=use_tqdm)
+        return self.generate(token_lists, sampling_params, use_tqdm=use_tqdm, lora_request=lora_request)
 
     def _run(self, requests, use_tqdm: bool) -> list[RequestOutput]:
         final: dict[str, RequestOutput] = {}

@@ -114,3 +114,35 @@ def compare_greedy(ours: list[int], ref: Reference) -> str:
         if ours[i] != ref.tokens[i]:
             return "tie" if ref.top2_gaps[i] < TIE_TOLERANCE else "mismatch"
     return "match" if len(ours) == len(ref.tokens) else "mismatch"
+
+
+def make_merged_adapter(base_dir: Path, adapter_dir: Path, merged_dir: Path, rank: int = 8, alpha: float = 16.0,
+                        targets=("q_proj", "v_proj", "o_proj", "down_proj"), seed: int = 0) -> Path:
+    """A random PEFT-format LoRA adapter written without peft, and a copy of the base model with it
+    merged into the weights (W + alpha/r * B @ A): the reference where peft is not installed (GPU)."""
+    import json
+    import shutil
+    from safetensors.torch import load_file, save_file
+    base_dir, adapter_dir, merged_dir = Path(base_dir), Path(adapter_dir), Path(merged_dir)
+    config = json.loads((base_dir / "config.json").read_text())
+    weights = load_file(str(base_dir / "model.safetensors"))
+    gen = torch.Generator().manual_seed(seed)
+    adapter = {}
+    for layer in range(config["num_hidden_layers"]):
+        for module in targets:
+            kind = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+            name = f"model.layers.{layer}.{kind}.{module}.weight"
+            out_features, in_features = weights[name].shape
+            a = torch.randn(rank, in_features, generator=gen) / in_features ** 0.5
+            b = torch.randn(out_features, rank, generator=gen) * 0.5
+            adapter[f"base_model.model.{name[:-len('.weight')]}.lora_A.weight"] = a
+            adapter[f"base_model.model.{name[:-len('.weight')]}.lora_B.weight"] = b
+            weights[name] = (weights[name].double() + (alpha / rank) * (b.double() @ a.double())).to(weights[name].dtype)
+    adapter_dir.mkdir(parents=True, exist_ok=True)
+    save_file(adapter, str(adapter_dir / "adapter_model.safetensors"))
+    (adapter_dir / "adapter_config.json").write_text(json.dumps(dict(
+        peft_type="LORA", r=rank, lora_alpha=alpha, target_modules=list(targets), bias="none",
+        auto_mapping={"base_model_class": config["architectures"][0]})))
+    shutil.copytree(base_dir, merged_dir, dirs_exist_ok=True)
+    save_file(weights, str(merged_dir / "model.safetensors"), metadata={"format": "pt"})
+    return adapter_dir

@@ -59,7 +59,7 @@ class BlockManager:
         """Cached entries for the leading full blocks of seq's tokens (never all of its tokens)."""
         if not self.enable_prefix_caching:
             return []
-        bs, tokens, extra = self.block_size, seq.token_ids, seq.request.cache_salt
+        bs, tokens, extra = self.block_size, seq.token_ids, seq.request.prefix_key
         entries, parent = [], None
         for i in range((len(tokens) - 1) // bs):
             entry = self.cache.entries.get(self.cache.make_key(parent, tokens[i * bs:(i + 1) * bs], extra))
@@ -116,7 +116,7 @@ class BlockManager:
         bs = self.block_size
         for i in range(len(seq.block_uids), seq.num_computed_tokens // bs):
             parent = seq.block_uids[i - 1] if i else None
-            key = self.cache.make_key(parent, seq.token_ids[i * bs:(i + 1) * bs], seq.request.cache_salt)
+            key = self.cache.make_key(parent, seq.token_ids[i * bs:(i + 1) * bs], seq.request.prefix_key)
             entry = self.cache.entries.get(key)
             block = seq.block_table[i]
             if entry is None:

@@ -9,6 +9,7 @@ loop turn. If the loop itself crashes, every pending stream gets EngineDeadError
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import threading
 import uuid
@@ -48,6 +49,7 @@ class AsyncEngine:
         self._cond = threading.Condition()
         self._pending_adds: list[Request] = []
         self._pending_aborts: list[str] = []
+        self._pending_calls: list = []  # (future, fn, args) to run on the loop thread
         self._streams: dict[str, _Stream] = {}
         self._dead: BaseException | None = None
         self._stopping = False
@@ -62,12 +64,14 @@ class AsyncEngine:
     # ---- public API ----------------------------------------------------------------------------
     async def generate(self, prompt: str | list[int], sampling_params: SamplingParams | None = None,
                        request_id: str | None = None, priority: int = 0,
-                       cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Stream RequestOutputs (with delta_text / delta_token_ids) until the request finishes."""
+                       cache_salt: str | None = None, lora_request=None) -> AsyncIterator[RequestOutput]:
+        """Stream RequestOutputs (with delta_text / delta_token_ids) until the request finishes.
+        lora_request: a LoRARequest (enable_lora); its adapter is read on a loader thread while the
+        request waits, and a bad adapter fails the request (RequestFailedError, a client error)."""
         request_id = request_id or uuid.uuid4().hex
         if self._dead is not None:
             raise EngineDeadError(f"the engine's step loop has stopped: {self._dead}")
-        request = self.engine.build_request(request_id, prompt, sampling_params, priority, cache_salt)
+        request = self.engine.build_request(request_id, prompt, sampling_params, priority, cache_salt, lora_request)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._cond:
             if request_id in self._streams:
@@ -92,6 +96,27 @@ class AsyncEngine:
         finally:
             if not finished:
                 self.abort(request_id)
+
+    # LoRA: the adapter is read here (a worker thread), registered on the loop thread (engine state).
+    async def add_lora(self, lora_request) -> bool:
+        manager = self.engine._lora_manager()
+        from ..lora.adapter import load_adapter
+        adapter = await asyncio.to_thread(load_adapter, lora_request, manager.cfg, manager.max_lora_rank)
+        return await self._on_loop(manager.add, lora_request, adapter)
+
+    async def remove_lora(self, lora_int_id: int) -> bool:
+        return await self._on_loop(self.engine.remove_lora, lora_int_id)
+
+    async def list_loras(self) -> set[int]:
+        return await self._on_loop(self.engine.list_loras)
+
+    async def _on_loop(self, fn, *args):
+        """Run fn(*args) on the step-loop thread, between steps."""
+        future = concurrent.futures.Future()
+        with self._cond:
+            self._pending_calls.append((future, fn, args))
+            self._cond.notify()
+        return await asyncio.wrap_future(future)
 
     def abort(self, request_id: str) -> None:
         with self._cond:
@@ -134,13 +159,19 @@ class AsyncEngine:
                 with self._cond:
                     # Sleep while there is nothing to run; requests waiting only for a guided
                     # compile wake the loop when it ends (or at their deadline).
-                    while not (self._stopping or self._pending_adds or self._pending_aborts
+                    while not (self._stopping or self._pending_adds or self._pending_aborts or self._pending_calls
                                or self.engine.has_runnable_work()):
                         self._cond.wait(self.engine.seconds_to_next_deadline())
                     if self._stopping:
                         break
                     adds, self._pending_adds = self._pending_adds, []
                     aborts, self._pending_aborts = self._pending_aborts, []
+                    calls, self._pending_calls = self._pending_calls, []
+                for future, fn, args in calls:
+                    try:
+                        future.set_result(fn(*args))
+                    except Exception as exc:
+                        future.set_exception(exc)
                 for request in adds:
                     try:
                         self.engine.add(request)

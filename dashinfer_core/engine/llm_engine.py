@@ -59,9 +59,15 @@ class LLMEngine:
             self.runner.kv_cache.num_blocks, self.config.block_size, self.config.enable_prefix_caching,
             num_cpu_blocks=self.runner.kv_cache.cpu_storage.shape[2], ttl=self.config.prefix_cache_ttl)
         budget = self.config.max_num_batched_tokens or (2048 if self.runner.device.type == "cuda" else 512)
+        self.lora = None
+        if self.config.enable_lora:
+            from ..lora.manager import LoRAManager
+            self.lora = LoRAManager(self.runner.model_cfg, self.config.max_loras, self.config.max_lora_rank,
+                                    self.config.max_cpu_loras or self.config.max_loras)
+            self.runner.lora_manager = self.lora  # the step plans carry its slot loads
         # The scheduler owns the block manager: every allocation and free goes through it.
         self.scheduler = Scheduler(block_manager, self.config.max_num_seqs, budget,
-                                   self.config.enable_chunked_prefill)
+                                   self.config.enable_chunked_prefill, self.lora)
         # HF tokenizers may reconfigure themselves inside encode(); the AsyncEngine encodes in the
         # caller's thread while the loop thread decodes, so both go through this lock.
         self.tokenizer_lock = threading.Lock()
@@ -78,9 +84,15 @@ class LLMEngine:
 
     # ---- requests ------------------------------------------------------------------------------
     def build_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
-                      priority: int = 0, cache_salt: str | None = None) -> Request:
+                      priority: int = 0, cache_salt: str | None = None, lora_request=None) -> Request:
         """Validate and tokenize; touches no engine state, so any thread may call it."""
         params = params if params is not None else SamplingParams()
+        if lora_request is not None:
+            from ..lora.request import LoRARequest
+            if self.lora is None:
+                raise InvalidParameterError("lora_request", "the engine was started without enable_lora")
+            if not isinstance(lora_request, LoRARequest):
+                raise InvalidParameterError("lora_request", f"must be a LoRARequest, got {type(lora_request).__name__}")
         if not isinstance(params, SamplingParams):
             raise InvalidParameterError("sampling_params", f"must be a SamplingParams, got {type(params).__name__}")
         if isinstance(prompt, str):
@@ -120,27 +132,59 @@ class LLMEngine:
             raise InvalidParameterError("priority", f"must be an integer, got {priority!r}")
         seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(47)
         return Request(request_id=str(request_id), prompt=prompt_text, prompt_token_ids=token_ids,
-                       params=params, seed=seed, priority=priority, cache_salt=cache_salt)
+                       params=params, seed=seed, priority=priority, cache_salt=cache_salt, lora=lora_request)
 
     def add(self, request: Request) -> None:
         if request.request_id in self.requests:
             raise DuplicateRequestError(request.request_id)
-        self.requests[request.request_id] = request
+        if request.lora is not None:
+            self.lora.check(request.lora)  # an id or name that clashes with a known adapter: refused here
         seq = Sequence(request=request, index=0, token_ids=list(request.prompt_token_ids),
                        num_prompt_tokens=len(request.prompt_token_ids))
+        self.requests[request.request_id] = request
         request.sequences.append(seq)
         if request.params.guided_spec is not None:
-            self.guided.park(request)  # joins the queue once its pattern is compiled
+            self.guided.park(request)  # joins the queue once its pattern is compiled (then _queue)
         else:
-            self.scheduler.add(seq)
+            self._queue(request)
+
+    def _queue(self, request: Request) -> None:
+        """Into the scheduler's queue, unless its adapter must be read from disk first (then parked)."""
+        if request.lora is not None:
+            if not self.lora.prepare(request):
+                return  # back through _admit_parked once loaded
+            request.lora_uid = self.lora.uid_of(request.lora)
+        self.scheduler.add(request.sequences[0])
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
-                    priority: int = 0, cache_salt: str | None = None) -> Request:
+                    priority: int = 0, cache_salt: str | None = None, lora_request=None) -> Request:
         if request_id in self.requests:
             raise DuplicateRequestError(request_id)
-        request = self.build_request(request_id, prompt, params, priority, cache_salt)
+        request = self.build_request(request_id, prompt, params, priority, cache_salt, lora_request)
         self.add(request)
         return request
+
+    # ---- LoRA adapters -------------------------------------------------------------------------
+    def _lora_manager(self):
+        if self.lora is None:
+            raise InvalidParameterError("enable_lora", "the engine was started without enable_lora")
+        return self.lora
+
+    def add_lora(self, lora_request) -> bool:
+        """Load an adapter into host memory now (a bad one raises InvalidParameterError naming the field)."""
+        return self._lora_manager().add(lora_request)
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        """Forget an adapter; False if unknown. Refused while an unfinished request uses it."""
+        manager = self._lora_manager()
+        users = [r.request_id for r in self.requests.values() if r.lora is not None and r.lora.lora_int_id == lora_int_id]
+        if users:
+            raise InvalidParameterError("lora_int_id", f"adapter {lora_int_id} is used by {len(users)} unfinished "
+                                        f"request(s), e.g. {users[0]!r}")
+        return manager.remove(lora_int_id)
+
+    def list_loras(self) -> set[int]:
+        return self._lora_manager().list()
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         request = self.requests.get(request_id)
@@ -151,6 +195,8 @@ class LLMEngine:
         """End a request before it finished by itself (abort, or an error): every completion, forked
         or not yet, ends with `reason`, its blocks go back, and its last output is returned."""
         self.guided.remove(request)
+        if self.lora is not None:
+            self.lora.remove_parked(request)
         if error is not None:
             request.error, request.error_is_client = error, error_is_client
         while request.needs_fork:
@@ -167,14 +213,19 @@ class LLMEngine:
 
     def has_runnable_work(self) -> bool:
         """False when every unfinished request is only waiting for its guided pattern to compile."""
-        return self.scheduler.has_unfinished() or self.guided.has_news() or self.runner.broken
+        return self.scheduler.has_unfinished() or self.guided.has_news() or self.runner.broken or \
+            (self.lora is not None and self.lora.has_news())
 
     def wait_for_work(self, timeout: float | None = None) -> bool:
         """Block while every unfinished request only waits for its guided pattern to compile: until
         a compile ends, the nearest compile deadline, or `timeout`. True if a step has work now."""
         if not self.has_runnable_work():
             waits = [t for t in (self.seconds_to_next_deadline(), timeout) if t is not None]
-            self.guided.wait(min(waits) if waits else None)
+            futures = self.guided.futures() + (self.lora.futures() if self.lora is not None else [])
+            if futures:
+                from concurrent.futures import FIRST_COMPLETED
+                from concurrent.futures import wait as wait_futures
+                wait_futures(futures, timeout=min(waits) if waits else None, return_when=FIRST_COMPLETED)
         return self.has_runnable_work()
 
     def seconds_to_next_deadline(self) -> float | None:
@@ -185,11 +236,15 @@ class LLMEngine:
         """callback() is called from a compile thread when a parked request can run (AsyncEngine wakes
         its loop with it), and when a tensor-parallel rank dies."""
         self.guided.on_ready = callback
+        if self.lora is not None:
+            self.lora.on_ready = callback
         self.runner.on_failure(callback)
 
     def shutdown(self) -> None:
         """Stop the guided compile threads and the tensor-parallel ranks (if any)."""
         self.guided.shutdown()
+        if self.lora is not None:
+            self.lora.shutdown()
         self.runner.shutdown()
 
     def get_request_status(self, request_id: str) -> str | None:
@@ -244,7 +299,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one scheduled batch; returns an output for every request that changed."""
         self.runner.check_alive()
-        outputs = self._admit_guided()
+        outputs = self._admit_parked()
         batch = self.scheduler.schedule()
         if batch.is_empty:
             return outputs
@@ -306,14 +361,21 @@ class LLMEngine:
         requests = {seq.request.request_id: seq.request for seq in batch.seqs}.values()
         return [self._end_request(request, "error", f"{type(exc).__name__}: {exc}") for request in requests]
 
-    def _admit_guided(self) -> list[RequestOutput]:
-        """Queue guided requests whose pattern is ready; end those whose compile failed."""
-        if not self.guided.pending:
-            return []
-        ready, failed = self.guided.poll()
-        for request in ready:
-            self.guided.attach(request.sequences[0])
-            self.scheduler.add(request.sequences[0])
+    def _admit_parked(self) -> list[RequestOutput]:
+        """Queue parked requests whose guided pattern compiled or whose adapter loaded; end those whose
+        compile or load failed."""
+        failed = []
+        if self.guided.pending:
+            ready, failed = self.guided.poll()
+            for request in ready:
+                self.guided.attach(request.sequences[0])
+                self._queue(request)
+        if self.lora is not None and self.lora.parked:
+            ready, lora_failed = self.lora.poll()
+            for request in ready:
+                request.lora_uid = self.lora.uid_of(request.lora)
+                self.scheduler.add(request.sequences[0])
+            failed += lora_failed
         return [self._end_request(request, "error", message, error_is_client=True) for request, message in failed]
 
     def _fork(self, parent: Sequence, num_new: int) -> list[Sequence]:

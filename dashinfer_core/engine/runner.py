@@ -89,6 +89,8 @@ class StepPlan:
     block_tables: np.ndarray  # [B, max_blocks] int32
     num_decodes: int
     logit_rows: list[int]  # tokens whose logits are wanted (empty: none)
+    lora_slots: np.ndarray | None = None  # [T] int32 adapter slot per token, -1 = none (None: no LoRA rows)
+    lora_loads: list = None  # (slot, uid, LoRAAdapter) to copy into the device slots before the forward
 
 
 @dataclass
@@ -139,6 +141,11 @@ class ModelRunner:
         if self.model_cfg.sliding_window:
             max_len = min(max_len, self.model_cfg.sliding_window)  # attention never reaches past it
         self.model = load_model(self.model_dir, self.model_cfg, self.dtype, self.device, max_len, self.tp)
+        self.lora_slots = None
+        self.lora_manager = None  # rank 0: the engine's LoRAManager, whose slot loads each plan carries
+        if config.enable_lora:  # before quantizing: the wrapped base layers get quantized in place
+            from ..lora.layers import LoRASlots
+            self.lora_slots = LoRASlots(self.model, config.max_loras, config.max_lora_rank, self.tp)
         if config.quantization:
             from ..quant.linear import quantize_model
             quantize_model(self.model, config.quantization, config.group_size, self.device)
@@ -153,16 +160,18 @@ class ModelRunner:
                                                 fused=self._path_on("compiled_attention"))
         from ..models.compiled import CompiledLayerParts, wants_compiled_layers
         # Not under tensor parallel (the layer parts hold all-reduces, which stay eager), nor for MoE
-        # models (the expert dispatch reads the routing on the host).
+        # models (the expert dispatch reads the routing on the host), nor with LoRA (likewise).
         if wants_compiled_layers(self.device, self.dtype, self._path_on("compiled_layers")) and \
-                self.attention.native_on_cpu and not parallel and self.model_cfg.moe is None:
+                self.attention.native_on_cpu and not parallel and self.model_cfg.moe is None and \
+                self.lora_slots is None:
             self.model.compiled_parts = CompiledLayerParts()
         self.sampler = Sampler(self.vocab_size, self.model_cfg.eos_token_ids, self.device)
         # CPU: steps see a few token counts, not every count up to the budget (see padded_count).
         self.bucket_shapes = self.device.type == "cpu" and config.bucket_batch_shapes
         self.graphs = None
         if self.device.type == "cuda" and not config.enforce_eager and self.attention.supports_cuda_graphs and \
-                not parallel:  # graphs would capture the NCCL all-reduces: eager under tensor parallel
+                not parallel and self.lora_slots is None:  # graphs would capture the NCCL all-reduces, or
+            # freeze one step's adapter mapping: eager under tensor parallel and with LoRA
             from .cuda_graphs import DecodeGraphs, default_capture_sizes
             self.graphs = DecodeGraphs(self.model, self.kv_cache.layers, self.attention, self.device,
                                        -(-self.max_model_len // self.block_size),
@@ -256,10 +265,16 @@ class ModelRunner:
         self.kv_cache.apply(plan.ops)
         input_ids, ctx = self._to_device(plan)
         meta = ctx.attn_meta
+        if self.lora_slots is not None:
+            self.lora_slots.prepare_step(plan.lora_loads or [], plan.lora_slots, self.device, self.dtype)
         if self.graphs is not None and self.graphs.can_run(meta.num_decodes, meta.num_seqs, input_ids.shape[0]):
             hidden = self.graphs.run(input_ids, ctx)
         else:
-            hidden = self.model(input_ids, ctx)
+            try:
+                hidden = self.model(input_ids, ctx)
+            finally:
+                if self.lora_slots is not None:
+                    self.lora_slots.step.batch = None
         if not plan.logit_rows:
             return None
         return self.model.compute_logits(hidden[torch.tensor(plan.logit_rows, device=self.device)])
@@ -285,11 +300,19 @@ class ModelRunner:
             token_chunks.append([0] * num_pad)
             position_chunks.append(np.zeros(num_pad, dtype=np.int64))
             slot_chunks.append(np.full(num_pad, -1, dtype=np.int64))
+        lora_slots = lora_loads = None
+        if self.lora_manager is not None:
+            lora_loads = self.lora_manager.take_loads()
+            if any(seq.lora_slot >= 0 for seq in batch.seqs):
+                lora_slots = np.full(int(query_start[-1]) + num_pad, -1, dtype=np.int32)
+                for i, seq in enumerate(batch.seqs):
+                    lora_slots[query_start[i]:query_start[i + 1]] = seq.lora_slot
         return StepPlan(ops=batch.ops,
                         input_ids=np.fromiter((t for c in token_chunks for t in c), dtype=np.int64),
                         positions=np.concatenate(position_chunks), slot_mapping=np.concatenate(slot_chunks),
                         query_start=query_start.tolist(), seq_lens=seq_lens, block_tables=block_tables,
-                        num_decodes=batch.num_decodes, logit_rows=logit_rows)
+                        num_decodes=batch.num_decodes, logit_rows=logit_rows, lora_slots=lora_slots,
+                        lora_loads=lora_loads)
 
     def _to_device(self, plan: StepPlan) -> tuple[torch.Tensor, ForwardContext]:
         to_dev = lambda a, dt: torch.from_numpy(np.asarray(a)).to(device=self.device, dtype=dt)  # noqa: E731

@@ -36,8 +36,10 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 enable_chunked_prefill: bool = True):
+                 enable_chunked_prefill: bool = True, lora=None):
+        """lora: the engine's LoRAManager (device slots), or None without LoRA."""
         self.block_manager = block_manager
+        self.lora = lora
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.enable_chunked_prefill = enable_chunked_prefill
@@ -53,12 +55,15 @@ class Scheduler:
     def add_running(self, seq: Sequence) -> None:
         """A forked completion joins the running set directly (its prompt is computed)."""
         seq.status = SequenceStatus.RUNNING
+        if seq.request.lora is not None:
+            self.lora.acquire(seq)
         bisect.insort(self.running, seq, key=lambda s: s.priority_key)
 
     def remove(self, seq: Sequence) -> None:
         """Take a finished or aborted sequence out of the queues and free its blocks."""
         if seq in self.running:
             self.running.remove(seq)
+            self._release_lora(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.block_manager.free(seq)
@@ -115,8 +120,13 @@ class Scheduler:
 
         # Admit waiting sequences, unless this step had to preempt (no room to spare). A sequence
         # starts from its longest cached prefix and computes the rest.
-        while self.waiting and not batch.preempted and budget > 0 and len(batch.seqs) < self.max_num_seqs:
-            seq = self.waiting[0]
+        position = 0  # waiting sequences before it were passed over (their adapter has no slot yet)
+        while position < len(self.waiting) and not batch.preempted and budget > 0 and \
+                len(batch.seqs) < self.max_num_seqs:
+            seq = self.waiting[position]
+            if seq.request.lora is not None and not self.lora.can_acquire(seq.request):
+                position += 1
+                continue
             if seq.block_table:  # part-way through (cannot happen today: preemption frees everything)
                 num_new = self._chunk(seq, budget)
                 ok = num_new > 0 and self.block_manager.allocate(seq, seq.num_computed_tokens + num_new, batch.ops)
@@ -129,7 +139,7 @@ class Scheduler:
                     seq.num_computed_tokens = num_cached
             if not ok:
                 break
-            self.waiting.pop(0)
+            self.waiting.pop(position)
             self.add_running(seq)
             self._append(batch, seq, num_new, scheduled)
             budget -= num_new
@@ -162,8 +172,13 @@ class Scheduler:
                 return candidate
         return seq
 
+    def _release_lora(self, seq: Sequence) -> None:
+        if self.lora is not None:
+            self.lora.release(seq)
+
     def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
         self.running.remove(seq)
+        self._release_lora(seq)
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1

@@ -46,6 +46,16 @@ class Request:
     # Guided decoding: the compiled index (a future until ready) and when waiting for it gives up.
     guided_future: object = None
     guided_deadline: float = 0.0
+    # LoRA: the adapter asked for (None: the base model), its host weights once loaded, and the uid
+    # of the registration it runs with (prefix-cache blocks are keyed by it).
+    lora: object = None
+    lora_adapter: object = None
+    lora_uid: int | None = None
+
+    @property
+    def prefix_key(self):
+        """What besides the tokens a cached block must match: the cache salt and the adapter."""
+        return self.cache_salt if self.lora_uid is None else (self.cache_salt, "lora", self.lora_uid)
 
     @property
     def needs_fork(self) -> bool:
@@ -65,6 +75,7 @@ class Sequence:
     seq_id: int = field(default_factory=lambda: next(_seq_counter))
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0
+    lora_slot: int = -1  # the device slot of its adapter while running (-1: none)
     block_table: list[int] = field(default_factory=list)
     # Prefix-cache entry uids of the leading full blocks (registered or reused), parallel to block_table.
     block_uids: list[int] = field(default_factory=list)

@@ -77,12 +77,9 @@ class GuidedManager:
             return True
         return False
 
-    def wait(self, timeout: float | None) -> None:
-        """Block until a pending compile ends or the timeout passes."""
-        from concurrent.futures import FIRST_COMPLETED
-        from concurrent.futures import wait as wait_futures
-        if self.pending:
-            wait_futures([r.guided_future for r in self.pending], timeout=timeout, return_when=FIRST_COMPLETED)
+    def futures(self) -> list:
+        """The compiles parked requests wait for (LLMEngine.wait_for_work blocks on them)."""
+        return [r.guided_future for r in self.pending]
 
     def seconds_to_next_deadline(self) -> float | None:
         if not self.pending:

@@ -146,6 +146,7 @@ def quantize_model(model: nn.Module, mode: str, group_size: int | None, device: 
                 bias = None if child.bias is None else child.bias.data
                 # The down projection's inputs (SiLU(gate) * up) carry outliers that per-token int8
                 # cannot hold (SmolLM2 answers garbage): it keeps int8 weights with float activations.
-                int8_acts = act and child_name != "down_proj"
+                projection = name.rsplit(".", 1)[-1] if child_name == "base" else child_name  # LoRA-wrapped
+                int8_acts = act and projection != "down_proj"
                 setattr(module, child_name, QuantizedLinear(qw, bias, child.shard_sizes, child.weight.dtype,
                                                             int8_acts).to(device))

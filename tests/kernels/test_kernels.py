@@ -298,3 +298,26 @@ def test_fused_moe(num_experts, top_k, tokens):
         assert sorted(real.tolist()) == list(range(ids.numel()))  # every pair once
         torch.testing.assert_close(fused_moe(x, w13, w2, weights, ids), fused_moe_ref(x, w13, w2, weights, ids),
                                    **tol(dtype))
+
+
+@pytest.mark.parametrize("num_slots,rank,tokens", [(1, 8, 5), (4, 16, 19), (8, 48, 7)])
+def test_lora_shrink_expand(num_slots, rank, tokens):
+    """Tokens of mixed slots and tokens with none (-1, left untouched); ranks not a power of two."""
+    from dashinfer_kernels.lora import lora_expand, lora_expand_ref, lora_shrink, lora_shrink_ref
+    g = torch.Generator().manual_seed(num_slots * 100 + rank)
+    k, n = 40 * SCALE, 72 * SCALE
+    slots = torch.randint(-1, num_slots, (tokens * SCALE,), generator=g)
+    slots[0] = -1
+    slots = slots.to(DEVICE, torch.int32)
+    for dtype in DTYPES:
+        x = torch.randn(slots.shape[0], k, generator=g).to(DEVICE, dtype)
+        a = (torch.randn(num_slots, rank, k, generator=g) / k ** 0.5).to(DEVICE, dtype)
+        b = torch.randn(num_slots, n, rank, generator=g).to(DEVICE, dtype)
+        y = torch.randn(slots.shape[0], n, generator=g).to(DEVICE, dtype)
+        s = lora_shrink(x, a, slots)
+        torch.testing.assert_close(s, lora_shrink_ref(x, a, slots), **tol(dtype))
+        want = lora_expand_ref(s, b, slots, y)
+        got = lora_expand(s, b, slots, y.clone())
+        torch.testing.assert_close(got, want, **tol(dtype))
+        untouched = slots < 0
+        assert torch.equal(got[untouched], y[untouched])
