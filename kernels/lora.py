@@ -1,6 +1,7 @@
 """Multi-LoRA shrink and expand for a batch where every token has its own adapter slot (or none, -1):
     shrink: s[t] = x[t] @ A[slot_t]^T        x [T, K], A [slots, R, K]  -> s [T, R] float32
     expand: y[t] += s[t] @ B[slot_t]^T       B [slots, N, R], y [T, N] updated in place
+(s, B and y may be column slices: a merged layer's shard is expanded from its own R columns of s)
 Tokens need no sorting: each program reads its token's slot and the rows of that slot's matrices
 (Punica's BGMV shape). Grid (T, cdiv(R or N, BLOCK))."""
 from __future__ import annotations
@@ -28,7 +29,7 @@ def _shrink_kernel(x_ptr, a_ptr, slots_ptr, s_ptr, stride_x, stride_a0, stride_a
 
 
 @triton.jit
-def _expand_kernel(s_ptr, b_ptr, slots_ptr, y_ptr, stride_b0, stride_b1, stride_y, R, N,
+def _expand_kernel(s_ptr, b_ptr, slots_ptr, y_ptr, stride_s, stride_b0, stride_b1, stride_y, R, N,
                    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     t = tl.program_id(0)
     slot = tl.load(slots_ptr + t)
@@ -37,7 +38,7 @@ def _expand_kernel(s_ptr, b_ptr, slots_ptr, y_ptr, stride_b0, stride_b1, stride_
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         for r0 in range(0, R, BLOCK_R):
             rs = r0 + tl.arange(0, BLOCK_R)
-            sv = tl.load(s_ptr + t * R + rs, mask=rs < R, other=0.0)
+            sv = tl.load(s_ptr + t * stride_s + rs, mask=rs < R, other=0.0)
             bv = tl.load(b_ptr + slot * stride_b0 + outs[:, None] * stride_b1 + rs[None, :],
                          mask=(outs[:, None] < N) & (rs[None, :] < R), other=0.0).to(tl.float32)
             acc += tl.sum(bv * sv[None, :], axis=1)
@@ -66,10 +67,10 @@ def lora_expand(s: torch.Tensor, b: torch.Tensor, token_slots: torch.Tensor, y: 
     n = b.shape[1]
     if tokens == 0:
         return y
-    assert y.stride(1) == 1 and b.stride(2) == 1 and b.shape[2] == rank and y.shape == (tokens, n)
+    assert s.stride(1) == 1 and y.stride(1) == 1 and b.stride(2) == 1 and b.shape[2] == rank and y.shape == (tokens, n)
     block_n = min(block_n, triton.next_power_of_2(n))
     block_r = min(block_r, triton.next_power_of_2(rank))
-    _expand_kernel[(tokens, triton.cdiv(n, block_n))](s.contiguous(), b, token_slots, y, b.stride(0), b.stride(1),
+    _expand_kernel[(tokens, triton.cdiv(n, block_n))](s, b, token_slots, y, s.stride(0), b.stride(0), b.stride(1),
                                                        y.stride(0), rank, n, BLOCK_N=block_n, BLOCK_R=block_r)
     return y
 

@@ -146,3 +146,14 @@ def make_merged_adapter(base_dir: Path, adapter_dir: Path, merged_dir: Path, ran
     shutil.copytree(base_dir, merged_dir, dirs_exist_ok=True)
     save_file(weights, str(merged_dir / "model.safetensors"), metadata={"format": "pt"})
     return adapter_dir
+
+
+def make_adapter(base_dir, out_dir, seed: int, **lora_fields):
+    """A PEFT adapter with random A and B (PEFT starts B at zero, which would change nothing)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, LoraConfig(init_lora_weights=False, **lora_fields))
+    peft_model.save_pretrained(str(out_dir))
+    return out_dir

@@ -14,7 +14,7 @@ import torch
 
 from dashinfer_core import LLM, AsyncEngine, EngineConfig, InvalidParameterError, LoRARequest, SamplingParams
 from dashinfer_core.cache.kv_cache import bytes_per_block
-from helpers import build_tiny_model, compare_greedy, hf_greedy, mixed_prompts
+from helpers import build_tiny_model, compare_greedy, hf_greedy, make_adapter, mixed_prompts
 
 # name -> (LoraConfig fields, seed): ranks 4..16, subsets of q/k/v/o/gate/up/down, rslora on one
 ADAPTERS = {
@@ -25,17 +25,6 @@ ADAPTERS = {
     "ko": (dict(r=12, lora_alpha=24, target_modules=["k_proj", "o_proj"]), 4),
 }
 PARAMS = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
-
-
-def make_adapter(base_dir, out_dir, seed: int, **lora_fields):
-    """A PEFT adapter with random A and B (PEFT starts B at zero, which would change nothing)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
-    torch.manual_seed(seed)
-    peft_model = get_peft_model(model, LoraConfig(init_lora_weights=False, **lora_fields))
-    peft_model.save_pretrained(str(out_dir))
-    return out_dir
 
 
 @pytest.fixture(scope="module")
@@ -120,19 +109,25 @@ def test_prefix_cache_is_keyed_by_adapter(setup):
 
 
 def test_lora_delta_paths_match_the_row_reference():
-    """Padded bmm (short segments) and per-adapter matmuls (long segments) against row by row."""
+    """Every CPU path against row by row, on a merged layer of two shards (rank 3 each): long runs in
+    place, gathered decodes as one padded bmm, or segment by segment where padding would waste."""
     from dashinfer_core.lora.layers import LoRABatch, add_lora, lora_delta_ref
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(4, 6, 32, generator=gen)
-    b = torch.randn(4, 40, 6, generator=gen)
-    for slots, padded in (([0, 3, -1, 3, 1, 0, 2, -1, 1], True), ([2] * 50 + [0] + [-1] * 3 + [3], False)):
+    b = torch.randn(4, 40, 3, generator=gen)
+    short = [2] * 15 + [0] + [2] * 15 + [1] + [2] * 15  # 47 gathered tokens, one slot with 45: no padding
+    cases = [([0, 3, -1, 3, 1, 0, 2, -1, 1], 0, True),  # decodes: padded
+             ([2] * 50 + [0] + [-1] * 3 + [3] * 20, 2, True),  # two prefill runs, one decode
+             (short + [-1], 0, False)]
+    for slots, num_runs, padded in cases:
         token_slots = np.array(slots, dtype=np.int32)
         batch = LoRABatch.build(token_slots, 4, torch.device("cpu"), torch.float32)
-        assert (batch.padded_index is not None) == padded
+        assert len(batch.runs) == num_runs and (batch.padded_index is not None) == padded, slots
+        assert batch.num_lora_tokens == sum(s >= 0 for s in slots)
         x = torch.randn(len(slots), 32, generator=gen)
         y = torch.randn(len(slots), 40, generator=gen)
-        want = y + lora_delta_ref(x, a, b, torch.tensor(slots))
-        torch.testing.assert_close(add_lora(y.clone(), x, a, b, batch), want, rtol=1e-5, atol=1e-5)
+        want = y + lora_delta_ref(x, a, b, torch.tensor(slots), (24, 16))
+        torch.testing.assert_close(add_lora(y.clone(), x, a, b, batch, (24, 16)), want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("quantization", ["iq-int8", "a8w8"])

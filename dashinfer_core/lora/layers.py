@@ -1,7 +1,8 @@
 """LoRA on the model's projections: every qkv/o/gate_up/down Linear is wrapped by a LoRALinear that
 adds, to each token's base output, its adapter's x @ A^T @ B^T (B pre-scaled). Adapters sit in
-`max_loras` device slots: each wrapped layer holds A [slots, shards*R, in] and B [slots, out, shards*R]
-(R = max_lora_rank; a merged layer's shards are block-diagonal in B; a smaller rank is zero-padded).
+`max_loras` device slots: each wrapped layer holds A [slots, shards*R, in] and B [slots, out, R]
+(R = max_lora_rank; a merged layer's shards (q|k|v, gate|up) are shrunk together and each expanded
+into its own rows; a smaller rank is zero-padded).
 
 The step's token -> slot mapping (LoRABatch) is built once per step and read by every layer. On the
 CPU the tokens with an adapter are gathered sorted by slot and either run as one padded bmm per
@@ -25,25 +26,37 @@ WRAPPED = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 SHARD_MODULES = {layer: tuple(m for m, (target, _) in TARGETS.items() if target == layer) for layer in WRAPPED}
 
 
+LONG_RUN = 16  # tokens: a run of one adapter this long (a prefill chunk) is computed in place
+
+
 @dataclass
 class LoRABatch:
-    """One step's tokens grouped by adapter slot (every tensor on the model's device)."""
+    """One step's tokens grouped by adapter slot (every tensor on the model's device, except `runs`).
+    Long runs of consecutive tokens with one adapter (prefill chunks) are computed on views of the
+    step's activations; the other tokens with an adapter (decodes) are gathered, sorted by slot."""
     token_slots: torch.Tensor  # [T] int32, -1: base model only (also padding tokens)
-    perm: torch.Tensor  # [N] int64: the tokens that have an adapter, sorted by slot
+    runs: list[tuple[int, int, int]]  # (slot, start, end): long runs, token indices
+    perm: torch.Tensor  # [N] int64: the other tokens that have an adapter, sorted by slot
     segments: list[tuple[int, int, int]]  # (slot, start, end) into perm
-    # Padded layout (None: run segment by segment): the tokens of each slot as [slots, L] (pads -> 0) and a
-    # [slots, L, 1] mask that zeroes the pads' shrink output, so they add exact zeros.
+    # Padded layout of perm (None: segment by segment): the tokens of each slot as [slots, L] (pads ->
+    # token 0) and a [slots, L, 1] mask that zeroes the pads' shrink output, so they add exact zeros.
     padded_index: torch.Tensor | None = None
     padded_mask: torch.Tensor | None = None
 
     @classmethod
     def build(cls, token_slots: np.ndarray, num_slots: int, device: torch.device, dtype: torch.dtype) -> "LoRABatch":
-        order = np.argsort(token_slots, kind="stable")
-        first = int(np.searchsorted(token_slots[order], 0))
-        perm = order[first:]
-        slots = token_slots[perm]
+        change = np.flatnonzero(np.diff(token_slots)) + 1
+        starts, ends = np.r_[0, change], np.r_[change, len(token_slots)]
+        runs, gathered = [], np.ones(len(token_slots), dtype=bool)
+        for start, end in zip(starts.tolist(), ends.tolist()):
+            slot = int(token_slots[start])
+            if slot >= 0 and end - start >= LONG_RUN:
+                runs.append((slot, start, end))
+                gathered[start:end] = False
+        rest = np.flatnonzero(gathered & (token_slots >= 0))
+        perm = rest[np.argsort(token_slots[rest], kind="stable")]
         segments, start = [], 0
-        for slot, count in zip(*np.unique(slots, return_counts=True)):
+        for slot, count in zip(*np.unique(token_slots[perm], return_counts=True)):
             segments.append((int(slot), start, start + int(count)))
             start += int(count)
         padded_index = padded_mask = None
@@ -56,38 +69,67 @@ class LoRABatch:
                 mask[slot, :e - s] = 1.0
             padded_index = torch.from_numpy(index).to(device)
             padded_mask = torch.from_numpy(mask).to(device=device, dtype=dtype)
-        return cls(torch.from_numpy(token_slots.astype(np.int32)).to(device), torch.from_numpy(perm).to(device),
+        return cls(torch.from_numpy(token_slots.astype(np.int32)).to(device), runs, torch.from_numpy(perm).to(device),
                    segments, padded_index, padded_mask)
 
     @property
     def num_lora_tokens(self) -> int:
-        return int(self.perm.shape[0])
+        return int(self.perm.shape[0]) + sum(e - s for _, s, e in self.runs)
 
 
-def lora_delta_ref(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, token_slots: torch.Tensor) -> torch.Tensor:
-    """Row by row: what each token's adapter adds (the reference for both paths)."""
+def lora_delta_ref(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, token_slots: torch.Tensor,
+                   shard_sizes: tuple[int, ...]) -> torch.Tensor:
+    """Row by row: what each token's adapter adds (the reference for every path)."""
+    rank = b.shape[2]
     out = torch.zeros(x.shape[0], b.shape[1], dtype=x.dtype, device=x.device)
     for t, slot in enumerate(token_slots.tolist()):
         if slot >= 0:
-            out[t] = (x[t] @ a[slot].T) @ b[slot].T
+            shrunk, row = a[slot] @ x[t], 0
+            for j, size in enumerate(shard_sizes):
+                out[t, row:row + size] = b[slot, row:row + size] @ shrunk[j * rank:(j + 1) * rank]
+                row += size
     return out
 
 
-def add_lora(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, batch: LoRABatch) -> torch.Tensor:
-    """y [T, out] += each token's x @ A[slot]^T @ B[slot]^T, in place; returns y."""
+def _shards(shard_sizes: tuple[int, ...], rank: int):
+    """(columns of the shrunk activations, output rows) of each shard of a merged layer."""
+    row = 0
+    for j, size in enumerate(shard_sizes):
+        yield slice(j * rank, (j + 1) * rank), slice(row, row + size)
+        row += size
+
+
+def add_lora(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, batch: LoRABatch,
+             shard_sizes: tuple[int, ...]) -> torch.Tensor:
+    """y [T, out] += each token's adapter delta, in place; returns y. A [slots, shards*R, in] shrinks all
+    shards at once; B [slots, out, R] expands each shard's R columns into that shard's rows."""
+    rank = b.shape[2]
     if x.is_cuda:
         from dashinfer_kernels.lora import lora_expand, lora_shrink
-        return lora_expand(lora_shrink(x, a, batch.token_slots), b, batch.token_slots, y)
+        shrunk = lora_shrink(x, a, batch.token_slots)
+        for cols, rows in _shards(shard_sizes, rank):
+            lora_expand(shrunk[:, cols], b[:, rows], batch.token_slots, y[:, rows])
+        return y
+    for slot, start, end in batch.runs:  # in place on views: no gather, no scatter
+        shrunk = x[start:end] @ a[slot].T
+        for cols, rows in _shards(shard_sizes, rank):
+            y[start:end, rows].addmm_(shrunk[:, cols], b[slot, rows].T)
+    if not batch.segments:
+        return y
     if batch.padded_index is not None:
         num_slots, longest = batch.padded_index.shape
-        rows = batch.padded_index.view(-1)  # pads point at token 0 and add exact zeros to it
-        xs = x.index_select(0, rows).view(num_slots, longest, -1)
-        shrunk = torch.bmm(xs, a.transpose(1, 2)) * batch.padded_mask
-        return y.index_add_(0, rows, torch.bmm(shrunk, b.transpose(1, 2)).view(num_slots * longest, -1))
+        index = batch.padded_index.view(-1)  # pads point at token 0 and add exact zeros to it
+        shrunk = torch.bmm(x.index_select(0, index).view(num_slots, longest, -1), a.transpose(1, 2))
+        shrunk *= batch.padded_mask
+        parts = [torch.bmm(shrunk[:, :, cols], b[:, rows].transpose(1, 2)) for cols, rows in _shards(shard_sizes, rank)]
+        delta = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+        return y.index_add_(0, index, delta.view(num_slots * longest, -1))
     xs = x.index_select(0, batch.perm)
     delta = torch.empty(xs.shape[0], y.shape[1], dtype=y.dtype, device=y.device)
     for slot, start, end in batch.segments:
-        torch.matmul(xs[start:end] @ a[slot].T, b[slot].T, out=delta[start:end])
+        shrunk = xs[start:end] @ a[slot].T
+        for cols, rows in _shards(shard_sizes, rank):
+            delta[start:end, rows] = shrunk[:, cols] @ b[slot, rows].T
     return y.index_add_(0, batch.perm, delta)
 
 
@@ -114,7 +156,7 @@ class LoRALinear(nn.Module):
         dtype, device = base.weight.dtype, base.weight.device
         self.register_buffer("lora_a", torch.zeros(num_slots, n * max_rank, base.in_features, dtype=dtype,
                                                    device=device), persistent=False)
-        self.register_buffer("lora_b", torch.zeros(num_slots, base.out_features, n * max_rank, dtype=dtype,
+        self.register_buffer("lora_b", torch.zeros(num_slots, base.out_features, max_rank, dtype=dtype,
                                                    device=device), persistent=False)
 
     def load_slot(self, slot: int, adapter: LoRAAdapter | None) -> None:
@@ -135,9 +177,8 @@ class LoRALinear(nn.Module):
                     a_full = a_full[:, self.in_offset:self.in_offset + a.shape[1]]
                 if self.shard_offsets is not None:  # column-parallel: this rank's output rows
                     b_full = b_full[self.shard_offsets[shard]:self.shard_offsets[shard] + size]
-                cols = slice(shard * self.max_rank, shard * self.max_rank + r)
-                a[cols].copy_(a_full)
-                b[row:row + size, cols].copy_(b_full)
+                a[shard * self.max_rank:shard * self.max_rank + r].copy_(a_full)
+                b[row:row + size, :r].copy_(b_full)
             row += size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -145,7 +186,7 @@ class LoRALinear(nn.Module):
         batch = self.step.batch
         if batch is None or batch.num_lora_tokens == 0:
             return y
-        return add_lora(y, x, self.lora_a, self.lora_b, batch)
+        return add_lora(y, x, self.lora_a, self.lora_b, batch, self.shard_sizes)
 
 
 class LoRASlots:

@@ -321,3 +321,11 @@ def test_lora_shrink_expand(num_slots, rank, tokens):
         torch.testing.assert_close(got, want, **tol(dtype))
         untouched = slots < 0
         assert torch.equal(got[untouched], y[untouched])
+        # column slices, as a merged layer's second shard uses them: s[:, R/2:], y[:, 24:]
+        half = rank // 2
+        got = y.clone()
+        lora_expand(s[:, half:], b[:, 24:, half:].contiguous(), slots, got[:, 24:])
+        torch.testing.assert_close(got[:, 24:], lora_expand_ref(s[:, half:].contiguous(),
+                                                                b[:, 24:, half:].contiguous(), slots, y[:, 24:]),
+                                   **tol(dtype))
+        assert torch.equal(got[:, :24], y[:, :24])

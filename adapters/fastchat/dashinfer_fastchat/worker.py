@@ -25,8 +25,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from fastchat.constants import ErrorCode
 from fastchat.serve.base_model_worker import BaseModelWorker
 
-from dashinfer_core import (AsyncEngine, EngineConfig, EngineDeadError, InvalidParameterError, PromptTooLongError,
-                            RequestFailedError, SamplingParams)
+from dashinfer_core import (AsyncEngine, EngineConfig, EngineDeadError, InvalidParameterError, LoRARequest,
+                            PromptTooLongError, RequestFailedError, SamplingParams)
 from dashinfer_core.engine_args import add_engine_args, engine_config_from_args
 
 from .conversation import choose_conversation
@@ -40,11 +40,18 @@ worker: "DashInferWorker | None" = None
 class DashInferWorker(BaseModelWorker):
     def __init__(self, controller_addr: str, worker_addr: str, worker_id: str, model_path: str,
                  model_names: list[str] | None, limit_worker_concurrency: int, no_register: bool,
-                 engine: AsyncEngine, conv_template: str | None = None):
+                 engine: AsyncEngine, conv_template: str | None = None, loras: list[LoRARequest] = ()):
+        """loras: adapters served under their own names (registered with the controller as models
+        of this worker): a request whose `model` is one of them runs with that adapter."""
         self.engine = engine  # make_conv_template (called by the base class) needs the tokenizer
+        self.loras = {lora.lora_name: lora for lora in loras}
         default_name = engine.engine.runner.model_dir.name.removesuffix("-v1")
+        base_names = model_names or [default_name]
+        clash = sorted(set(base_names) & set(self.loras))
+        if clash:
+            raise SystemExit(f"--lora-modules: {clash[0]!r} is also a base model name")
         super().__init__(controller_addr, worker_addr, worker_id, model_path or default_name,
-                         model_names or [default_name], limit_worker_concurrency, conv_template)
+                         base_names + list(self.loras), limit_worker_concurrency, conv_template)
         self.tokenizer = engine.tokenizer
         self.context_len = engine.engine.max_model_len
         self.draining = False
@@ -80,7 +87,8 @@ class DashInferWorker(BaseModelWorker):
             prompt_ids = self.encode(prompt_text) if isinstance(prompt_text, str) else list(prompt_text)
             if not prompt_ids:
                 raise InvalidParameterError("prompt", "must not be empty")
-            stream = self.engine.generate(prompt_ids, sampling, request_id=request_id)
+            lora = self.loras.get(params.get("model"))  # None: one of the base model's names
+            stream = self.engine.generate(prompt_ids, sampling, request_id=request_id, lora_request=lora)
             decoded: list[str] = []  # token strings for logprobs, grown incrementally
             async for out in stream:
                 texts = [c.text for c in out.outputs]
@@ -260,9 +268,24 @@ def add_worker_engine_args(parser: argparse.ArgumentParser) -> None:
                        help="FastChat's name for the tensor-parallel size (as its vllm_worker maps it)")
 
 
+def parse_lora_modules(items: list[str] | None) -> list[LoRARequest]:
+    """vLLM's --lora-modules: name=path entries; ids are given in order from 1."""
+    loras = []
+    for i, item in enumerate(items or []):
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"--lora-modules: expected name=path, got {item!r}")
+        if any(lora.lora_name == name for lora in loras):
+            raise SystemExit(f"--lora-modules: {name!r} is given twice")
+        loras.append(LoRARequest(name, i + 1, path))
+    return loras
+
+
 def worker_engine_config(args) -> EngineConfig:
     model = None if args.model_path in (None, "", "default") else args.model_path
     overrides = {"model": model}
+    if getattr(args, "lora_modules", None):  # adapters to serve imply LoRA on
+        overrides["enable_lora"] = True
     if args.num_gpus is not None:
         if args.tensor_parallel_size not in (1, args.num_gpus):
             raise SystemExit(f"--num-gpus {args.num_gpus} and --tensor-parallel-size {args.tensor_parallel_size} "
@@ -293,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit-worker-concurrency", type=int, default=1024)
     parser.add_argument("--no-register", action="store_true")
     parser.add_argument("--conv-template", default=None)
+    parser.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
+                        help="PEFT LoRA adapters to serve, each registered with the controller under NAME")
     add_worker_engine_args(parser)
     return parser
 
@@ -300,11 +325,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> None:
     global worker
     args = build_parser().parse_args(argv)
+    loras = parse_lora_modules(args.lora_modules)
     engine = AsyncEngine(worker_engine_config(args))
     exit_when_engine_dies(engine)
+    for lora in loras:  # read and checked now: a bad adapter stops the worker before it registers
+        try:
+            asyncio.run(engine.add_lora(lora))
+        except InvalidParameterError as exc:
+            engine.shutdown()
+            raise SystemExit(f"--lora-modules {lora.lora_name}: {exc}") from None
     worker = DashInferWorker(args.controller_address, args.worker_address, uuid.uuid4().hex[:8], args.model_path,
                              args.model_names, args.limit_worker_concurrency, args.no_register, engine,
-                             args.conv_template)
+                             args.conv_template, loras)
     # Ctrl-C and SIGTERM: uvicorn stops accepting, lets in-flight responses finish (bounded), then
     # the engine stops.
     try:

@@ -5,7 +5,10 @@ concurrent requests are batched continuously. Engine options come from the model
 litellm_params (any EngineConfig field: dtype, device, max_num_seqs, block_size, kv_cache_memory,
 enable_prefix_caching, ...); everything else is a sampling parameter, `extra_body` included (guided
 decoding under our names json_schema / regex / choice, vLLM's guided_json / guided_regex /
-guided_choice / structured_outputs, or response_format). A parameter the provider cannot honour
+guided_choice / structured_outputs, or response_format). A model entry with `lora: {name: sql, path:
+/adapters/sql}` serves that PEFT adapter on its base model's engine: every entry of one base model
+with the same engine options (LoRA turned on: `enable_lora: true` on the base entry) shares one
+engine, and the adapters' rows batch together. A parameter the provider cannot honour
 (tools, logit_bias, an unknown name, a message part that is not text, ...) is a 400 naming it, never
 dropped. Errors become LiteLLM exceptions with the right HTTP status (400 bad parameter, 400 context
 window, 500 engine failure); for streams they are raised before the first chunk, so the proxy can
@@ -25,8 +28,8 @@ import litellm
 from litellm import CustomLLM
 from litellm.types.utils import GenericStreamingChunk, ModelResponse
 
-from dashinfer_core import (AsyncEngine, EngineConfig, EngineDeadError, InvalidParameterError, PromptTooLongError,
-                            RequestFailedError, SamplingParams)
+from dashinfer_core import (AsyncEngine, EngineConfig, EngineDeadError, InvalidParameterError, LoRARequest,
+                            PromptTooLongError, RequestFailedError, SamplingParams)
 from dashinfer_core.llm import apply_chat_template
 
 PROVIDER = "dashinfer"
@@ -80,16 +83,39 @@ def _refusal(name: str) -> str:
 
 _engines: dict[tuple, AsyncEngine] = {}
 _engines_lock = threading.Lock()
+# engine key -> adapter name -> its LoRARequest (ids given in order of first use, from 1)
+_loras: dict[tuple, dict[str, LoRARequest]] = {}
+
+
+def _engine_key(model: str, options: dict) -> tuple:
+    return model, tuple(sorted((k, repr(v)) for k, v in options.items()))
 
 
 def engine_for(model: str, options: dict) -> AsyncEngine:
-    key = (model, tuple(sorted((k, repr(v)) for k, v in options.items())))
+    key = _engine_key(model, options)
     with _engines_lock:
         engine = _engines.get(key)
         if engine is None or not engine.is_running:
             config = EngineConfig(model=None if model in ("", "default") else model, **options)
             engine = _engines[key] = AsyncEngine(config)
+            _loras[key] = {}
         return engine
+
+
+def lora_for(model: str, options: dict, spec, where: str = "lora") -> LoRARequest:
+    """The LoRARequest of a model entry's `lora: {name, path}` on the engine of (model, options)."""
+    if not isinstance(spec, dict) or set(spec) != {"name", "path"} or not all(
+            isinstance(spec[k], str) and spec[k] for k in ("name", "path")):
+        raise _bad_request(f"{where}: must be an object {{name: ..., path: <PEFT adapter directory>}}, got {spec!r}",
+                           model)
+    with _engines_lock:
+        named = _loras.setdefault(_engine_key(model, options), {})
+        lora = named.get(spec["name"])
+        if lora is None:
+            lora = named[spec["name"]] = LoRARequest(spec["name"], len(named) + 1, spec["path"])
+        elif lora.lora_path != spec["path"]:
+            raise _bad_request(f"{where}: adapter {spec['name']!r} is already served from {lora.lora_path}", model)
+        return lora
 
 
 def engine_stats() -> dict:
@@ -227,11 +253,18 @@ class _Call:
 
     def __init__(self, model: str, messages: list, optional_params: dict, litellm_params: dict | None):
         self.model = model
-        engine_opts, sampling = split_params(optional_params or {}, model)
+        params = dict(optional_params or {})
+        lora_spec = params.pop("lora", None)
+        engine_opts, sampling = split_params(params, model)
+        if lora_spec is not None:
+            if engine_opts.get("enable_lora") is False:
+                raise _bad_request("lora: the entry sets enable_lora: false", model)
+            engine_opts["enable_lora"] = True
         try:
             self.engine = engine_for(model, engine_opts)
         except (InvalidParameterError, ValueError) as exc:
             raise _bad_request(str(exc), model) from None
+        self.lora = lora_for(model, engine_opts, lora_spec) if lora_spec is not None else None
         self.params = sampling_params(sampling, model)
         tokenizer = self.engine.tokenizer
         if (litellm_params or {}).get("text_completion"):
@@ -245,7 +278,7 @@ class _Call:
                 raise _bad_request(f"messages: {exc}", model) from None
         self.request_id = f"litellm-{uuid.uuid4().hex}"
         try:  # validate now (prompt length, limits): raises before anything is queued
-            self.engine.engine.build_request(self.request_id, prompt, self.params)
+            self.engine.engine.build_request(self.request_id, prompt, self.params, lora_request=self.lora)
         except PromptTooLongError as exc:
             raise litellm.ContextWindowExceededError(message=str(exc), model=model, llm_provider=PROVIDER) from None
         except InvalidParameterError as exc:
@@ -254,7 +287,8 @@ class _Call:
 
     async def outputs(self):
         try:
-            async for out in self.engine.generate(self.prompt, self.params, request_id=self.request_id):
+            async for out in self.engine.generate(self.prompt, self.params, request_id=self.request_id,
+                                                  lora_request=self.lora):
                 yield out
         except RequestFailedError as exc:
             if exc.is_client_error:
