@@ -43,6 +43,11 @@ class EngineStats:
     prefix_swaps_in: int = 0
     # CPU fast path -> "on: why" / "off: why" (capabilities.py); empty off the CPU.
     fast_paths: dict = field(default_factory=dict)
+    # LoRA (enable_lora): adapters known, held in host memory, copied into device slots, read from disk
+    lora_adapters: int = 0
+    lora_host_copies: int = 0
+    lora_slot_loads: int = 0
+    lora_disk_loads: int = 0
 
 
 class LLMEngine:
@@ -293,7 +298,10 @@ class LLMEngine:
             prefix_cpu_hit_tokens=pc.cpu_hit_tokens, prefix_cached_blocks=len(bm.cache.by_block),
             prefix_cpu_cached_blocks=len(bm.cache.cpu_lru), prefix_evictions=pc.device_evictions,
             prefix_swaps_out=pc.swaps_out, prefix_swaps_in=pc.swaps_in,
-            fast_paths={name: str(choice) for name, choice in self.runner.fast_paths.items()})
+            fast_paths={name: str(choice) for name, choice in self.runner.fast_paths.items()},
+            **(dict(lora_adapters=len(self.lora.known), lora_host_copies=len(self.lora.pool),
+                    lora_slot_loads=self.lora.num_slot_loads, lora_disk_loads=self.lora.num_disk_loads)
+               if self.lora is not None else {}))
 
     # ---- the step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -370,7 +378,7 @@ class LLMEngine:
             for request in ready:
                 self.guided.attach(request.sequences[0])
                 self._queue(request)
-        if self.lora is not None and self.lora.parked:
+        if self.lora is not None and self.lora.loading:  # also a load whose requests were aborted
             ready, lora_failed = self.lora.poll()
             for request in ready:
                 request.lora_uid = self.lora.uid_of(request.lora)

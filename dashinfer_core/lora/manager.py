@@ -88,6 +88,8 @@ class LoRAManager:
         return set(self.known)
 
     def _keep(self, lora: LoRARequest, adapter: LoRAAdapter) -> None:
+        """A freshly read adapter joins the host pool."""
+        self.num_disk_loads += 1
         if lora.lora_int_id not in self.known:
             self.known[lora.lora_int_id] = lora
             self.uids[lora.lora_int_id] = next(self._next_uid)
@@ -128,7 +130,6 @@ class LoRAManager:
         for lora_id, future in done.items():
             del self.loading[lora_id]
             if future.exception() is None:
-                self.num_disk_loads += 1
                 self._keep(future.result().request, future.result())
         ready, failed, still = [], [], []
         for request in self.parked:
