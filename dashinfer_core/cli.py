@@ -27,6 +27,8 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true")
+    g.add_argument("--lora", default=None, metavar="NAME=PATH",
+                   help="run with this PEFT LoRA adapter (turns enable_lora on)")
 
 
 def sampling_params(args) -> SamplingParams:
@@ -36,9 +38,24 @@ def sampling_params(args) -> SamplingParams:
                           seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
 
 
-async def stream_to_stdout(engine, prompt_ids, params) -> str:
+def lora_request(args):
+    """--lora NAME=PATH as a LoRARequest (None without it)."""
+    if not args.lora:
+        return None
+    from .lora import LoRARequest
+    name, sep, path = args.lora.partition("=")
+    if not sep or not name or not path:
+        raise SystemExit(f"--lora: expected NAME=PATH, got {args.lora!r}")
+    return LoRARequest(name, 1, path)
+
+
+def cli_engine_config(args):
+    return engine_config_from_args(args, **({"enable_lora": True} if args.lora else {}))
+
+
+async def stream_to_stdout(engine, prompt_ids, params, lora=None) -> str:
     text = []
-    async for out in engine.generate(prompt_ids, params):
+    async for out in engine.generate(prompt_ids, params, lora_request=lora):
         delta = out.outputs[0].delta_text
         text.append(delta)
         sys.stdout.write(delta)
@@ -49,10 +66,11 @@ async def stream_to_stdout(engine, prompt_ids, params) -> str:
 
 def cmd_generate(args) -> int:
     from .llm import LLM
-    llm = LLM(config=engine_config_from_args(args))
+    lora = lora_request(args)
+    llm = LLM(config=cli_engine_config(args))
     prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     try:
-        for out in llm.generate(prompts, sampling_params(args)):
+        for out in llm.generate(prompts, sampling_params(args), lora_request=lora):
             print(out.text if len(prompts) == 1 else f"[{out.request_id}] {out.text!r} ({out.finish_reason})")
     finally:
         llm.shutdown()
@@ -62,7 +80,8 @@ def cmd_generate(args) -> int:
 def cmd_chat(args) -> int:
     from .engine.async_engine import AsyncEngine
     from .llm import apply_chat_template
-    engine = AsyncEngine(engine_config_from_args(args))
+    lora = lora_request(args)
+    engine = AsyncEngine(cli_engine_config(args))
     params = sampling_params(args)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     try:
@@ -73,7 +92,7 @@ def cmd_chat(args) -> int:
                 break
             messages.append({"role": "user", "content": user})
             sys.stdout.write("assistant> ")
-            reply = asyncio.run(stream_to_stdout(engine, apply_chat_template(engine.tokenizer, messages), params))
+            reply = asyncio.run(stream_to_stdout(engine, apply_chat_template(engine.tokenizer, messages), params, lora))
             messages.append({"role": "assistant", "content": reply})
             if args.message is not None:
                 break

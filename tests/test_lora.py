@@ -291,3 +291,16 @@ def test_aborting_a_request_parked_on_its_adapter_load(setup):
     assert engine.step() == [] and not engine.lora.loading and not engine.has_runnable_work()
     assert engine.list_loras() == {loras["mlp"].lora_int_id} and engine.stats().lora_disk_loads == 1
     engine.shutdown()
+
+
+def test_cli_generate_with_an_adapter(setup, capsys):
+    from dashinfer_core import cli
+    _, base, loras = setup
+    prompt = "Hello there"
+    args = ["generate", "--model", str(base), "--dtype", "float32", "--max-tokens", "6", "--ignore-eos", prompt]
+    assert cli.main(args + ["--lora", f"all={loras['all'].lora_path}"]) == 0
+    with_adapter = capsys.readouterr().out
+    llm = LLM(str(base), dtype="float32", device="cpu", enable_lora=True)
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    want = llm.generate(prompt, params, lora_request=LoRARequest("all", 1, loras["all"].lora_path))[0].outputs[0].text
+    assert with_adapter == want + "\n" and want != llm.generate(prompt, params)[0].outputs[0].text
