@@ -79,6 +79,11 @@ class EngineConfig:
     max_lora_rank: int = option(16, "largest adapter rank (r) accepted; slots are sized for it")
     max_cpu_loras: int | None = option(None, "adapters kept loaded in host memory (least recently used dropped "
                                        "first); default: max_loras")
+    limit_images_per_prompt: int = option(4, "vision-language models: images one request may carry")
+    max_image_pixels: int = option(4096 * 4096, "vision-language models: width x height of one image at most")
+    max_image_bytes: int = option(20 << 20, "vision-language models: encoded size of one image at most")
+    allowed_image_domains: str | None = option(None, "comma-separated hosts whose http(s) image URLs the engine may "
+                                               "fetch; unset = no server-side fetches (data: URLs, files, PIL only)")
 
     def __post_init__(self):
         if self.model == "default":
@@ -120,6 +125,9 @@ class EngineConfig:
         _check(self.max_cpu_loras is None or (isinstance(self.max_cpu_loras, int) and
                                               self.max_cpu_loras >= self.max_loras), "max_cpu_loras",
                f"must be >= max_loras ({self.max_loras}), got {self.max_cpu_loras!r}")
+        for name in ("limit_images_per_prompt", "max_image_pixels", "max_image_bytes"):
+            _check(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name,
+                   f"must be an integer >= 1, got {getattr(self, name)!r}")
         if self.cpu_threads_bind is not None:
             from .distributed.launcher import parse_cpu_bind
             groups = parse_cpu_bind(self.cpu_threads_bind)

@@ -49,21 +49,24 @@ class LLM:
     def list_loras(self) -> set[int]:
         return self.engine.list_loras()
 
-    def generate(self, prompts: str | list[str] | list[list[int]],
+    def generate(self, prompts: str | list[str] | list[list[int]] | dict | list[dict],
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  priority: list[int] | None = None, use_tqdm: bool = False,
                  lora_request: LoRARequest | list[LoRARequest | None] | None = None) -> list[RequestOutput]:
         """Run every prompt (text, or a list of token ids) to completion; outputs in prompt order.
+        A prompt may also be vLLM's dict: {"prompt": text or "prompt_token_ids": ids, "multi_modal_data":
+        {"image": an image or a list}} (vision-language models; images as PIL images, paths or data: URLs).
         lora_request: one adapter for every prompt, or one (or None: the base model) per prompt."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
+        prompts, images = zip(*(_split_prompt(p, i) for i, p in enumerate(prompts))) if prompts else ((), ())
         params_list = _per_prompt(sampling_params, len(prompts), "sampling_params")
         priorities = _per_prompt(priority if priority is not None else 0, len(prompts), "priority")
         loras = _per_prompt(lora_request, len(prompts), "lora_request")
         # Validate every prompt (and read every adapter) before queueing any, so a bad one leaves
         # nothing behind.
-        requests = [self.engine.build_request(f"llm-{next(self._ids)}", p, sp, pr, lora_request=lr)
-                    for p, sp, pr, lr in zip(prompts, params_list, priorities, loras)]
+        requests = [self.engine.build_request(f"llm-{next(self._ids)}", p, sp, pr, lora_request=lr, images=im)
+                    for p, sp, pr, lr, im in zip(prompts, params_list, priorities, loras, images)]
         for lora in {lr.lora_int_id: lr for lr in loras if lr is not None}.values():
             self.engine.add_lora(lora)
         for request in requests:
@@ -75,11 +78,16 @@ class LLM:
              add_generation_prompt: bool = True, chat_template_kwargs: dict | None = None,
              use_tqdm: bool = False, lora_request: LoRARequest | list[LoRARequest | None] | None = None
              ) -> list[RequestOutput]:
-        """Render each conversation with the tokenizer's chat template, then generate."""
+        """Render each conversation with the tokenizer's chat template, then generate. Message content
+        may be OpenAI's parts: {"type": "text", "text": ...}, {"type": "image_url", "image_url": {"url":
+        "data:image/png;base64,..."}} or {"type": "image", "image": a PIL image or a path}."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        token_lists = [apply_chat_template(self.engine.tokenizer, conv, add_generation_prompt,
-                                           **(chat_template_kwargs or {})) for conv in conversations]
-        return self.generate(token_lists, sampling_params, use_tqdm=use_tqdm, lora_request=lora_request)
+        prompts = []
+        for conv in conversations:
+            ids = apply_chat_template(self.engine.tokenizer, conv, add_generation_prompt, **(chat_template_kwargs or {}))
+            images = conversation_images(conv)
+            prompts.append({"prompt_token_ids": ids, "multi_modal_data": {"image": images}} if images else ids)
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, lora_request=lora_request)
 
     def _run(self, requests, use_tqdm: bool) -> list[RequestOutput]:
         final: dict[str, RequestOutput] = {}
@@ -114,6 +122,45 @@ def apply_chat_template(tokenizer, conversation: Conversation, add_generation_pr
                                          add_generation_prompt=add_generation_prompt, **kwargs)
     # The template already holds any BOS it wants; adding special tokens again would double it.
     return tokenizer.encode(text, add_special_tokens=False)
+
+
+def conversation_images(conversation: Conversation) -> list:
+    """The images of a conversation's content parts, in order (what the chat template renders as
+    image placeholders); a part of another kind is an error naming it."""
+    images = []
+    for i, message in enumerate(conversation):
+        content = message.get("content")
+        if not isinstance(content, list):
+            continue
+        for j, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "image_url":
+                url = part.get("image_url")
+                images.append(url.get("url") if isinstance(url, dict) else url)
+            elif kind == "image":
+                images.append(part.get("image"))
+            elif kind != "text":
+                raise InvalidParameterError(f"messages[{i}].content[{j}].type",
+                                            f"must be 'text', 'image_url' or 'image', got {kind!r}")
+    return images
+
+
+def _split_prompt(prompt, index: int):
+    """(text or token ids, images or None) of one prompt, vLLM's dict form included."""
+    if not isinstance(prompt, dict):
+        return prompt, None
+    unknown = set(prompt) - {"prompt", "prompt_token_ids", "multi_modal_data"}
+    if unknown:
+        raise InvalidParameterError(f"prompts[{index}].{sorted(unknown)[0]}", "not a field of a prompt")
+    text = prompt.get("prompt_token_ids", prompt.get("prompt"))
+    data = prompt.get("multi_modal_data") or {}
+    if set(data) - {"image"}:
+        raise InvalidParameterError(f"prompts[{index}].multi_modal_data.{sorted(set(data) - {'image'})[0]}",
+                                    "only images are supported")
+    images = data.get("image")
+    if images is not None and not isinstance(images, (list, tuple)):
+        images = [images]
+    return text, images
 
 
 def _per_prompt(value, count: int, field: str) -> list:

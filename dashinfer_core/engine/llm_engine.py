@@ -64,6 +64,15 @@ class LLMEngine:
             self.runner.kv_cache.num_blocks, self.config.block_size, self.config.enable_prefix_caching,
             num_cpu_blocks=self.runner.kv_cache.cpu_storage.shape[2], ttl=self.config.prefix_cache_ttl)
         budget = self.config.max_num_batched_tokens or (2048 if self.runner.device.type == "cuda" else 512)
+        self.images = self.encoder_cache = None
+        if self.runner.model_cfg.vision is not None:
+            from ..multimodal import EncoderCache, ImageLimits, ImageProcessor
+            c = self.config
+            limits = ImageLimits(c.limit_images_per_prompt, c.max_image_pixels, c.max_image_bytes,
+                                 tuple(h.strip() for h in (c.allowed_image_domains or "").split(",") if h.strip()))
+            self.images = ImageProcessor(self.runner.model_dir, self.runner.model_cfg.image_token_id,
+                                         self.runner.model.spatial_merge_size, limits)
+            self.encoder_cache = EncoderCache()
         self.lora = None
         if self.config.enable_lora:
             from ..lora.manager import LoRAManager
@@ -89,8 +98,11 @@ class LLMEngine:
 
     # ---- requests ------------------------------------------------------------------------------
     def build_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
-                      priority: int = 0, cache_salt: str | None = None, lora_request=None) -> Request:
-        """Validate and tokenize; touches no engine state, so any thread may call it."""
+                      priority: int = 0, cache_salt: str | None = None, lora_request=None,
+                      images: list | None = None) -> Request:
+        """Validate and tokenize (and read and process `images`, for a vision-language model: PIL images,
+        paths, data: URLs or bytes, one per image placeholder of the prompt, in order); touches no engine
+        state, so any thread may call it."""
         params = params if params is not None else SamplingParams()
         if lora_request is not None:
             from ..lora.request import LoRARequest
@@ -117,6 +129,13 @@ class LLMEngine:
                                             f"got {bad[0]!r}")
         if not token_ids:
             raise InvalidParameterError("prompt", "must not be empty (it has no tokens)")
+        mm = None
+        if images:
+            if self.images is None:
+                raise InvalidParameterError("images", "this model takes text only")
+            token_ids, mm = self.images.prepare(token_ids, list(images))
+        elif self.images is not None and self.images.image_token_id in token_ids:
+            raise InvalidParameterError("prompt", "has image placeholders but the request carries no images")
         if len(token_ids) >= self.max_model_len:
             raise PromptTooLongError(len(token_ids), self.max_model_len)
         if params.max_tokens > self.max_model_len:
@@ -137,13 +156,15 @@ class LLMEngine:
             raise InvalidParameterError("priority", f"must be an integer, got {priority!r}")
         seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(47)
         return Request(request_id=str(request_id), prompt=prompt_text, prompt_token_ids=token_ids,
-                       params=params, seed=seed, priority=priority, cache_salt=cache_salt, lora=lora_request)
+                       params=params, seed=seed, priority=priority, cache_salt=cache_salt, lora=lora_request, mm=mm)
 
     def add(self, request: Request) -> None:
         if request.request_id in self.requests:
             raise DuplicateRequestError(request.request_id)
         if request.lora is not None:
             self.lora.check(request.lora)  # an id or name that clashes with a known adapter: refused here
+        if request.mm is not None:  # each image encoded once (the encoder cache keeps recent ones)
+            self.encoder_cache.encode(self.runner.model, request.mm.images)
         seq = Sequence(request=request, index=0, token_ids=list(request.prompt_token_ids),
                        num_prompt_tokens=len(request.prompt_token_ids))
         self.requests[request.request_id] = request

@@ -91,6 +91,9 @@ class StepPlan:
     logit_rows: list[int]  # tokens whose logits are wanted (empty: none)
     lora_slots: np.ndarray | None = None  # [T] int32 adapter slot per token, -1 = none (None: no LoRA rows)
     lora_loads: list = None  # (slot, uid, LoRAAdapter) to copy into the device slots before the forward
+    mrope_positions: np.ndarray | None = None  # [3, T] for an M-RoPE model (Qwen2-VL)
+    mm_index: np.ndarray | None = None  # [K] step tokens that are image tokens ...
+    mm_rows: torch.Tensor | None = None  # [K, hidden] ... and their image embeddings
 
 
 @dataclass
@@ -170,8 +173,9 @@ class ModelRunner:
         self.bucket_shapes = self.device.type == "cpu" and config.bucket_batch_shapes
         self.graphs = None
         if self.device.type == "cuda" and not config.enforce_eager and self.attention.supports_cuda_graphs and \
-                not parallel and self.lora_slots is None:  # graphs would capture the NCCL all-reduces, or
-            # freeze one step's adapter mapping: eager under tensor parallel and with LoRA
+                not parallel and self.lora_slots is None and self.model_cfg.mrope_section is None:
+            # graphs would capture the NCCL all-reduces, or freeze one step's adapter mapping or M-RoPE
+            # positions: eager under tensor parallel, with LoRA and for vision-language models
             from .cuda_graphs import DecodeGraphs, default_capture_sizes
             self.graphs = DecodeGraphs(self.model, self.kv_cache.layers, self.attention, self.device,
                                        -(-self.max_model_len // self.block_size),
@@ -300,6 +304,9 @@ class ModelRunner:
             token_chunks.append([0] * num_pad)
             position_chunks.append(np.zeros(num_pad, dtype=np.int64))
             slot_chunks.append(np.full(num_pad, -1, dtype=np.int64))
+        mrope = mm_index = mm_rows = None
+        if self.model_cfg.mrope_section is not None:
+            mrope, mm_index, mm_rows = self._plan_images(batch, query_start, num_pad)
         lora_slots = lora_loads = None
         if self.lora_manager is not None:
             lora_loads = self.lora_manager.take_loads()
@@ -312,7 +319,35 @@ class ModelRunner:
                         positions=np.concatenate(position_chunks), slot_mapping=np.concatenate(slot_chunks),
                         query_start=query_start.tolist(), seq_lens=seq_lens, block_tables=block_tables,
                         num_decodes=batch.num_decodes, logit_rows=logit_rows, lora_slots=lora_slots,
-                        lora_loads=lora_loads)
+                        lora_loads=lora_loads, mrope_positions=mrope, mm_index=mm_index, mm_rows=mm_rows)
+
+    @staticmethod
+    def _plan_images(batch: ScheduledBatch, query_start: np.ndarray, num_pad: int):
+        """M-RoPE positions of the step's tokens ([3, T]: a prompt's from its images' layout, generated
+        tokens at index + delta) and the image embeddings of the image tokens it computes."""
+        rows = [np.zeros((3, 0), dtype=np.int64)]
+        index, embeds = [], []
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+            mm = seq.request.mm
+            if mm is None:
+                rows.append(np.broadcast_to(np.arange(start, end, dtype=np.int64), (3, n)))
+                continue
+            prompt_len = mm.positions.shape[1]
+            part = [mm.positions[:, start:min(end, prompt_len)]]
+            if end > prompt_len:
+                part.append(np.broadcast_to(np.arange(max(start, prompt_len), end, dtype=np.int64) + mm.delta,
+                                            (3, end - max(start, prompt_len))))
+            rows.append(np.concatenate(part, axis=1))
+            for image in mm.images:  # the part of each image's tokens this chunk covers
+                a, b = max(start, image.offset), min(end, image.offset + image.num_tokens)
+                if a < b:
+                    index.append(np.arange(a, b) - start + int(query_start[i]))
+                    embeds.append(image.embeds[a - image.offset:b - image.offset])
+        rows.append(np.zeros((3, num_pad), dtype=np.int64))
+        if not index:
+            return np.concatenate(rows, axis=1), None, None
+        return np.concatenate(rows, axis=1), np.concatenate(index), torch.cat(embeds)
 
     def _to_device(self, plan: StepPlan) -> tuple[torch.Tensor, ForwardContext]:
         to_dev = lambda a, dt: torch.from_numpy(np.asarray(a)).to(device=self.device, dtype=dt)  # noqa: E731
@@ -321,5 +356,8 @@ class ModelRunner:
             query_start_loc=to_dev(plan.query_start, torch.int32), seq_lens=to_dev(plan.seq_lens, torch.int32),
             block_tables=to_dev(plan.block_tables, torch.int32), num_decodes=plan.num_decodes,
             backend=self.attention, kv_layers=self.kv_cache.layers, rotary=self.model.rotary,
-            query_start_loc_host=plan.query_start, seq_lens_host=plan.seq_lens)
+            query_start_loc_host=plan.query_start, seq_lens_host=plan.seq_lens,
+            mrope_positions=None if plan.mrope_positions is None else to_dev(plan.mrope_positions, torch.int64),
+            mm_embeds=None if plan.mm_index is None else (to_dev(plan.mm_index, torch.int64),
+                                                           plan.mm_rows.to(self.device)))
         return to_dev(plan.input_ids, torch.int64), ctx

@@ -51,11 +51,16 @@ class Request:
     lora: object = None
     lora_adapter: object = None
     lora_uid: int | None = None
+    # Vision-language models: the request's images and M-RoPE positions (multimodal.MultiModalData).
+    mm: object = None
 
     @property
     def prefix_key(self):
-        """What besides the tokens a cached block must match: the cache salt and the adapter."""
-        return self.cache_salt if self.lora_uid is None else (self.cache_salt, "lora", self.lora_uid)
+        """What besides the tokens a cached block must match: the cache salt, the adapter and the images
+        (their tokens are all the same placeholder id, so the images' digests tell them apart)."""
+        if self.lora_uid is None and self.mm is None:
+            return self.cache_salt
+        return (self.cache_salt, self.lora_uid, self.mm.digests if self.mm is not None else None)
 
     @property
     def needs_fork(self) -> bool:

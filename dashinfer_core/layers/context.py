@@ -26,16 +26,23 @@ class ForwardContext:
     # (cos, sin) [T, 1, D/2] gathered once per step and shared by every layer (CPU); None where the
     # rotary kernel reads rotary's tables itself (CUDA).
     cos_sin: tuple[torch.Tensor, torch.Tensor] | None
+    # Vision-language models: (token indices [K], embeddings [K, hidden]) replacing those tokens'
+    # embeddings (the image tokens of this step), or None.
+    mm_embeds: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def forward_context(*, positions: torch.Tensor, slot_mapping: torch.Tensor, query_start_loc: torch.Tensor,
                     seq_lens: torch.Tensor, block_tables: torch.Tensor, num_decodes: int, backend: AttentionBackend,
                     kv_layers: list[KVLayer], rotary: RotaryEmbedding, query_start_loc_host: list[int] | None = None,
-                    seq_lens_host: list[int] | None = None) -> ForwardContext:
+                    seq_lens_host: list[int] | None = None, mrope_positions: torch.Tensor | None = None,
+                    mm_embeds=None) -> ForwardContext:
     """The step's attention metadata, the backend's per-step preparation and the rotary inputs, in
-    one place."""
+    one place. mrope_positions: [3, T] for an M-RoPE model (its rotary reads these, not `positions`)."""
     meta = AttentionMetadata.build(slot_mapping, query_start_loc, seq_lens, block_tables, num_decodes,
                                    query_start_loc_host, seq_lens_host)
     backend.prepare(meta, kv_layers[0])
+    if mrope_positions is not None:  # the Triton rotary kernel takes one row: M-RoPE is rotated in torch
+        return ForwardContext(positions=positions, attn_meta=meta, backend=backend, kv_layers=kv_layers,
+                              rotary=rotary, cos_sin=rotary.cos_sin(mrope_positions), mm_embeds=mm_embeds)
     return ForwardContext(positions=positions, attn_meta=meta, backend=backend, kv_layers=kv_layers, rotary=rotary,
-                          cos_sin=None if use_triton_ops(positions) else rotary.cos_sin(positions))
+                          cos_sin=None if use_triton_ops(positions) else rotary.cos_sin(positions), mm_embeds=mm_embeds)

@@ -39,14 +39,20 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict) -> torch.Tensor:
 
 class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict, dtype: torch.dtype,
-                 rotary_dim: int | None = None, interleaved: bool = False):
+                 rotary_dim: int | None = None, interleaved: bool = False, mrope_section: tuple[int, ...] | None = None):
         """rotary_dim: the leading dims that rotate (GLM: half of head_dim), the rest pass through;
-        interleaved: rotate pairs (x0, x1), (x2, x3), ... (GLM) instead of the two halves."""
+        interleaved: rotate pairs (x0, x1), (x2, x3), ... (GLM) instead of the two halves;
+        mrope_section: M-RoPE (Qwen2-VL): positions come as [3, T] rows (temporal, height, width) and
+        frequency i takes its angle from the row of the section it falls in."""
         super().__init__()
         self.rotary_dim = rotary_dim or head_dim
         self.interleaved = interleaved
-        # The Triton kernel rotates full-width halves; other layouts take the torch path everywhere.
-        self.kernel_ok = self.rotary_dim == head_dim and not interleaved
+        rows = None
+        if mrope_section is not None:  # frequency index -> which position row drives it
+            rows = torch.cat([torch.full((n,), i % 3, dtype=torch.int64) for i, n in enumerate(mrope_section)])
+        self.register_buffer("mrope_rows", rows, persistent=False)
+        # The Triton kernel rotates full-width halves by one position row; other layouts take the torch path.
+        self.kernel_ok = self.rotary_dim == head_dim and not interleaved and mrope_section is None
         inv_freq = rope_inv_freq(self.rotary_dim, theta, scaling)
         positions = torch.arange(max_positions, dtype=torch.int64).to(torch.float32)
         freqs = positions[:, None] * inv_freq[None, :]
@@ -54,7 +60,14 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin_cache", freqs.sin().to(dtype), persistent=False)
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gathered once per step and shared by every layer: each [T, 1, D/2]."""
+        """Gathered once per step and shared by every layer: each [T, 1, D/2]. M-RoPE: positions [3, T]."""
+        if self.mrope_rows is not None:
+            if positions.dim() == 1:  # text only: the three rows are equal
+                positions = positions.expand(3, -1)
+            pick = self.mrope_rows[None, None, :].expand(1, positions.shape[1], -1)
+            cos = self.cos_cache[positions].gather(0, pick)[0]  # [T, D/2]: row mrope_rows[i] for frequency i
+            sin = self.sin_cache[positions].gather(0, pick)[0]
+            return cos.unsqueeze(1), sin.unsqueeze(1)
         return self.cos_cache[positions].unsqueeze(1), self.sin_cache[positions].unsqueeze(1)
 
     def rotate(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,

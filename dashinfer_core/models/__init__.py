@@ -4,6 +4,7 @@ from __future__ import annotations
 from ..errors import UnsupportedModelError
 from .llama import LlamaForCausalLM
 from .model_config import ModelConfig, load_model_config
+from .qwen2_vl import Qwen2VLForConditionalGeneration
 
 MODEL_REGISTRY = {
     "LlamaForCausalLM": LlamaForCausalLM,
@@ -15,6 +16,7 @@ MODEL_REGISTRY = {
     "MixtralForCausalLM": LlamaForCausalLM,
     "GlmForCausalLM": LlamaForCausalLM,
     "Glm4ForCausalLM": LlamaForCausalLM,
+    "Qwen2VLForConditionalGeneration": Qwen2VLForConditionalGeneration,
 }
 
 

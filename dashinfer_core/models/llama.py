@@ -145,7 +145,7 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = None if cfg.tie_word_embeddings else nn.Parameter(
             torch.empty(self.vocab_local, cfg.hidden_size, dtype=dtype), requires_grad=False)
         self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, dtype,
-                                      cfg.rotary_dim, cfg.rotary_interleaved)
+                                      cfg.rotary_dim, cfg.rotary_interleaved, cfg.mrope_section)
         self.compiled_parts = None  # set by the runner where compiling the layers pays (CPU, half precision)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -54,6 +54,11 @@ class ModelConfig:
     rotary_dim: int | None = None
     rotary_interleaved: bool = False
     post_sublayer_norms: bool = False
+    # Qwen2-VL: M-RoPE (rotary frequencies split into temporal/height/width sections, each rotated by
+    # its own position row) and the vision tower's config; None for text-only models.
+    mrope_section: tuple[int, ...] | None = None
+    vision: dict | None = None
+    image_token_id: int | None = None
     # The raw config.json, for quantization_config and anything family-specific.
     raw: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -67,19 +72,31 @@ def load_model_config(model_dir: Path) -> ModelConfig:
     if not archs:
         raise UnsupportedModelError(f"{path}: 'architectures' is missing")
     arch = archs[0]
+    top = raw
+    if arch in VISION_LANGUAGE:  # the language model's fields sit in text_config (older files: at the top)
+        raw = {**raw, **(raw.get("text_config") or {})}
     model_type = raw.get("model_type", "")
     num_heads = raw["num_attention_heads"]
     hidden = raw["hidden_size"]
-    head_dim = raw.get("head_dim") or hidden // num_heads
+    head_dim = head_dim_of(raw)
 
     rope = dict(raw.get("rope_parameters") or {})
     legacy_scaling = raw.get("rope_scaling") or {}
     rope_theta = rope.pop("rope_theta", None) or raw.get("rope_theta") or 10000.0
     if legacy_scaling and rope.get("rope_type", "default") == "default":
         rope.update(legacy_scaling)
+    mrope_section = rope.pop("mrope_section", None)
     rope_type = rope.get("rope_type") or rope.get("type") or "default"
+    if rope_type == "mrope":  # older Qwen2-VL files: M-RoPE over default frequencies
+        rope_type = "default"
     rope["rope_type"] = rope_type
     rope.pop("type", None)
+    if arch in VISION_LANGUAGE:
+        if not mrope_section:
+            raise UnsupportedModelError("rope_parameters.mrope_section: missing (Qwen2-VL needs M-RoPE)")
+        if 2 * sum(mrope_section) != head_dim_of(raw):
+            raise UnsupportedModelError(f"rope_parameters.mrope_section: {mrope_section} does not sum to half of "
+                                        f"head_dim {head_dim_of(raw)}")
 
     eos = raw.get("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
@@ -91,7 +108,8 @@ def load_model_config(model_dir: Path) -> ModelConfig:
         elif gen_eos is not None:
             eos_ids = tuple(dict.fromkeys(eos_ids + (gen_eos,)))
 
-    is_qwen2 = model_type in ("qwen2", "qwen2_moe") or arch in ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM")
+    is_qwen2 = model_type in ("qwen2", "qwen2_moe", "qwen2_vl", "qwen2_vl_text") or arch in (
+        "Qwen2ForCausalLM", "Qwen2MoeForCausalLM", "Qwen2VLForConditionalGeneration")
     is_qwen3 = model_type in ("qwen3", "qwen3_moe") or arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
     is_glm = arch in ("GlmForCausalLM", "Glm4ForCausalLM")
     partial = rope.pop("partial_rotary_factor", None) or raw.get("partial_rotary_factor") or (0.5 if is_glm else 1.0)
@@ -128,8 +146,18 @@ def load_model_config(model_dir: Path) -> ModelConfig:
         rotary_dim=int(head_dim * partial) if is_glm else None,
         rotary_interleaved=is_glm,
         post_sublayer_norms=arch == "Glm4ForCausalLM",
+        mrope_section=tuple(mrope_section) if arch in VISION_LANGUAGE else None,
+        vision=top.get("vision_config") if arch in VISION_LANGUAGE else None,
+        image_token_id=top.get("image_token_id") if arch in VISION_LANGUAGE else None,
         raw=raw,
     )
+
+
+VISION_LANGUAGE = ("Qwen2VLForConditionalGeneration",)
+
+
+def head_dim_of(raw: dict) -> int:
+    return raw.get("head_dim") or raw["hidden_size"] // raw["num_attention_heads"]
 
 
 def read_moe_config(arch: str, raw: dict) -> MoEConfig | None:
