@@ -26,23 +26,33 @@ CHAT_TEMPLATE = (
 PARAMS = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
 
 
-def build_tiny_qwen2_vl(path, tokenizer_dir, seed=0):
+def build_tiny_qwen2_vl(path, tokenizer_dir, family="qwen2_vl", seed=0):
+    """Qwen2-VL, or Qwen2.5-VL (windowed vision attention: blocks 0 and 2 attend within 56-pixel windows)."""
     import transformers
     from transformers import AutoTokenizer, Qwen2VLImageProcessor
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     tok.add_special_tokens({"additional_special_tokens": ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>"]})
     tok.chat_template = CHAT_TEMPLATE
     ids = tok.convert_tokens_to_ids(["<|vision_start|>", "<|vision_end|>", "<|image_pad|>"])
-    cfg = transformers.Qwen2VLConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                         rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
-                         initializer_range=0.25, eos_token_id=2, bos_token_id=1),
-        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2, in_channels=3, initializer_range=0.25),
-        image_token_id=ids[2], vision_start_token_id=ids[0], vision_end_token_id=ids[1], tie_word_embeddings=False)
+    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
+                initializer_range=0.25, eos_token_id=2, bos_token_id=1)
+    tokens = dict(image_token_id=ids[2], vision_start_token_id=ids[0], vision_end_token_id=ids[1],
+                  tie_word_embeddings=False)
+    if family == "qwen2_vl":
+        cfg = transformers.Qwen2VLConfig(text_config=text, **tokens, vision_config=dict(
+            depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=14, spatial_merge_size=2,
+            temporal_patch_size=2, in_channels=3, initializer_range=0.25))
+        model_cls = transformers.Qwen2VLForConditionalGeneration
+    else:
+        cfg = transformers.Qwen2_5_VLConfig(text_config=text, **tokens, vision_config=dict(
+            depth=4, hidden_size=32, intermediate_size=48, out_hidden_size=64, num_heads=4, patch_size=14,
+            spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1, 3],
+            initializer_range=0.25))
+        model_cls = transformers.Qwen2_5_VLForConditionalGeneration
     torch.manual_seed(seed)
-    model = transformers.Qwen2VLForConditionalGeneration(cfg).to(torch.float32)
+    model = model_cls(cfg).to(torch.float32)
     with torch.no_grad():
         for layer in model.model.language_model.layers:
             for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
@@ -65,15 +75,15 @@ def data_url(image) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-@pytest.fixture(scope="module")
-def vl_model(tmp_path_factory, default_model_dir):
-    return build_tiny_qwen2_vl(tmp_path_factory.mktemp("qwen2-vl") / "model", default_model_dir)
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
+def vl_model(request, tmp_path_factory, default_model_dir):
+    return build_tiny_qwen2_vl(tmp_path_factory.mktemp(request.param) / "model", default_model_dir, request.param)
 
 
 @pytest.fixture(scope="module")
 def hf_model(vl_model):
-    from transformers import Qwen2VLForConditionalGeneration
-    return Qwen2VLForConditionalGeneration.from_pretrained(str(vl_model), dtype=torch.float32).eval()
+    from transformers import AutoModelForImageTextToText
+    return AutoModelForImageTextToText.from_pretrained(str(vl_model), dtype=torch.float32).eval()
 
 
 def hf_reference(hf, engine, request):

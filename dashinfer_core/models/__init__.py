@@ -4,7 +4,7 @@ from __future__ import annotations
 from ..errors import UnsupportedModelError
 from .llama import LlamaForCausalLM
 from .model_config import ModelConfig, load_model_config
-from .qwen2_vl import Qwen2VLForConditionalGeneration
+from .qwen2_vl import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
 MODEL_REGISTRY = {
     "LlamaForCausalLM": LlamaForCausalLM,
@@ -17,6 +17,7 @@ MODEL_REGISTRY = {
     "GlmForCausalLM": LlamaForCausalLM,
     "Glm4ForCausalLM": LlamaForCausalLM,
     "Qwen2VLForConditionalGeneration": Qwen2VLForConditionalGeneration,
+    "Qwen2_5_VLForConditionalGeneration": Qwen2_5_VLForConditionalGeneration,
 }
 
 

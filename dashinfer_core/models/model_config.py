@@ -108,8 +108,8 @@ def load_model_config(model_dir: Path) -> ModelConfig:
         elif gen_eos is not None:
             eos_ids = tuple(dict.fromkeys(eos_ids + (gen_eos,)))
 
-    is_qwen2 = model_type in ("qwen2", "qwen2_moe", "qwen2_vl", "qwen2_vl_text") or arch in (
-        "Qwen2ForCausalLM", "Qwen2MoeForCausalLM", "Qwen2VLForConditionalGeneration")
+    is_qwen2 = model_type in ("qwen2", "qwen2_moe") or arch in (
+        "Qwen2ForCausalLM", "Qwen2MoeForCausalLM") or arch in VISION_LANGUAGE
     is_qwen3 = model_type in ("qwen3", "qwen3_moe") or arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
     is_glm = arch in ("GlmForCausalLM", "Glm4ForCausalLM")
     partial = rope.pop("partial_rotary_factor", None) or raw.get("partial_rotary_factor") or (0.5 if is_glm else 1.0)
@@ -153,7 +153,7 @@ def load_model_config(model_dir: Path) -> ModelConfig:
     )
 
 
-VISION_LANGUAGE = ("Qwen2VLForConditionalGeneration",)
+VISION_LANGUAGE = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
 
 
 def head_dim_of(raw: dict) -> int:

@@ -1,4 +1,4 @@
-"""Qwen2-VL: the Qwen2 language model of llama.py with M-RoPE (positions in three rows, rotary.py) and
+"""Qwen2-VL and Qwen2.5-VL: the Qwen2 language model of llama.py with M-RoPE (positions in three rows, rotary.py) and
 image embeddings placed at the image tokens of a step (ForwardContext.mm_embeds), plus the vision
 tower that turns an image's patches into those embeddings.
 
@@ -25,12 +25,17 @@ _TEXT_PREFIX = ("model.language_model.", "model.")
 class Qwen2VLForConditionalGeneration(LlamaForCausalLM):
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, max_positions: int, tp: TPGroup = SINGLE):
         super().__init__(cfg, dtype, max_positions, tp)
+        config_cls, tower_cls = self.vision_classes()
+        vision_config = config_cls(vision_config=cfg.vision).vision_config
+        vision_config._attn_implementation = "sdpa"
+        self.visual = tower_cls._from_config(vision_config, dtype=dtype)
+        self.spatial_merge_size = vision_config.spatial_merge_size
+
+    @staticmethod
+    def vision_classes():
         from transformers import Qwen2VLConfig
         from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
-        vision_config = Qwen2VLConfig(vision_config=cfg.vision).vision_config
-        vision_config._attn_implementation = "sdpa"
-        self.visual = Qwen2VisionTransformerPretrainedModel._from_config(vision_config, dtype=dtype)
-        self.spatial_merge_size = vision_config.spatial_merge_size
+        return Qwen2VLConfig, Qwen2VisionTransformerPretrainedModel
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         visual = dict(self.visual.named_parameters())
@@ -74,3 +79,14 @@ class Qwen2VLForConditionalGeneration(LlamaForCausalLM):
             x, residual = layer(x, residual, ctx, self.compiled_parts)
         x, _ = self.norm(x, residual)
         return x
+
+
+class Qwen2_5_VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
+    """Qwen2.5-VL: the same language model and M-RoPE; its vision tower has windowed attention, RMSNorm
+    and a gated MLP (transformers' Qwen2_5_VisionTransformerPretrainedModel)."""
+
+    @staticmethod
+    def vision_classes():
+        from transformers import Qwen2_5_VLConfig
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+        return Qwen2_5_VLConfig, Qwen2_5_VisionTransformerPretrainedModel
