@@ -1,9 +1,13 @@
 """Test helpers: tiny model builders and HF reference generation."""
 from __future__ import annotations
 
+import base64
+import io
 import random
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 import torch
 
@@ -157,3 +161,62 @@ def make_adapter(base_dir, out_dir, seed: int, **lora_fields):
     peft_model = get_peft_model(model, LoraConfig(init_lora_weights=False, **lora_fields))
     peft_model.save_pretrained(str(out_dir))
     return out_dir
+
+
+# ---- vision-language models ----
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'text' %}{{ part['text'] }}"
+    "{% else %}<|vision_start|><|image_pad|><|vision_end|>{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def build_tiny_qwen2_vl(path, tokenizer_dir, family="qwen2_vl", seed=0):
+    """Qwen2-VL, or Qwen2.5-VL (windowed vision attention: blocks 0 and 2 attend within 56-pixel windows)."""
+    import transformers
+    from transformers import AutoTokenizer, Qwen2VLImageProcessor
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tok.add_special_tokens({"additional_special_tokens": ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>"]})
+    tok.chat_template = CHAT_TEMPLATE
+    ids = tok.convert_tokens_to_ids(["<|vision_start|>", "<|vision_end|>", "<|image_pad|>"])
+    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
+                initializer_range=0.25, eos_token_id=2, bos_token_id=1)
+    tokens = dict(image_token_id=ids[2], vision_start_token_id=ids[0], vision_end_token_id=ids[1],
+                  tie_word_embeddings=False)
+    if family == "qwen2_vl":
+        cfg = transformers.Qwen2VLConfig(text_config=text, **tokens, vision_config=dict(
+            depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=14, spatial_merge_size=2,
+            temporal_patch_size=2, in_channels=3, initializer_range=0.25))
+        model_cls = transformers.Qwen2VLForConditionalGeneration
+    else:
+        cfg = transformers.Qwen2_5_VLConfig(text_config=text, **tokens, vision_config=dict(
+            depth=4, hidden_size=32, intermediate_size=48, out_hidden_size=64, num_heads=4, patch_size=14,
+            spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1, 3],
+            initializer_range=0.25))
+        model_cls = transformers.Qwen2_5_VLForConditionalGeneration
+    torch.manual_seed(seed)
+    model = model_cls(cfg).to(torch.float32)
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, 0.5)
+    model.save_pretrained(str(path))
+    tok.save_pretrained(str(path))
+    Qwen2VLImageProcessor(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 40).save_pretrained(str(path))
+    return path
+
+
+def random_image(width, height, seed):
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def data_url(image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()

@@ -90,8 +90,8 @@ def common_refusals() -> list[tuple[dict, str]]:
             (dict(extra_body={"no_such_field": 1}), "no_such_field"),
             (dict(extra_body={"guided_grammar": "root ::= \"a\""}), "guided_grammar"),
             (dict(extra_body={"regex": "a+", "guided_choice": ["a"]}), "guided_choice"),
-            (dict(messages=[{"role": "user", "content": [{"type": "image_url",
-                                                          "image_url": {"url": "http://127.0.0.1/x.png"}}]}]),
+            (dict(messages=[{"role": "user", "content": [{"type": "input_audio",
+                                                          "input_audio": {"data": "AAAA", "format": "wav"}}]}]),
              "messages[0].content[0]")]
 
 

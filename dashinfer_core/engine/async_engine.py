@@ -64,14 +64,16 @@ class AsyncEngine:
     # ---- public API ----------------------------------------------------------------------------
     async def generate(self, prompt: str | list[int], sampling_params: SamplingParams | None = None,
                        request_id: str | None = None, priority: int = 0,
-                       cache_salt: str | None = None, lora_request=None) -> AsyncIterator[RequestOutput]:
+                       cache_salt: str | None = None, lora_request=None,
+                       images: list | None = None) -> AsyncIterator[RequestOutput]:
         """Stream RequestOutputs (with delta_text / delta_token_ids) until the request finishes.
         lora_request: a LoRARequest (enable_lora); its adapter is read on a loader thread while the
         request waits, and a bad adapter fails the request (RequestFailedError, a client error)."""
         request_id = request_id or uuid.uuid4().hex
         if self._dead is not None:
             raise EngineDeadError(f"the engine's step loop has stopped: {self._dead}")
-        request = self.engine.build_request(request_id, prompt, sampling_params, priority, cache_salt, lora_request)
+        request = self.engine.build_request(request_id, prompt, sampling_params, priority, cache_salt, lora_request,
+                                            images)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._cond:
             if request_id in self._streams:

@@ -23,8 +23,12 @@ import inspect
 import json
 import os
 from contextvars import ContextVar
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel
+
+if TYPE_CHECKING:
+    from fastapi.responses import JSONResponse
 
 
 def _json_v1_compatible(self, *, include=None, exclude=None, exclude_unset=False, exclude_defaults=False,

@@ -117,13 +117,17 @@ def guided_fields(body: dict) -> dict:
     return {canonical: value for canonical, (_, value) in found.items()}
 
 
-def check_messages(messages) -> list | None:
-    """Chat messages FastChat can render without losing anything, with `developer` as `system`;
-    None when they need no change."""
+def check_messages(messages) -> tuple[list | None, list | None]:
+    """(chat messages FastChat can render without losing anything, with `developer` as `system`, or None
+    when they need no change; the messages with their image parts kept, or None without images).
+    FastChat's own prompt builder cannot carry images through a ChatML template (it renders the
+    (text, images) pair it makes as if it were text) and moves every image before its message's text:
+    a request with images goes to the worker with its messages, which the worker renders with the
+    model's own chat template."""
     if not isinstance(messages, list):
-        return None  # FastChat's request model says what is wrong
-    changed = False
-    out = []
+        return None, None  # FastChat's request model says what is wrong
+    changed = has_images = False
+    out, with_parts = [], []
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             return None
@@ -139,22 +143,28 @@ def check_messages(messages) -> list | None:
                              NO_TOOLS if key in ("tool_calls", "function_call", "tool_call_id")
                              else "not supported by this server (only role and content are used)")
         content = message.get("content")
-        if isinstance(content, list):
-            for j, part in enumerate(content):
-                kind = part.get("type") if isinstance(part, dict) else None
-                if kind != "text":
-                    raise FieldError(f"messages[{i}].content[{j}]", f"only text parts are supported ({TEXT_ONLY}), "
-                                                                    f"got type {kind!r}")
-            content = "\n".join(part.get("text", "") for part in content)  # what FastChat itself does
-            message = {**message, "content": content}
-            changed = True
-        elif content is None or not isinstance(content, str):
-            raise FieldError(f"messages[{i}].content", "must be a string or a list of text parts")
         if role == "developer":
             message = {**message, "role": "system"}
             changed = True
+        with_parts.append(message)
+        if isinstance(content, list):
+            for j, part in enumerate(content):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "image_url":
+                    url = part.get("image_url")
+                    if not isinstance(url.get("url") if isinstance(url, dict) else url, str):
+                        raise FieldError(f"messages[{i}].content[{j}]", "image_url must be {\"url\": \"data:...\"}")
+                    has_images = True
+                elif kind != "text":
+                    raise FieldError(f"messages[{i}].content[{j}]", f"only text and image_url parts are supported, "
+                                                                    f"got type {kind!r}")
+            content = "\n".join(part.get("text", "") for part in content if part.get("type") == "text")
+            message = {**message, "content": content}  # what FastChat itself does with text parts
+            changed = True
+        elif content is None or not isinstance(content, str):
+            raise FieldError(f"messages[{i}].content", "must be a string or a list of text parts")
         out.append(message)
-    return out if changed else None
+    return (out if changed else None), (with_parts if has_images else None)
 
 
 def check_request(body: dict, chat: bool) -> tuple[dict, dict]:
@@ -192,7 +202,9 @@ def check_request(body: dict, chat: bool) -> tuple[dict, dict]:
         # FastChat sends the n choices as n identical worker requests: with one seed all would repeat.
         raise FieldError("seed", "cannot be combined with n > 1 on this server (every choice would be the same)")
     if chat:
-        messages = check_messages(body.get("messages"))
+        messages, with_images = check_messages(body.get("messages"))
         if messages is not None:
             changes["messages"] = messages
+        if with_images is not None:
+            extras["chat_messages"] = with_images
     return extras, changes

@@ -68,6 +68,23 @@ class DashInferWorker(BaseModelWorker):
         with self.engine.engine.tokenizer_lock:
             return tok.encode(prompt, add_special_tokens=not (bos and prompt.startswith(bos)))
 
+    def render_chat(self, messages: list) -> tuple[list[int], list]:
+        """Token ids and images of chat messages with image parts (dashinfer_fastchat.openai_api_server
+        sends them as they came: FastChat's prompt builder cannot carry images through ChatML)."""
+        from dashinfer_core.llm import apply_chat_template, conversation_images
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            raise InvalidParameterError("messages", "must be a list of messages")
+        images = conversation_images(messages)
+        if images and self.engine.engine.images is None:
+            raise InvalidParameterError("images", "this model takes text only (the messages carry image_url parts)")
+        try:
+            with self.engine.engine.tokenizer_lock:
+                return apply_chat_template(self.tokenizer, messages), images
+        except InvalidParameterError:
+            raise
+        except Exception as exc:  # the template rejected the messages
+            raise InvalidParameterError("messages", f"the chat template cannot render them: {exc}") from None
+
     def count_token(self, params):
         return {"count": len(self.encode(params["prompt"])), "error_code": 0}
 
@@ -84,11 +101,16 @@ class DashInferWorker(BaseModelWorker):
         echo = bool(params.get("echo", True))
         try:
             sampling = sampling_params_from_fastchat(params, self.conv.stop_token_ids or ())
-            prompt_ids = self.encode(prompt_text) if isinstance(prompt_text, str) else list(prompt_text)
+            images = None
+            if params.get("chat_messages"):  # a chat with images: rendered by the model's own template
+                prompt_ids, images = self.render_chat(params["chat_messages"])
+            else:
+                prompt_ids = self.encode(prompt_text) if isinstance(prompt_text, str) else list(prompt_text)
             if not prompt_ids:
                 raise InvalidParameterError("prompt", "must not be empty")
             lora = self.loras.get(params.get("model"))  # None: one of the base model's names
-            stream = self.engine.generate(prompt_ids, sampling, request_id=request_id, lora_request=lora)
+            stream = self.engine.generate(prompt_ids, sampling, request_id=request_id, lora_request=lora,
+                                          images=images)
             decoded: list[str] = []  # token strings for logprobs, grown incrementally
             async for out in stream:
                 texts = [c.text for c in out.outputs]

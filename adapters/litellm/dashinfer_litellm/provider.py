@@ -30,7 +30,7 @@ from litellm.types.utils import GenericStreamingChunk, ModelResponse
 
 from dashinfer_core import (AsyncEngine, EngineConfig, EngineDeadError, InvalidParameterError, LoRARequest,
                             PromptTooLongError, RequestFailedError, SamplingParams)
-from dashinfer_core.llm import apply_chat_template
+from dashinfer_core.llm import apply_chat_template, conversation_images
 
 PROVIDER = "dashinfer"
 # EngineConfig fields a model entry may set. `seed` is left out: in a request it is the sampling seed.
@@ -228,9 +228,32 @@ def message_text(content, model: str = "", where: str = "messages[0].content") -
     return content or ""
 
 
+def image_parts(content, model: str, where: str) -> list | None:
+    """A message's content parts as the chat template takes them when they carry images (text and
+    image_url parts, in order; vision-language models), None when they are text only."""
+    if not isinstance(content, list) or not any(isinstance(p, dict) and p.get("type") == "image_url"
+                                                for p in content):
+        return None
+    parts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            parts.append({"type": "text", "text": part.get("text", "")})
+        elif kind == "image_url":
+            url = part.get("image_url")
+            url = url.get("url") if isinstance(url, dict) else url
+            if not isinstance(url, str):
+                raise _bad_request(f"{where}[{j}]: image_url must be {{\"url\": \"data:...\"}}", model)
+            parts.append({"type": "image_url", "image_url": {"url": url}})
+        else:
+            raise _bad_request(f"{where}[{j}]: only text and image_url parts are supported, got type {kind!r}", model)
+    return parts
+
+
 def conversation(messages: list, model: str) -> list[dict]:
-    """Chat messages as the chat template takes them; what it would lose (tool calls, names, images)
-    is refused with the field named. `developer` is OpenAI's newer name for `system`."""
+    """Chat messages as the chat template takes them; what it would lose (tool calls, names) is refused
+    with the field named. `developer` is OpenAI's newer name for `system`. Image parts stay as parts
+    (the engine refuses them for a text-only model)."""
     out = []
     for i, message in enumerate(messages):
         role = message.get("role")
@@ -243,8 +266,10 @@ def conversation(messages: list, model: str) -> list[dict]:
                                                                                   "tool_call_id")
                                                                else "not supported (only role and content are used)"),
                                    model)
+        where = f"messages[{i}].content"
+        parts = image_parts(message.get("content"), model, where)
         out.append({"role": "system" if role == "developer" else role,
-                    "content": message_text(message.get("content"), model, f"messages[{i}].content")})
+                    "content": parts if parts is not None else message_text(message.get("content"), model, where)})
     return out
 
 
@@ -267,10 +292,14 @@ class _Call:
         self.lora = lora_for(model, engine_opts, lora_spec) if lora_spec is not None else None
         self.params = sampling_params(sampling, model)
         tokenizer = self.engine.tokenizer
+        self.images = None
         if (litellm_params or {}).get("text_completion"):
             prompt = message_text(messages[0]["content"], model, "prompt") if messages else ""
         else:
             chat = conversation(messages, model)
+            self.images = conversation_images(chat) or None
+            if self.images and self.engine.engine.images is None:
+                raise _bad_request("images: this model takes text only (the messages carry image_url parts)", model)
             try:
                 with self.engine.engine.tokenizer_lock:
                     prompt = apply_chat_template(tokenizer, chat)
@@ -278,7 +307,8 @@ class _Call:
                 raise _bad_request(f"messages: {exc}", model) from None
         self.request_id = f"litellm-{uuid.uuid4().hex}"
         try:  # validate now (prompt length, limits): raises before anything is queued
-            self.engine.engine.build_request(self.request_id, prompt, self.params, lora_request=self.lora)
+            self.engine.engine.build_request(self.request_id, prompt, self.params, lora_request=self.lora,
+                                             images=self.images)
         except PromptTooLongError as exc:
             raise litellm.ContextWindowExceededError(message=str(exc), model=model, llm_provider=PROVIDER) from None
         except InvalidParameterError as exc:
@@ -288,7 +318,7 @@ class _Call:
     async def outputs(self):
         try:
             async for out in self.engine.generate(self.prompt, self.params, request_id=self.request_id,
-                                                  lora_request=self.lora):
+                                                  lora_request=self.lora, images=self.images):
                 yield out
         except RequestFailedError as exc:
             if exc.is_client_error:

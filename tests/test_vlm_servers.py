@@ -1,0 +1,87 @@
+"""Images through both stacks, end to end on 127.0.0.1 with a tiny random Qwen2-VL: FastChat's
+controller + our worker + our OpenAI server, and the LiteLLM proxy; a chat message with a base64
+image (and text) answered as the engine in this process answers it; a text-only model refuses
+images with a 400 naming them."""
+from __future__ import annotations
+
+import pytest
+import requests
+
+from dashinfer_core import LLM, SamplingParams
+from helpers import build_tiny_qwen2_vl, data_url, random_image
+from servers import Process, free_port, python_module, start_litellm_proxy, wait_until
+
+pytestmark = pytest.mark.slow
+MAX_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, default_model_dir):
+    model = build_tiny_qwen2_vl(tmp_path_factory.mktemp("vlm-servers") / "model", default_model_dir)
+    messages = []
+    for i, (w, h) in enumerate(((100, 60), (64, 150))):
+        url = data_url(random_image(w, h, seed=i))
+        messages.append([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                      {"type": "text", "text": "What is shown here?"}]}])
+    llm = LLM(str(model), dtype="float32", device="cpu")
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+    expected = [out.outputs[0].text for out in llm.chat(messages, params)]
+    assert expected[0] != expected[1]  # the image matters
+    return model, messages, expected
+
+
+def _check(client, name, messages, expected):
+    for msgs, want in zip(messages, expected):
+        r = client.chat.completions.create(model=name, messages=msgs, temperature=0, max_tokens=MAX_TOKENS,
+                                           extra_body={"ignore_eos": True})
+        assert r.choices[0].message.content == want
+
+
+def test_fastchat_stack_answers_a_base64_image(setup, tmp_path):
+    from openai import BadRequestError, OpenAI
+    model, messages, expected = setup
+    env = {"LOGDIR": str(tmp_path)}
+    c_port, w_port, t_port, api_port = free_port(), free_port(), free_port(), free_port()
+    controller = f"http://127.0.0.1:{c_port}"
+    procs = [Process(python_module("fastchat.serve.controller", "--host", "127.0.0.1", "--port", str(c_port)),
+                     tmp_path, "controller", env)]
+    try:
+        wait_until(lambda: requests.get(f"{controller}/test_connection", timeout=2).ok, 60, "controller", procs)
+        for port, path, name in ((w_port, str(model), "tiny-vl"), (t_port, "default", "smollm2")):
+            procs.append(Process(python_module(
+                "dashinfer_fastchat.worker", "--host", "127.0.0.1", "--port", str(port), "--worker-address",
+                f"http://127.0.0.1:{port}", "--controller-address", controller, "--model-path", path,
+                "--model-names", name, "--dtype", "float32", "--max-model-len", "1024"), tmp_path, name, env))
+        procs.append(Process(python_module("dashinfer_fastchat.openai_api_server", "--host", "127.0.0.1", "--port",
+                                           str(api_port), "--controller-address", controller), tmp_path, "api", env))
+        api = f"http://127.0.0.1:{api_port}/v1"
+        wait_until(lambda: {"tiny-vl", "smollm2"} <= {m["id"] for m in requests.get(f"{api}/models", timeout=2)
+                                                      .json()["data"]}, 180, "both models to register", procs)
+        client = OpenAI(base_url=api, api_key="unused", max_retries=0, timeout=120)
+        _check(client, "tiny-vl", messages, expected)
+        with pytest.raises(BadRequestError) as err:  # a text-only model
+            client.chat.completions.create(model="smollm2", messages=messages[0], max_tokens=4)
+        assert "images" in str(err.value)
+        stats = requests.get(f"http://127.0.0.1:{w_port}/worker_get_engine_stats", timeout=5).json()
+        assert stats["num_free_blocks"] == stats["num_blocks"]
+    finally:
+        for p in reversed(procs):
+            p.stop()
+
+
+def test_litellm_proxy_answers_a_base64_image(setup, tmp_path):
+    from openai import BadRequestError, OpenAI
+    model, messages, expected = setup
+    config = (f"model_list:\n  - model_name: tiny-vl\n    litellm_params: {{model: dashinfer/{model}, dtype: float32}}\n"
+              "  - model_name: smollm2\n    litellm_params: {model: dashinfer/default, dtype: float32}\n"
+              "litellm_settings:\n  custom_provider_map:\n"
+              "    - {provider: dashinfer, custom_handler: dashinfer_litellm.handler}\n")
+    proxy = start_litellm_proxy(tmp_path, config)
+    try:
+        client = OpenAI(base_url=f"{proxy['base']}/v1", api_key=proxy["key"], max_retries=0, timeout=300)
+        _check(client, "tiny-vl", messages, expected)
+        with pytest.raises(BadRequestError) as err:
+            client.chat.completions.create(model="smollm2", messages=messages[0], max_tokens=4)
+        assert "images" in str(err.value)
+    finally:
+        proxy["proc"].stop()
