@@ -181,7 +181,7 @@ def build_tiny_qwen2_vl(path, tokenizer_dir, family="qwen2_vl", seed=0):
     tok.add_special_tokens({"additional_special_tokens": ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>"]})
     tok.chat_template = CHAT_TEMPLATE
     ids = tok.convert_tokens_to_ids(["<|vision_start|>", "<|vision_end|>", "<|image_pad|>"])
-    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    text = dict(vocab_size=-(-len(tok) // 8) * 8, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                 rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
                 initializer_range=0.25, eos_token_id=2, bos_token_id=1)

@@ -130,3 +130,13 @@ def test_bad_images_are_refused_by_field(vl_model, tmp_path):
         llm.chat([{"role": "user", "content": [{"type": "video", "video": "x"}]}], PARAMS)
     assert err.value.field == "messages[0].content[0].type"
     assert not llm.engine.requests and llm.engine.stats().num_free_blocks == llm.engine.stats().num_blocks
+
+
+def test_images_under_tensor_parallel_equal_one_rank(vl_model):
+    convs = image_conversations()[:4]
+    want = [o.outputs[0].token_ids for o in LLM(str(vl_model), dtype="float32", device="cpu").chat(convs, PARAMS)]
+    two = LLM(str(vl_model), dtype="float32", device="cpu", tensor_parallel_size=2)
+    try:
+        assert [o.outputs[0].token_ids for o in two.chat(convs, PARAMS)] == want
+    finally:
+        two.shutdown()
