@@ -140,3 +140,21 @@ def test_images_under_tensor_parallel_equal_one_rank(vl_model):
         assert [o.outputs[0].token_ids for o in two.chat(convs, PARAMS)] == want
     finally:
         two.shutdown()
+
+
+def test_vision_tower_matches_transformers(vl_model):
+    """Our vision tower against transformers' (the reference) on images of several sizes at once,
+    Qwen2.5-VL's windows included (some images span several windows, cut at their edges)."""
+    import transformers
+    llm = LLM(str(vl_model), dtype="float32", device="cpu")
+    ours = llm.engine.runner.model
+    ref = transformers.AutoModelForImageTextToText.from_pretrained(str(vl_model), dtype=torch.float32).eval()
+    processor = llm.engine.images.processor
+    batch = [processor(images=[random_image(w, h, seed=i)], return_tensors="pt") for i, (w, h) in enumerate(SIZES)]
+    pixels = torch.cat([b["pixel_values"] for b in batch])
+    grid = torch.cat([b["image_grid_thw"] for b in batch])
+    with torch.no_grad():
+        want = ref.model.visual(pixels, grid_thw=grid).pooler_output
+        got = ours.encode_images(pixels, grid)
+    # fp32 sums in another order (a linear for HF's Conv3d, our attention split): ~1e-5 apart, not more
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
