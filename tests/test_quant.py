@@ -19,10 +19,11 @@ def test_int4_pack_round_trip():
 
 @pytest.mark.parametrize("bits, group, bound", [(8, None, 1 / 255), (8, 64, 1 / 255), (4, None, 1 / 15),
                                                 (4, 32, 1 / 15), (4, 48, 1 / 15)])
-def test_quantization_error_is_within_half_a_step(bits, group, bound):
+def test_integer_zero_points_are_within_half_a_step(bits, group, bound):
     torch.manual_seed(0)
     w = torch.randn(40, 100)
-    qw = quantize(w, bits, group)
+    qw = quantize(w, bits, group, integer_zeros=True)
+    assert torch.equal(qw.zeros, qw.zeros.round())
     err = (dequantize(qw) - w).abs()
     g = qw.group_size
     for start in range(0, 100, g):  # half a quantization step of each group's range
@@ -30,6 +31,44 @@ def test_quantization_error_is_within_half_a_step(bits, group, bound):
         step = (block.amax(1).clamp(min=0) - block.amin(1).clamp(max=0)) * bound
         assert (err[:, start:start + g] <= step[:, None] / 2 + 1e-6).all()
     assert (qw.qweight.numel() * 8) / bits == pytest.approx(40 * 100, rel=0.02)
+
+
+@pytest.mark.parametrize("bits, group", [(8, None), (8, 64), (4, None), (4, 32), (4, 48), (4, 128)])
+def test_fit_is_no_worse_than_min_max_in_any_group(bits, group):
+    """The default fit (float zero points; for 4 bits the range search with least-squares refits)
+    against plain min/max of each group's own range, group by group, and against integer zero points
+    overall. Heavy-tailed weights, like real ones, where narrowing the range pays."""
+    torch.manual_seed(1)
+    w = torch.distributions.StudentT(3.0).sample((64, 384))
+    qw = quantize(w, bits, group, integer_zeros=False)
+    default = quantize(w, bits, group)  # the fit up to groups of 32, integer zero points beyond
+    assert torch.equal(default.zeros, default.zeros.round()) == (qw.group_size > 32)
+    g = qw.group_size
+    qmax = (1 << bits) - 1
+    fit_err = ((dequantize(qw) - w) ** 2).view(64, -1, g).sum(-1)
+    blocks = w.view(64, -1, g)
+    lo, hi = blocks.amin(-1, keepdim=True), blocks.amax(-1, keepdim=True)
+    scale = (hi - lo) / qmax
+    minmax = torch.clamp(torch.round((blocks - lo) / scale), 0, qmax) * scale + lo
+    # (float rounding of (q - z) * s against q * s + m is ~1e-7 of a weight: 1e-4 of an 8-bit error)
+    assert (fit_err <= ((minmax - blocks) ** 2).sum(-1) * (1 + 1e-4) + 1e-9).all()
+    integer = ((dequantize(quantize(w, bits, group, integer_zeros=True)) - w) ** 2).sum()
+    assert fit_err.sum() < integer
+
+
+@pytest.mark.parametrize("span", [(0, 15), (2, 13)])
+def test_q4_1_groups_are_reproduced_exactly(span):
+    """Weights that were Q4_1 (groups of 32, q * d + m with f16 d and m, as the embedded GGUF stores
+    them) come back exactly, also when a group's integers do not reach 0 or 15."""
+    torch.manual_seed(2)
+    n, k = 24, 128
+    q = torch.randint(span[0], span[1] + 1, (n, k)).float()
+    q[:, ::32], q[:, 1::32] = span[0], span[1]  # each group spans exactly this range
+    d = (torch.rand(n, k // 32) * 0.02 + 0.001).half().float()
+    m = (torch.randn(n, k // 32) * 0.05).half().float()
+    w = (q.view(n, -1, 32) * d[..., None] + m[..., None]).view(n, k)
+    got = dequantize(quantize(w, 4, 32))
+    torch.testing.assert_close(got, w, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("bits, group", [(8, None), (8, 32), (4, None), (4, 32)])
@@ -116,7 +155,7 @@ def test_gptq_checkpoint_loads_exactly(tmp_path, tiny_models):
     for name, tensor in state.items():
         base = name[:-len(".weight")]
         if name.endswith("_proj.weight"):
-            qw = quantize(tensor.float(), 4, 32)
+            qw = quantize(tensor.float(), 4, 32, integer_zeros=True)
             qw.zeros.clamp_(min=1)  # GPTQ's format cannot store a zero point of 0
             parts = quantized_to_gptq(qw)
             gptq_state.update({f"{base}.{k}": v for k, v in parts.items()})

@@ -4,9 +4,16 @@ per group of input channels, computed at load time with no calibration.
 Layout of a quantized [N, K] weight:
   qweight  uint8 [N, K] (8 bits) or [N, ceil(K / 2)] (4 bits: column k in the low nibble of byte k // 2
            when k is even, in the high nibble when odd)
-  scales   float32 [N, G] and zeros float32 [N, G] (integer zero points), G = ceil(K / group_size)
-           groups along K (the last one may be partial); per channel: G = 1
+  scales   float32 [N, G] and zeros float32 [N, G], G = ceil(K / group_size) groups along K (the last one
+           may be partial); per channel: G = 1. Zero points: floats or integers (see below)
   w[n, k] = (q[n, k] - zeros[n, k // group]) * scales[n, k // group]
+
+Groups of up to 32: each group's (scale, minimum) comes from its own range with a float zero point; for
+4 bits a short search then tries narrower and coarser steps and refits scale and minimum by least
+squares to the integers they give (as llama.cpp's k-quants do), keeping the fit with the smallest squared
+error. A group that was itself a 4-bit (scale, minimum) group, as the embedded model's Q4_1 weights are,
+is reproduced exactly. Larger groups and per channel: min/max over a range that holds 0, with integer
+zero points (the fit measured worse there: see quantize).
 """
 from __future__ import annotations
 
@@ -41,23 +48,89 @@ def unpack_int4(packed: torch.Tensor, k: int) -> torch.Tensor:
     return torch.stack((low, high), dim=-1).reshape(packed.shape[0], -1)[:, :k]
 
 
-def quantize(weight: torch.Tensor, bits: int, group_size: int | None = None) -> QuantizedWeight:
-    """Asymmetric min/max quantization of a [N, K] weight, per channel (group_size None) or per group."""
+# The 4-bit search's candidate steps, as fractions of the group's range: 1/15 (min/max); narrower
+# ranges centred on the group's, clipping its outliers (1/15 of 0.95 ... 0.7 of the range); and coarser
+# steps anchored at its minimum, for groups whose values sit on fewer levels (a Q4_1 group whose
+# integers span 2..13 has a step of 1/11 of its range).
+SEARCH_STEPS = tuple((f / 15, True) for f in (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)) + \
+    tuple((1 / levels, False) for levels in range(14, 7, -1))
+
+
+MAX_FIT_GROUP = 32
+
+
+def quantize(weight: torch.Tensor, bits: int, group_size: int | None = None,
+             integer_zeros: bool | None = None) -> QuantizedWeight:
+    """Asymmetric quantization of a [N, K] weight, per channel (group_size None) or per group.
+    integer_zeros: min/max over a range widened to hold 0, with integer zero points (0.0 exactly
+    representable; what GPTQ's format stores) instead of the fit with float zero points. Default: the
+    fit for groups of up to 32, integer zero points for larger groups and per channel, where they gave
+    the lower perplexity on the embedded model (README, Quantization)."""
     n, k = weight.shape
     group = k if group_size is None else group_size
+    if integer_zeros is None:
+        integer_zeros = group > MAX_FIT_GROUP
     groups = -(-k // group)
     w = weight.float()
     padded = torch.nn.functional.pad(w, (0, groups * group - k)).view(n, groups, group)
     valid = torch.arange(groups * group, device=w.device).view(groups, group) < k
-    lo = torch.where(valid, padded, float("inf")).amin(-1).clamp(max=0.0)
-    hi = torch.where(valid, padded, float("-inf")).amax(-1).clamp(min=0.0)
+    lo = torch.where(valid, padded, float("inf")).amin(-1)
+    hi = torch.where(valid, padded, float("-inf")).amax(-1)
     qmax = (1 << bits) - 1
-    scales = ((hi - lo) / qmax).clamp(min=1e-8)
-    zeros = torch.round(-lo / scales).clamp(0, qmax)
-    q = torch.clamp(torch.round(padded / scales[..., None]) + zeros[..., None], 0, qmax).view(n, -1)[:, :k]
-    q = q.to(torch.uint8)
+    if integer_zeros:
+        lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
+        scales = ((hi - lo) / qmax).clamp(min=1e-8)
+        zeros = torch.round(-lo / scales).clamp(0, qmax)
+        q = torch.clamp(torch.round(padded / scales[..., None]) + zeros[..., None], 0, qmax)
+    else:
+        steps = SEARCH_STEPS if bits == 4 else ((1 / qmax, True),)
+        scales, mins = _fit_groups(padded, valid, lo, hi, qmax, steps)
+        zeros = -mins / scales
+        q = torch.clamp(torch.round((padded - mins[..., None]) / scales[..., None]), 0, qmax)
+    q = q.view(n, -1)[:, :k].to(torch.uint8)
     qweight = pack_int4(q) if bits == 4 else q
     return QuantizedWeight(qweight.contiguous(), scales.contiguous(), zeros.contiguous(), bits, group, (n, k))
+
+
+def _fit_groups(w: torch.Tensor, valid: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, qmax: int,
+                steps) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, minimum) per group [N, G] with w ~ q * scale + minimum, q in 0..qmax: for each candidate
+    step (a fraction of the range; centred, or anchored at the minimum), the integers it gives, then scale
+    and minimum refit to them by least squares; per group the candidate with the smallest squared error
+    (the plain min/max fit is the first)."""
+    mask = valid.to(w.dtype).expand_as(w)
+    count = mask.sum(-1)
+    width = (hi - lo).clamp(min=1e-8)
+    best_err = best_s = best_m = None
+
+    def error(s, m):
+        q = torch.clamp(torch.round((w - m[..., None]) / s[..., None]), 0, qmax)
+        return (((q * s[..., None] + m[..., None] - w) ** 2) * mask).sum(-1), q
+
+    for fraction, centred in steps:
+        s0 = width * fraction
+        m0 = lo + (width - s0 * qmax) / 2 if centred else lo
+        candidates = [(s0, m0)]
+        if len(steps) > 1:  # the least-squares refit of this candidate's integers
+            _, q = error(s0, m0)
+            qm = q * mask
+            sq, sqq, sw, sqw = qm.sum(-1), (q * qm).sum(-1), (w * mask).sum(-1), (w * qm).sum(-1)
+            det = count * sqq - sq * sq
+            ok = det > 1e-6 * count * count  # the integers vary: a slope can be fitted
+            s = torch.where(ok, (count * sqw - sq * sw) / torch.where(ok, det, 1.0), s0)
+            ok = ok & (s > 1e-8)
+            s = torch.where(ok, s, s0)
+            m = torch.where(ok, (sw - s * sq) / count, m0)
+            candidates.append((s, m))
+        for s, m in candidates:
+            err, _ = error(s, m)
+            if best_err is None:
+                best_err, best_s, best_m = err, s, m
+            else:
+                better = err < best_err
+                best_err = torch.where(better, err, best_err)
+                best_s, best_m = torch.where(better, s, best_s), torch.where(better, m, best_m)
+    return best_s.clamp(min=1e-8), best_m
 
 
 def unpacked(qw: QuantizedWeight) -> torch.Tensor:
