@@ -7,6 +7,9 @@ Each CPU fast path has a plain fallback that runs wherever torch runs:
   the primitive and raises mid-request. Fallback: F.linear (ATen's GEMM).
 - int8_gemv: torch._weight_int8pack_mm for per-channel iq-int8 weights at decode sizes, bf16 only.
   Fallback: the dequantizing matmul (quant/linear.py).
+- int4_gemv: torch's CPU int4 kernel (_weight_int4pack_mm_for_cpu) for iq-int4 weights in groups of
+  32-256 at decode sizes, bf16 only (in fp32 the kernel is ~15x slower than the dequantizing matmul).
+  Fallback: the dequantizing matmul.
 - int8_gemm: torch._int_mm for a8w8 (int8 activations x int8 weights, int32 sums). oneDNN's AVX2 kernel
   (no VNNI) sums byte pairs in saturating 16-bit lanes and gets full-range inputs wrong (seen here:
   off by up to 37,725 of a few hundred thousand). Fallback: the same integer product in fp32.
@@ -39,7 +42,7 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-FAST_PATHS = ("onednn_linear", "int8_gemv", "int8_gemm", "compiled_dequant", "compiled_layers", "compiled_attention")
+FAST_PATHS = ("onednn_linear", "int8_gemv", "int4_gemv", "int8_gemm", "compiled_dequant", "compiled_layers", "compiled_attention")
 # /proc/cpuinfo flags that decide a path (x86) or say what the core has (aarch64 "Features").
 _INTERESTING_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16", "amx_int8",
                       "asimd", "bf16", "i8mm", "sve")
@@ -202,6 +205,31 @@ def int8_gemv_works() -> bool:
     return bool(torch.allclose(got, want, atol=0.05 * float(want.abs().max()) + 1e-3, rtol=0.02))
 
 
+INT4_GROUPS = (32, 64, 128, 256)  # the group sizes torch's CPU int4 kernel takes
+
+
+@functools.cache
+def int4_gemv_works() -> bool:
+    """torch's CPU int4 kernel computes x @ ((q - 8) * s + z)^T for bf16 x here."""
+    op = getattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", None)
+    if "int4_gemv" in disabled_paths() or op is None:
+        return False
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randint(0, 16, (32, 64), generator=gen, dtype=torch.int32)
+    scales = torch.rand(2, 32, generator=gen) * 0.1
+    zeros = torch.randn(2, 32, generator=gen) * 0.1
+    x = torch.randn(3, 64, generator=gen).bfloat16()
+    try:
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        got = op(x, packed, 32, torch.stack([scales, zeros], dim=-1).bfloat16()).float()
+    except Exception as exc:
+        log.info("int4 GEMV unavailable: %s", str(exc).splitlines()[0][:120])
+        return False
+    w = (q.float() - 8) * scales.t().repeat_interleave(32, 1) + zeros.t().repeat_interleave(32, 1)
+    want = x.float() @ w.t()
+    return bool(torch.allclose(got, want, atol=0.05 * float(want.abs().max()) + 1e-3, rtol=0.02))
+
+
 @functools.cache
 def int8_gemm_works() -> bool:
     """torch._int_mm gives exact int32 sums for full-range int8 inputs (the case that saturates)."""
@@ -265,6 +293,15 @@ def choose_cpu_paths(dtype: torch.dtype, quantization: str | None, group_size: i
         paths["int8_gemv"] = PathChoice(False, "torch._weight_int8pack_mm fails or is wrong here")
     else:
         paths["int8_gemv"] = PathChoice(True, "torch int8 GEMV for decode-sized batches")
+
+    if quantization != "iq-int4" or group_size not in INT4_GROUPS or dtype != torch.bfloat16:
+        paths["int4_gemv"] = PathChoice(False, f"only for iq-int4 weights in groups of {INT4_GROUPS} with bfloat16")
+    elif "int4_gemv" in off:
+        paths["int4_gemv"] = PathChoice(False, "disabled by DASHINFER_DISABLE")
+    elif not int4_gemv_works():
+        paths["int4_gemv"] = PathChoice(False, "torch's CPU int4 kernel fails or is wrong here")
+    else:
+        paths["int4_gemv"] = PathChoice(True, "torch int4 GEMV for decode-sized batches")
 
     if quantization != "a8w8":
         paths["int8_gemm"] = PathChoice(False, "only for a8w8")

@@ -80,6 +80,26 @@ def test_quantized_linear_equals_dequantize_then_matmul(bits, group):
     torch.testing.assert_close(layer(x), x @ dequantize(qw).t() + b, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("group", [32, 64])
+@pytest.mark.parametrize("rows", [1, 5, 70])
+def test_int4_bf16_linear_equals_dequantize_then_matmul(rows, group):
+    """bf16 iq-int4 in groups on the CPU: torch's int4 kernel where it works (checked: the layer took its
+    packing), the dequantizing matmul past INT4PACK_MAX_ROWS or where it does not; the same weight either way."""
+    from dashinfer_core.capabilities import int4_gemv_works
+    from dashinfer_core.quant.linear import INT4PACK_MAX_ROWS
+    torch.manual_seed(4)
+    w, b = torch.randn(48, 128), torch.randn(48)
+    qw = quantize(w, 4, group)
+    layer = QuantizedLinear(qw, b.bfloat16(), (48,), torch.bfloat16)
+    assert (layer.int4_packed is not None) == int4_gemv_works()
+    for n in (rows, INT4PACK_MAX_ROWS + 1):
+        x = torch.randn(n, 128).bfloat16()
+        ref = x.float() @ dequantize(qw).t() + b.bfloat16().float()
+        out = layer(x)
+        assert out.dtype == torch.bfloat16 and out.shape == (n, 48)
+        torch.testing.assert_close(out.float(), ref, atol=2e-2 * ref.abs().max().item(), rtol=1e-2)
+
+
 @pytest.mark.parametrize("rows", [1, 3, INT8PACK_MAX_ROWS, INT8PACK_MAX_ROWS + 5])
 def test_signed_int8_bf16_linear_equals_dequantize_then_matmul(rows):
     # bf16 on the CPU: decode-sized inputs take torch's int8 GEMV, bigger ones the compiled dequant path;
@@ -115,22 +135,27 @@ QUESTIONS = ["What is the largest planet in our solar system?", "How many days a
 
 @pytest.mark.parametrize("options", [dict(quantization="iq-int8"), dict(quantization="iq-int8", group_size=64),
                                      dict(quantization="iq-int4", group_size=32), dict(quantization="a8w8"),
-                                     dict(quantization="iq-int8", dtype="bfloat16")])
+                                     dict(quantization="iq-int8", dtype="bfloat16"),
+                                     dict(quantization="iq-int4", group_size=32, dtype="bfloat16")])
 def test_quantized_embedded_model_answers(default_model_dir, options):
     llm = LLM(device="cpu", **{"dtype": "float32", **options})
     outs = llm.chat([[{"role": "user", "content": q}] for q in QUESTIONS],
                     SamplingParams(max_tokens=24, temperature=0.0))
     # Fluent: words, not garbage. (a8w8 on an AMX machine answers "The answer is 4.": short and right.)
     assert all(o.error is None and len(o.text.split()) >= 3 for o in outs), [o.text for o in outs]
-    if options["quantization"] != "iq-int4":  # int8 keeps the answers; int4 is lossier
+    if options["quantization"] != "iq-int4" or options.get("group_size") == 32:
+        # int8 keeps the answers, and so does int4 in groups of 32 (the embedded Q4_1 weights, exactly)
         assert "7 days" in outs[1].text and "4" in outs[2].text, [o.text for o in outs]
     stats = llm.engine.stats()
     assert stats.num_free_blocks == stats.num_blocks
     linears = [m for m in llm.engine.runner.model.modules() if isinstance(m, QuantizedLinear)]
     assert len(linears) == 4 * 30
-    if options.get("dtype") == "bfloat16":  # the CPU's int8 GEMV layout, where the GEMV works
+    if options.get("dtype") == "bfloat16" and options["quantization"] == "iq-int8":  # the int8 GEMV layout
         gemv = stats.fast_paths["int8_gemv"].startswith("on")
         assert all((m.qweight.dtype == torch.int8) == gemv for m in linears)
+    if options.get("dtype") == "bfloat16" and options["quantization"] == "iq-int4":  # the int4 kernel's packing
+        gemv = stats.fast_paths["int4_gemv"].startswith("on")
+        assert all((m.int4_packed is not None) == gemv for m in linears)
 
 
 def test_gptq_checkpoint_loads_exactly(tmp_path, tiny_models):
