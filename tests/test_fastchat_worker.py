@@ -220,3 +220,11 @@ def test_fields_the_stack_cannot_honour_answer_400(client, stack):
         r = requests.post(f"{stack['worker']}/worker_generate", json={"prompt": "Hi", "max_new_tokens": 2, **extra},
                           timeout=30).json()
         assert r["error_code"] == 40302 and r["text"].startswith(field), r
+
+
+def test_a_text_only_model_refuses_images(client):
+    from openai import BadRequestError
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+    with pytest.raises(BadRequestError) as err:
+        chat(client, [{"role": "user", "content": [image, {"type": "text", "text": "What is this?"}]}], max_tokens=4)
+    assert "images" in str(err.value)

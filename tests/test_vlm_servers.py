@@ -38,30 +38,26 @@ def _check(client, name, messages, expected):
 
 
 def test_fastchat_stack_answers_a_base64_image(setup, tmp_path):
-    from openai import BadRequestError, OpenAI
+    from openai import OpenAI
     model, messages, expected = setup
     env = {"LOGDIR": str(tmp_path)}
-    c_port, w_port, t_port, api_port = free_port(), free_port(), free_port(), free_port()
+    c_port, w_port, api_port = free_port(), free_port(), free_port()
     controller = f"http://127.0.0.1:{c_port}"
     procs = [Process(python_module("fastchat.serve.controller", "--host", "127.0.0.1", "--port", str(c_port)),
                      tmp_path, "controller", env)]
     try:
         wait_until(lambda: requests.get(f"{controller}/test_connection", timeout=2).ok, 60, "controller", procs)
-        for port, path, name in ((w_port, str(model), "tiny-vl"), (t_port, "default", "smollm2")):
-            procs.append(Process(python_module(
-                "dashinfer_fastchat.worker", "--host", "127.0.0.1", "--port", str(port), "--worker-address",
-                f"http://127.0.0.1:{port}", "--controller-address", controller, "--model-path", path,
-                "--model-names", name, "--dtype", "float32", "--max-model-len", "1024"), tmp_path, name, env))
+        procs.append(Process(python_module(
+            "dashinfer_fastchat.worker", "--host", "127.0.0.1", "--port", str(w_port), "--worker-address",
+            f"http://127.0.0.1:{w_port}", "--controller-address", controller, "--model-path", str(model),
+            "--model-names", "tiny-vl", "--dtype", "float32", "--max-model-len", "1024"), tmp_path, "worker", env))
         procs.append(Process(python_module("dashinfer_fastchat.openai_api_server", "--host", "127.0.0.1", "--port",
                                            str(api_port), "--controller-address", controller), tmp_path, "api", env))
         api = f"http://127.0.0.1:{api_port}/v1"
-        wait_until(lambda: {"tiny-vl", "smollm2"} <= {m["id"] for m in requests.get(f"{api}/models", timeout=2)
-                                                      .json()["data"]}, 180, "both models to register", procs)
+        wait_until(lambda: "tiny-vl" in {m["id"] for m in requests.get(f"{api}/models", timeout=2).json()["data"]},
+                   180, "the model to register", procs)
         client = OpenAI(base_url=api, api_key="unused", max_retries=0, timeout=120)
-        _check(client, "tiny-vl", messages, expected)
-        with pytest.raises(BadRequestError) as err:  # a text-only model
-            client.chat.completions.create(model="smollm2", messages=messages[0], max_tokens=4)
-        assert "images" in str(err.value)
+        _check(client, "tiny-vl", messages, expected)  # (a text-only model's refusal: test_fastchat_worker.py)
         stats = requests.get(f"http://127.0.0.1:{w_port}/worker_get_engine_stats", timeout=5).json()
         assert stats["num_free_blocks"] == stats["num_blocks"]
     finally:
