@@ -17,13 +17,9 @@ import time
 from pathlib import Path
 
 MODEL = Path("/tmp/dashinfer-vlm-bench")
-TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'text' %}{{ part['text'] }}"
-    "{% else %}<|vision_start|><|image_pad|><|vision_end|>{% endif %}{% endfor %}{% endif %}"
-    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+# The tests' minimal Qwen2-VL chat template (image parts as <|vision_start|><|image_pad|><|vision_end|>).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from helpers import CHAT_TEMPLATE as TEMPLATE  # noqa: E402
 QUESTIONS = ["What is in this picture?", "Describe the colours in detail.", "What stands out here?"]
 
 

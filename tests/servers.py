@@ -85,3 +85,30 @@ def start_litellm_proxy(log_dir: Path, config_yaml: str) -> dict:
     base = f"http://127.0.0.1:{port}"
     wait_until(lambda: requests.get(f"{base}/health/liveliness", timeout=2).ok, 120, "the proxy", [proc])
     return {"base": base, "key": key, "stats": f"http://127.0.0.1:{stats_port}", "proc": proc}
+
+
+def start_fastchat_stack(log_dir: Path, worker_args: list[str], names: set[str], env: dict | None = None) -> dict:
+    """FastChat's controller, our worker (`worker_args` after its address flags) and our OpenAI server
+    on free ports; returns once every model name in `names` is listed. Returns api (the /v1 base),
+    controller and worker (their URLs), worker_proc, and procs (stop them in reverse order)."""
+    env = {"LOGDIR": str(log_dir), **(env or {})}
+    c_port, w_port, api_port = free_port(), free_port(), free_port()
+    controller = f"http://127.0.0.1:{c_port}"
+    procs = [Process(python_module("fastchat.serve.controller", "--host", "127.0.0.1", "--port", str(c_port)),
+                     log_dir, "controller", env)]
+    try:
+        wait_until(lambda: requests.get(f"{controller}/test_connection", timeout=2).ok, 60, "controller", procs)
+        procs.append(Process(python_module("dashinfer_fastchat.worker", "--host", "127.0.0.1", "--port", str(w_port),
+                                           "--worker-address", f"http://127.0.0.1:{w_port}", "--controller-address",
+                                           controller, *worker_args), log_dir, "worker", env))
+        procs.append(Process(python_module("dashinfer_fastchat.openai_api_server", "--host", "127.0.0.1", "--port",
+                                           str(api_port), "--controller-address", controller), log_dir, "api", env))
+        api = f"http://127.0.0.1:{api_port}/v1"
+        wait_until(lambda: names <= {m["id"] for m in requests.get(f"{api}/models", timeout=2).json()["data"]},
+                   180, f"{sorted(names)} to register", procs)
+    except BaseException:
+        for p in reversed(procs):
+            p.stop()
+        raise
+    return {"api": api, "controller": controller, "worker": f"http://127.0.0.1:{w_port}", "worker_proc": procs[1],
+            "procs": procs}

@@ -9,7 +9,7 @@ import requests
 
 from dashinfer_core import LLM, LoRARequest, SamplingParams
 from helpers import build_tiny_model, make_adapter
-from servers import Process, free_port, python_module, start_litellm_proxy, wait_until
+from servers import start_fastchat_stack, start_litellm_proxy
 
 pytestmark = pytest.mark.slow
 PROMPTS = ["The weather today is", "Once upon a time"]
@@ -50,28 +50,15 @@ def _check(client, expected):
 def test_fastchat_worker_serves_adapters_by_name(models, expected, tmp_path):
     from openai import OpenAI
     _, base, adapters = models
-    env = {"LOGDIR": str(tmp_path)}
-    c_port, w_port, api_port = free_port(), free_port(), free_port()
-    controller = f"http://127.0.0.1:{c_port}"
-    procs = [Process(python_module("fastchat.serve.controller", "--host", "127.0.0.1", "--port", str(c_port)),
-                     tmp_path, "controller", env)]
+    stack = start_fastchat_stack(tmp_path, ["--model-path", str(base), "--model-names", "tiny", "--dtype", "float32",
+                                            "--lora-modules", *(f"{name}={path}" for name, path in adapters.items())],
+                                 {"tiny", "sql", "chat"})
     try:
-        wait_until(lambda: requests.get(f"{controller}/test_connection", timeout=2).ok, 60, "controller", procs)
-        procs.append(Process(python_module(
-            "dashinfer_fastchat.worker", "--host", "127.0.0.1", "--port", str(w_port), "--worker-address",
-            f"http://127.0.0.1:{w_port}", "--controller-address", controller, "--model-path", str(base),
-            "--model-names", "tiny", "--dtype", "float32", "--lora-modules",
-            *(f"{name}={path}" for name, path in adapters.items())), tmp_path, "worker", env))
-        procs.append(Process(python_module("dashinfer_fastchat.openai_api_server", "--host", "127.0.0.1", "--port",
-                                           str(api_port), "--controller-address", controller), tmp_path, "api", env))
-        api = f"http://127.0.0.1:{api_port}/v1"
-        wait_until(lambda: {"tiny", "sql", "chat"} <= {m["id"] for m in requests.get(f"{api}/models", timeout=2)
-                                                       .json()["data"]}, 180, "the three names to register", procs)
-        _check(OpenAI(base_url=api, api_key="unused", max_retries=0, timeout=120), expected)
-        stats = requests.get(f"http://127.0.0.1:{w_port}/worker_get_engine_stats", timeout=5).json()
+        _check(OpenAI(base_url=stack["api"], api_key="unused", max_retries=0, timeout=120), expected)
+        stats = requests.get(f"{stack['worker']}/worker_get_engine_stats", timeout=5).json()
         assert stats["num_free_blocks"] == stats["num_blocks"]
     finally:
-        for p in reversed(procs):
+        for p in reversed(stack["procs"]):
             p.stop()
 
 

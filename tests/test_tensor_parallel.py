@@ -209,28 +209,16 @@ def test_fastchat_worker_with_two_ranks_through_the_openai_client(tmp_path, defa
     import requests
     from openai import OpenAI
 
-    from servers import Process, python_module, wait_until
+    from servers import start_fastchat_stack, wait_until
     want = LLM(device="cpu", dtype="float32").chat([CAPITAL], SamplingParams(max_tokens=32, temperature=0.0))[0].text
-    env = {"LOGDIR": str(tmp_path), "FASTCHAT_CONTROLLER_HEART_BEAT_EXPIRATION": "6",
-           "FASTCHAT_WORKER_HEART_BEAT_INTERVAL": "2"}
-    c_port, w_port, api_port = free_port(), free_port(), free_port()
-    controller = f"http://127.0.0.1:{c_port}"
-    procs = [Process(python_module("fastchat.serve.controller", "--host", "127.0.0.1", "--port", str(c_port)),
-                     tmp_path, "controller", env)]
+    model = "SmolLM2-135M-Instruct"
+    stack = start_fastchat_stack(tmp_path, ["--num-gpus", "2", "--dtype", "float32", "--device", "cpu",
+                                            "--max-model-len", "1024"], {model},
+                                 {"FASTCHAT_CONTROLLER_HEART_BEAT_EXPIRATION": "6",
+                                  "FASTCHAT_WORKER_HEART_BEAT_INTERVAL": "2"})
+    worker = stack["worker_proc"]
     try:
-        wait_until(lambda: requests.get(f"{controller}/test_connection", timeout=2).ok, 60, "controller", procs)
-        worker = Process(python_module("dashinfer_fastchat.worker", "--host", "127.0.0.1", "--port", str(w_port),
-                                       "--worker-address", f"http://127.0.0.1:{w_port}", "--controller-address",
-                                       controller, "--num-gpus", "2", "--dtype", "float32", "--device", "cpu",
-                                       "--max-model-len", "1024"), tmp_path, "worker", env)
-        procs.append(worker)
-        procs.append(Process(python_module("dashinfer_fastchat.openai_api_server", "--host", "127.0.0.1", "--port",
-                                           str(api_port), "--controller-address", controller), tmp_path, "api", env))
-        api = f"http://127.0.0.1:{api_port}/v1"
-        model = "SmolLM2-135M-Instruct"
-        wait_until(lambda: model in [m["id"] for m in requests.get(f"{api}/models", timeout=2).json()["data"]],
-                   180, "the model to register", procs)
-        client = OpenAI(base_url=api, api_key="unused", max_retries=0, timeout=120)
+        client = OpenAI(base_url=stack["api"], api_key="unused", max_retries=0, timeout=120)
         r = client.chat.completions.create(model=model, messages=CAPITAL, temperature=0, max_tokens=32)
         assert r.choices[0].message.content == want
         ranks = children_running(worker.proc.pid, "dashinfer_core.distributed.rank_worker")
@@ -238,10 +226,10 @@ def test_fastchat_worker_with_two_ranks_through_the_openai_client(tmp_path, defa
         os.kill(ranks[0], signal.SIGKILL)
         wait_until(lambda: not worker.alive(), 60, "the worker to exit", [])
         assert worker.proc.returncode not in (0, None), worker.tail()
-        wait_until(lambda: model not in requests.post(f"{controller}/list_models", timeout=2).json()["models"],
-                   60, "the controller to drop the worker", [])
+        wait_until(lambda: model not in requests.post(f"{stack['controller']}/list_models", timeout=2)
+                   .json()["models"], 60, "the controller to drop the worker", [])
     finally:
-        for p in reversed(procs):
+        for p in reversed(stack["procs"]):
             p.stop()
 
 

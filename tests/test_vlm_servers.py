@@ -9,7 +9,7 @@ import requests
 
 from dashinfer_core import LLM, SamplingParams
 from helpers import build_tiny_qwen2_vl, data_url, random_image
-from servers import Process, free_port, python_module, start_litellm_proxy, wait_until
+from servers import start_fastchat_stack, start_litellm_proxy
 
 pytestmark = pytest.mark.slow
 MAX_TOKENS = 8
@@ -40,28 +40,16 @@ def _check(client, name, messages, expected):
 def test_fastchat_stack_answers_a_base64_image(setup, tmp_path):
     from openai import OpenAI
     model, messages, expected = setup
-    env = {"LOGDIR": str(tmp_path)}
-    c_port, w_port, api_port = free_port(), free_port(), free_port()
-    controller = f"http://127.0.0.1:{c_port}"
-    procs = [Process(python_module("fastchat.serve.controller", "--host", "127.0.0.1", "--port", str(c_port)),
-                     tmp_path, "controller", env)]
+    stack = start_fastchat_stack(tmp_path, ["--model-path", str(model), "--model-names", "tiny-vl", "--dtype",
+                                            "float32", "--max-model-len", "1024"], {"tiny-vl"})
     try:
-        wait_until(lambda: requests.get(f"{controller}/test_connection", timeout=2).ok, 60, "controller", procs)
-        procs.append(Process(python_module(
-            "dashinfer_fastchat.worker", "--host", "127.0.0.1", "--port", str(w_port), "--worker-address",
-            f"http://127.0.0.1:{w_port}", "--controller-address", controller, "--model-path", str(model),
-            "--model-names", "tiny-vl", "--dtype", "float32", "--max-model-len", "1024"), tmp_path, "worker", env))
-        procs.append(Process(python_module("dashinfer_fastchat.openai_api_server", "--host", "127.0.0.1", "--port",
-                                           str(api_port), "--controller-address", controller), tmp_path, "api", env))
-        api = f"http://127.0.0.1:{api_port}/v1"
-        wait_until(lambda: "tiny-vl" in {m["id"] for m in requests.get(f"{api}/models", timeout=2).json()["data"]},
-                   180, "the model to register", procs)
-        client = OpenAI(base_url=api, api_key="unused", max_retries=0, timeout=120)
-        _check(client, "tiny-vl", messages, expected)  # (a text-only model's refusal: test_fastchat_worker.py)
-        stats = requests.get(f"http://127.0.0.1:{w_port}/worker_get_engine_stats", timeout=5).json()
+        # (a text-only model's refusal of images: test_fastchat_worker.py, on its shared stack)
+        _check(OpenAI(base_url=stack["api"], api_key="unused", max_retries=0, timeout=120), "tiny-vl", messages,
+               expected)
+        stats = requests.get(f"{stack['worker']}/worker_get_engine_stats", timeout=5).json()
         assert stats["num_free_blocks"] == stats["num_blocks"]
     finally:
-        for p in reversed(procs):
+        for p in reversed(stack["procs"]):
             p.stop()
 
 
