@@ -56,8 +56,7 @@ def read_image(item, limits: ImageLimits, where: str):
         if len(data) > limits.max_bytes:
             raise InvalidParameterError(where, f"the image has {len(data)} bytes, more than the limit {limits.max_bytes}")
         try:
-            Image.MAX_IMAGE_PIXELS = None  # our own pixel limit below, with a clearer error
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data))  # reads the header only: the size is checked before decoding
             if image.width * image.height > limits.max_pixels:
                 raise InvalidParameterError(where, f"the image has {image.width}x{image.height} pixels, more than "
                                             f"the limit {limits.max_pixels}")

@@ -148,7 +148,7 @@ class ModelRunner:
         self.lora_manager = None  # rank 0: the engine's LoRAManager, whose slot loads each plan carries
         if config.enable_lora:  # before quantizing: the wrapped base layers get quantized in place
             from ..lora.layers import LoRASlots
-            self.lora_slots = LoRASlots(self.model, config.max_loras, config.max_lora_rank, self.tp)
+            self.lora_slots = LoRASlots(self.model, config.max_loras, config.max_lora_rank)
         if config.quantization:
             from ..quant.linear import quantize_model
             quantize_model(self.model, config.quantization, config.group_size, self.device)

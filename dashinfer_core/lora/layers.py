@@ -18,7 +18,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..distributed.parallel_state import TPGroup
 from .adapter import TARGETS, LoRAAdapter
 
 WRAPPED = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
@@ -142,7 +141,7 @@ class LoRAStep:
 
 class LoRALinear(nn.Module):
     def __init__(self, base: nn.Module, layer_index: int, name: str, num_slots: int, max_rank: int,
-                 step: LoRAStep, tp: TPGroup):
+                 step: LoRAStep):
         super().__init__()
         self.base = base  # a Linear, or the QuantizedLinear that replaces it
         self.layer_index = layer_index
@@ -192,7 +191,9 @@ class LoRALinear(nn.Module):
 class LoRASlots:
     """Every LoRALinear of one model, and the slot contents (which adapter uid is in which slot)."""
 
-    def __init__(self, model: nn.Module, num_slots: int, max_rank: int, tp: TPGroup):
+    def __init__(self, model: nn.Module, num_slots: int, max_rank: int):
+        """The model's layers are already its tensor-parallel shard: each LoRALinear slices the adapters
+        as its base layer is sliced (shard_offsets, in_offset)."""
         self.num_slots = num_slots
         self.step = LoRAStep()
         self.layers: list[LoRALinear] = []
@@ -203,7 +204,7 @@ class LoRASlots:
                 base = getattr(parent, name, None)
                 if base is None:  # an MoE block: no LoRA on experts (the adapter loader refuses them)
                     continue
-                wrapped = LoRALinear(base, layer_index, name, num_slots, max_rank, self.step, tp)
+                wrapped = LoRALinear(base, layer_index, name, num_slots, max_rank, self.step)
                 setattr(parent, name, wrapped)
                 self.layers.append(wrapped)
 

@@ -75,11 +75,10 @@ class LoRAManager:
     def remove(self, lora_int_id: int) -> bool:
         if lora_int_id not in self.known:
             return False
-        uid = self.uids.pop(lora_int_id)
+        uid = self.uids[lora_int_id]
         if any(self.slot_refs[s] and self.slot_uid[s] == uid for s in range(len(self.slot_uid))):
-            self.uids[lora_int_id] = uid
             raise InvalidParameterError("lora_int_id", f"adapter {lora_int_id} is in use by running requests")
-        del self.known[lora_int_id]
+        del self.known[lora_int_id], self.uids[lora_int_id]
         self.pool.pop(lora_int_id, None)
         self.slot_uid = [None if u == uid else u for u in self.slot_uid]
         return True
