@@ -45,7 +45,9 @@ def run_dashinfer_core(spec: dict) -> Result:
     torch.set_num_threads(spec["threads"])
     from dashinfer_core import LLM, SamplingParams
     prompts = json.loads(Path(spec["prompts_file"]).read_text())
-    llm = LLM(spec["model_dir"], dtype=spec["dtype"], device=spec["device"], num_threads=spec["threads"],
+    # quantization "gguf": the GGUF file's own blocks (the embedded model's Q4_1 file, as llama.cpp runs it)
+    model = spec["gguf_path"] if spec.get("quantization") == "gguf" else spec["model_dir"]
+    llm = LLM(model, dtype=spec["dtype"], device=spec["device"], num_threads=spec["threads"],
               enable_prefix_caching=False, quantization=spec.get("quantization"))
     llm.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))  # warm-up
     params = SamplingParams(max_tokens=spec["output_len"], temperature=0.0, ignore_eos=True)

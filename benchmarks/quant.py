@@ -19,7 +19,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 TEXT = HERE.parent / "tests" / "data" / "public_domain_prose.txt"
 MODES = [
-    ("fp32", {}),
+    ("unquantized", {}),
     ("IQ int8 per-channel", dict(quantization="iq-int8")),
     ("IQ int8 group-128", dict(quantization="iq-int8", group_size=128)),
     ("IQ int4 per-channel", dict(quantization="iq-int4")),
@@ -28,6 +28,7 @@ MODES = [
     ("A8W8", dict(quantization="a8w8")),
     ("KV int8", dict(kv_cache_dtype="int8")),
     ("KV uint4", dict(kv_cache_dtype="uint4")),
+    ("GGUF Q4_1 as is", dict(quantization="gguf")),
 ]
 
 
@@ -51,6 +52,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--modes", default="all", help="comma-separated indexes into the mode list")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="compute dtype of every mode (perplexities are against the first mode run)")
     args = p.parse_args(argv)
     import torch
     torch.set_num_threads(args.threads)
@@ -61,7 +64,7 @@ def main(argv=None) -> int:
     modes = MODES if args.modes == "all" else [MODES[int(i)] for i in args.modes.split(",")]
     rows, base_ppl = [], None
     for name, options in modes:
-        llm = LLM(device=args.device, dtype="float32", **options)
+        llm = LLM(device=args.device, dtype=args.dtype, **options)
         ids = llm.get_tokenizer().encode(TEXT.read_text())
         scores = llm.score(ids, chunk_tokens=512)
         ppl = math.exp(-sum(scores) / len(scores))
@@ -74,7 +77,8 @@ def main(argv=None) -> int:
                      decode_speed(llm, 1), decode_speed(llm, 16)))
         print(f"[done] {name}", flush=True)
         del llm
-    print(f"\nSmolLM2-135M-Instruct, {len(ids)}-token public-domain text, {args.device}, {args.threads} threads")
+    print(f"\nSmolLM2-135M-Instruct, {len(ids)}-token public-domain text, {args.device}, {args.dtype}, "
+          f"{args.threads} threads")
     header = (f"{'mode':<22}{'perplexity':>11}{'vs fp32':>9}{'weights MiB':>13}{'KV KiB/token':>14}"
               f"{'tok/s b=1':>11}{'tok/s b=16':>12}")
     print(header)

@@ -146,9 +146,22 @@ setup_llamacpp() {
     command -v cmake >/dev/null || log "llamacpp: no cmake on PATH (pip will fetch one from PyPI)"
     command -v g++ >/dev/null || { log "llamacpp: no C++ compiler (apt-get install build-essential)"; return 1; }
     log "llamacpp: compiling llama-cpp-python 0.3.36 (about 10 minutes on 2 cores)"
-    # No prebuilt Linux wheel: a CPU build with llama.cpp's defaults (GGML_NATIVE: -march=native).
-    CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-2}" \
-        pipi llamacpp "llama-cpp-python==0.3.36" || return 1
+    # No prebuilt Linux wheel: a CPU build with llama.cpp's defaults (GGML_NATIVE: -march=native), except
+    # on CPUs with AMX: -march=native turns on ggml's AMX kernels, whose ldtilecfg faults (SIGSEGV) in
+    # the VMs seen here, so there every other ISA this CPU has is named instead and AMX is left out.
+    local cmake_args="${LLAMACPP_CMAKE_ARGS:-}"
+    if [ -z "$cmake_args" ] && grep -q ' amx_tile' /proc/cpuinfo 2>/dev/null; then
+        cmake_args="-DGGML_NATIVE=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
+        for pair in avx:AVX avx2:AVX2 fma:FMA f16c:F16C bmi2:BMI2 avx_vnni:AVX_VNNI avx512f:AVX512 \
+                    avx512vbmi:AVX512_VBMI avx512_vnni:AVX512_VNNI avx512_bf16:AVX512_BF16; do
+            grep -qw "${pair%%:*}" /proc/cpuinfo && cmake_args="$cmake_args -DGGML_${pair##*:}=ON"
+        done
+        log "llamacpp: AMX CPU, building without AMX: $cmake_args"
+    fi
+    local again=()  # FORCE: rebuild, not pip's cached wheel of another build
+    [ "$FORCE" = 1 ] && again=(--force-reinstall --no-deps --no-cache-dir)
+    CMAKE_ARGS="$cmake_args" CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-2}" \
+        pipi llamacpp "${again[@]}" "llama-cpp-python==0.3.36" || return 1
     llamacpp_ok || return 1
 }
 

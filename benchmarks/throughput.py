@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--hf-batch-size", type=int, default=16, help="HF generate batch (left-padded)")
     p.add_argument("--single-stream", action="store_true", help="one prompt at a time (every engine)")
-    p.add_argument("--quantization", default=None, help="dashinfer-core weights: iq-int8, iq-int4, a8w8 (others as-is)")
+    p.add_argument("--quantization", default=None, help="dashinfer-core weights: iq-int8, iq-int4, a8w8, gguf (the GGUF file as it is; others as-is)")
     p.add_argument("--out", default=str(HERE / "out"), help="folder for the PNG and JSON")
     p.add_argument("--tag", default="throughput")
     args = p.parse_args(argv)

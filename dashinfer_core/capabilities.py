@@ -8,8 +8,9 @@ Each CPU fast path has a plain fallback that runs wherever torch runs:
 - int8_gemv: torch._weight_int8pack_mm for per-channel iq-int8 weights at decode sizes, bf16 only.
   Fallback: the dequantizing matmul (quant/linear.py).
 - int4_gemv: torch's CPU int4 kernel (_weight_int4pack_mm_for_cpu) for iq-int4 weights in groups of
-  32-256 at decode sizes, bf16 only (in fp32 the kernel is ~15x slower than the dequantizing matmul).
-  Fallback: the dequantizing matmul.
+  32-256 (and GGUF 4-bit blocks) at decode sizes; 8-bit groups as two 4-bit halves (iq-int8 in groups,
+  GGUF Q8_0 and the LM head of the embedded model). bf16 only: its fp32 code is ~20x slower than its bf16
+  one. Fallback: the dequantizing matmul.
 - int8_gemm: torch._int_mm for a8w8 (int8 activations x int8 weights, int32 sums). oneDNN's AVX2 kernel
   (no VNNI) sums byte pairs in saturating 16-bit lanes and gets full-range inputs wrong (seen here:
   off by up to 37,725 of a few hundred thousand). Fallback: the same integer product in fp32.
@@ -231,6 +232,22 @@ def int4_gemv_works() -> bool:
 
 
 @functools.cache
+def int4pack_layout_known() -> bool:
+    """torch's CPU int4 packing is the layout quant/linear.py's unpack_int4pack reads (then 4-bit layers
+    keep that copy only); an unknown layout keeps our own packing beside it."""
+    if not int4_gemv_works():
+        return False
+    from .quant.linear import unpack_int4pack
+    q = torch.randint(0, 16, (128, 64), generator=torch.Generator().manual_seed(1), dtype=torch.int32)
+    try:
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        return packed.dtype == torch.uint8 and packed.numel() == q.numel() // 2 and \
+            torch.equal(unpack_int4pack(packed, 128, 64).int(), q)
+    except Exception:
+        return False
+
+
+@functools.cache
 def int8_gemm_works() -> bool:
     """torch._int_mm gives exact int32 sums for full-range int8 inputs (the case that saturates)."""
     if "int8_gemm" in disabled_paths() or not hasattr(torch, "_int_mm"):
@@ -294,8 +311,10 @@ def choose_cpu_paths(dtype: torch.dtype, quantization: str | None, group_size: i
     else:
         paths["int8_gemv"] = PathChoice(True, "torch int8 GEMV for decode-sized batches")
 
-    if quantization != "iq-int4" or group_size not in INT4_GROUPS or dtype != torch.bfloat16:
-        paths["int4_gemv"] = PathChoice(False, f"only for iq-int4 weights in groups of {INT4_GROUPS} with bfloat16")
+    int4_groups = quantization in ("iq-int4", "iq-int8") and group_size in INT4_GROUPS or quantization == "gguf"
+    if not int4_groups or dtype != torch.bfloat16:
+        paths["int4_gemv"] = PathChoice(False, f"only for iq-int4/iq-int8 weights in groups of {INT4_GROUPS} (or a "
+                                               "GGUF's blocks) with bfloat16")
     elif "int4_gemv" in off:
         paths["int4_gemv"] = PathChoice(False, "disabled by DASHINFER_DISABLE")
     elif not int4_gemv_works():

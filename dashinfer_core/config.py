@@ -8,7 +8,7 @@ from .errors import InvalidParameterError
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 BLOCK_SIZES = (16, 32, 64, 128)
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
-QUANTIZATION_MODES = ("iq-int8", "iq-int4", "a8w8")
+QUANTIZATION_MODES = ("iq-int8", "iq-int4", "a8w8", "gguf")
 KV_CACHE_DTYPES = ("auto", "int8", "uint4")
 
 
@@ -20,8 +20,9 @@ def option(default, help: str, choices: tuple | None = None, flag: bool = True):
 
 @dataclass
 class EngineConfig:
-    model: str | None = option(None, "HF model directory (config.json + safetensors + tokenizer), or None / "
-                               "'default' for the embedded SmolLM2-135M-Instruct")
+    model: str | None = option(None, "HF model directory (config.json + safetensors + tokenizer), a .gguf file "
+                               "(its quantized weights load as they are), or None / 'default' for the "
+                               "embedded SmolLM2-135M-Instruct")
     tokenizer: str | None = option(None, "tokenizer directory; default: the model directory")
     dtype: str = option("auto", "'auto' = float32 on the CPU, bfloat16 on CUDA", DTYPES)
     device: str = option("auto", "'auto' = CUDA when available, else the CPU; 'cuda:1' picks a GPU")
@@ -54,7 +55,9 @@ class EngineConfig:
                                          "its thread until it ends)")
     quantization: str | None = option(None, "weight quantization at load (InstantQuant): iq-int8, iq-int4 "
                                       "(weight-only, asymmetric) or a8w8 (int8 weights and per-token int8 "
-                                      "activations); GPTQ checkpoints load as they are", QUANTIZATION_MODES)
+                                      "activations); 'gguf' = a GGUF file's own quantized weights as they are (the default for a "
+                                      ".gguf model; with model None, the embedded model's Q4_1/Q8_0 file); GPTQ "
+                                      "checkpoints load as they are", QUANTIZATION_MODES)
     group_size: int | None = option(None, "input channels per quantization group (a multiple of 16); default: "
                                     "one group per output channel")
     kv_cache_dtype: str = option("auto", "KV cache storage: 'auto' (the model dtype), 'int8' or 'uint4' (per "
@@ -88,6 +91,16 @@ class EngineConfig:
     def __post_init__(self):
         if self.model == "default":
             self.model = None
+        gguf_model = self.model is not None and str(self.model).endswith(".gguf")
+        if gguf_model and self.quantization is None:
+            self.quantization = "gguf"  # a GGUF file's weights load as they are, as vLLM does
+        _check(not gguf_model or self.quantization == "gguf", "quantization",
+               f"a .gguf model loads its own quantized weights: leave it unset or 'gguf', got {self.quantization!r}")
+        _check(self.quantization != "gguf" or self.model is None or gguf_model, "quantization",
+               f"'gguf' loads a GGUF file's weights: give model a .gguf file (or None for the embedded model), "
+               f"got model {self.model!r}")
+        _check(self.quantization != "gguf" or self.group_size is None, "group_size",
+               "a GGUF file's blocks fix their groups; leave group_size unset with quantization 'gguf'")
         for f in fields(self):  # the listed choices, in one place (option(..., choices))
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)

@@ -220,3 +220,62 @@ def data_url(image) -> str:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def write_tiny_gguf(path: Path, family: str = "llama", seed: int = 0, types: dict | None = None):
+    """A random-weight tiny model written as GGUF the way llama.cpp's converter writes it (q/k rows
+    permuted for llama), its weights quantized by gguf-py. types: GGUF tensor suffix -> type name, e.g.
+    {"attn_q": "Q4_1"}; `blk.0.attn_v` style keys override one layer. No tokenizer in the file."""
+    import gguf
+    import transformers
+    torch.manual_seed(seed)
+    common = dict(TINY_COMMON, initializer_range=0.1)
+    if family == "llama":
+        cfg = transformers.LlamaConfig(**common, tie_word_embeddings=False)
+    else:
+        cfg = transformers.Qwen2Config(**common, tie_word_embeddings=True)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    if family == "qwen2":
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.5)
+    default = {"token_embd": "Q8_0", "output": "Q4_1", "attn_q": "Q4_1", "attn_k": "Q4_0", "attn_v": "Q4_1",
+               "attn_output": "Q8_0", "ffn_gate": "Q4_1", "ffn_up": "Q4_1", "ffn_down": "Q4_0"}
+    types = {**default, **(types or {})}
+    names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+             "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    w = gguf.GGUFWriter(str(path), family)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        top = {"model.embed_tokens.weight": "token_embd", "lm_head.weight": "output", "model.norm.weight": "output_norm"}
+        if name in top:
+            short, gname = top[name], top[name] + ".weight"
+        else:
+            parts = name.split(".")
+            short = names[".".join(parts[3:-1])]
+            gname = f"blk.{parts[2]}.{short}.{parts[-1]}"
+        a = tensor.numpy().astype(np.float32)
+        if family == "llama" and short in ("attn_q", "attn_k") and parts[-1] == "weight":
+            heads = cfg.num_attention_heads if short == "attn_q" else cfg.num_key_value_heads
+            a = a.reshape(heads, 2, a.shape[0] // heads // 2, *a.shape[1:]).swapaxes(1, 2).reshape(a.shape)
+        qtype = "F32" if a.ndim == 1 else types.get(gname.rsplit(".", 1)[0], types.get(short, "F32"))
+        qt = gguf.GGMLQuantizationType[qtype]
+        w.add_tensor(gname, a if qtype == "F32" else gguf.quants.quantize(a, qt), raw_dtype=qt)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

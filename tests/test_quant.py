@@ -91,7 +91,7 @@ def test_int4_bf16_linear_equals_dequantize_then_matmul(rows, group):
     w, b = torch.randn(48, 128), torch.randn(48)
     qw = quantize(w, 4, group)
     layer = QuantizedLinear(qw, b.bfloat16(), (48,), torch.bfloat16)
-    assert (layer.int4_packed is not None) == int4_gemv_works()
+    assert (layer.int4_packed0 is not None) == int4_gemv_works()
     for n in (rows, INT4PACK_MAX_ROWS + 1):
         x = torch.randn(n, 128).bfloat16()
         ref = x.float() @ dequantize(qw).t() + b.bfloat16().float()
@@ -155,7 +155,7 @@ def test_quantized_embedded_model_answers(default_model_dir, options):
         assert all((m.qweight.dtype == torch.int8) == gemv for m in linears)
     if options.get("dtype") == "bfloat16" and options["quantization"] == "iq-int4":  # the int4 kernel's packing
         gemv = stats.fast_paths["int4_gemv"].startswith("on")
-        assert all((m.int4_packed is not None) == gemv for m in linears)
+        assert all((m.int4_packed0 is not None) == gemv for m in linears)
 
 
 def test_gptq_checkpoint_loads_exactly(tmp_path, tiny_models):

@@ -17,7 +17,7 @@ from ..errors import EngineDeadError
 from ..layers.attention import make_attention_backend
 from ..layers.context import ForwardContext, forward_context
 from ..layers.sampler import Sampler, SamplerOutput
-from ..loader import load_model, resolve_model_dir
+from ..loader import gguf_source, load_model, resolve_model_dir
 from ..cache.block_manager import BlockOps
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
@@ -143,13 +143,14 @@ class ModelRunner:
         max_len = config.max_model_len or self.model_cfg.max_position_embeddings
         if self.model_cfg.sliding_window:
             max_len = min(max_len, self.model_cfg.sliding_window)  # attention never reaches past it
-        self.model = load_model(self.model_dir, self.model_cfg, self.dtype, self.device, max_len, self.tp)
+        self.model = load_model(self.model_dir, self.model_cfg, self.dtype, self.device, max_len, self.tp,
+                                gguf_file=gguf_source(config.model, config.quantization))
         self.lora_slots = None
         self.lora_manager = None  # rank 0: the engine's LoRAManager, whose slot loads each plan carries
         if config.enable_lora:  # before quantizing: the wrapped base layers get quantized in place
             from ..lora.layers import LoRASlots
             self.lora_slots = LoRASlots(self.model, config.max_loras, config.max_lora_rank)
-        if config.quantization:
+        if config.quantization and config.quantization != "gguf":  # GGUF weights came quantized
             from ..quant.linear import quantize_model
             quantize_model(self.model, config.quantization, config.group_size, self.device)
         self.vocab_size = self.model_cfg.vocab_size

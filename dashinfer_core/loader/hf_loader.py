@@ -13,13 +13,29 @@ import torch
 
 from ..errors import UnsupportedModelError
 from ..models import ModelConfig, model_class
-from .default_model import default_model_dir
+from .default_model import cache_root, default_model_dir, gguf_path
+
+
+def is_gguf_file(model: str | None) -> bool:
+    return model is not None and model.endswith(".gguf")
+
+
+def gguf_source(model: str | None, quantization: str | None) -> Path | None:
+    """The GGUF file whose weights load as they are (quantization 'gguf'), or None."""
+    if quantization != "gguf":
+        return None
+    return Path(model).expanduser() if is_gguf_file(model) else gguf_path()
 
 
 def resolve_model_dir(model: str | None) -> Path:
     if model is None or model == "default":
         return default_model_dir()
     path = Path(model).expanduser()
+    if is_gguf_file(model):
+        if not path.is_file():
+            raise UnsupportedModelError(f"model: GGUF file {model!r} does not exist")
+        from .gguf_loader import gguf_model_dir
+        return gguf_model_dir(path, cache_root())
     if not path.is_dir():
         raise UnsupportedModelError(f"model: directory {model!r} does not exist (give an HF model directory, "
                                     "or None / 'default' for the embedded SmolLM2-135M-Instruct)")
@@ -53,12 +69,17 @@ def iter_safetensors(model_dir: Path, dtype: torch.dtype) -> Iterator[tuple[str,
 
 
 def load_model(model_dir: Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
-               max_positions: int, tp=None) -> torch.nn.Module:
+               max_positions: int, tp=None, gguf_file: Path | None = None) -> torch.nn.Module:
     """The model of `cfg` (load_model_config(model_dir)) with its weights, in eval mode; under tensor
-    parallel (tp: a TPGroup), this rank's shard, each tensor read and sliced in turn."""
+    parallel (tp: a TPGroup), this rank's shard, each tensor read and sliced in turn. gguf_file: read the
+    weights from that file instead, quantized ones kept as they are (gguf_loader.py)."""
     cls = model_class(cfg)
     with torch.device(device):
         model = cls(cfg, dtype, max_positions) if tp is None else cls(cfg, dtype, max_positions, tp=tp)
-    model.load_weights(iter_safetensors(model_dir, dtype))
+    if gguf_file is not None:
+        from .gguf_loader import iter_gguf
+        model.load_weights(iter_gguf(gguf_file, dtype))
+    else:
+        model.load_weights(iter_safetensors(model_dir, dtype))
     model.eval()
     return model

@@ -23,6 +23,7 @@ from ..layers.linear import Linear, linear
 from ..layers.norm import RMSNorm
 from ..layers.rotary import RotaryEmbedding
 from ..quant.gptq import GPTQ_PARTS, check_gptq_config, install_gptq
+from ..quant.weights import QuantizedWeight
 from .model_config import ModelConfig
 from .moe import MoE
 
@@ -147,8 +148,14 @@ class LlamaForCausalLM(nn.Module):
         self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, dtype,
                                       cfg.rotary_dim, cfg.rotary_interleaved, cfg.mrope_section)
         self.compiled_parts = None  # set by the runner where compiling the layers pays (CPU, half precision)
+        # A GGUF checkpoint's quantized embedding and LM head (QuantizedLinear; the same one when tied), kept
+        # as they are: rows dequantized on lookup, the logits from the quantized matmul.
+        self.embed_quant = None
+        self.logits_quant = None
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.embed_quant is not None:
+            return self.embed_quant.rows(input_ids)
         if self.tp.size == 1:
             return F.embedding(input_ids, self.embed_tokens)
         local = input_ids - self.vocab_start
@@ -165,6 +172,8 @@ class LlamaForCausalLM(nn.Module):
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.logits_quant is not None:
+            return self.logits_quant(hidden)
         weight = self.embed_tokens if self.lm_head is None else self.lm_head
         return self.tp.all_gather_last_dim(linear(hidden, weight))
 
@@ -181,6 +190,7 @@ class LlamaForCausalLM(nn.Module):
         """Fill parameters from HF-named tensors; raises on unknown or missing names."""
         loaded: set[tuple[str, str, int]] = set()
         gptq: dict[tuple[str, int], dict[str, torch.Tensor]] = {}  # (layer path, shard) -> GPTQ tensors
+        quantized: dict[tuple[str, int], QuantizedWeight] = {}  # (layer path, shard) -> GGUF blocks as they are
         mixtral = self.cfg.architecture == "MixtralForCausalLM"
         for name, tensor in weights:
             if mixtral and ".block_sparse_moe." in name:
@@ -188,6 +198,10 @@ class LlamaForCausalLM(nn.Module):
                     name = name.replace(old, new)
             if "rotary_emb.inv_freq" in name or (name == "lm_head.weight" and self.lm_head is None):
                 continue  # derived buffers, or a stored copy of tied embeddings
+            if name in ("model.embed_tokens.weight", "lm_head.weight") and isinstance(tensor, QuantizedWeight):
+                self._install_quantized_vocab(name, tensor)
+                loaded.add((name, "weight", 0))
+                continue
             if name in ("model.embed_tokens.weight", "lm_head.weight"):
                 param = self.embed_tokens if name.startswith("model.") else self.lm_head
                 _copy_checked(name, param, tensor[self.vocab_start:self.vocab_start + self.vocab_local])
@@ -207,7 +221,11 @@ class LlamaForCausalLM(nn.Module):
                     module.load(kind, part, part_index)
                     loaded.add((".".join(module_path), kind, part_index))
                 continue
-            if isinstance(module, Linear) and kind in GPTQ_PARTS:
+            if isinstance(module, Linear) and isinstance(tensor, QuantizedWeight) and kind == "weight":
+                quantized[(".".join(module_path), shard)] = tensor
+            elif isinstance(tensor, QuantizedWeight):
+                raise ValueError(f"{name}: a quantized tensor where a dense one belongs")
+            elif isinstance(module, Linear) and kind in GPTQ_PARTS:
                 gptq.setdefault((".".join(module_path), shard), {})[kind] = tensor
                 kind = "weight"  # the quantized tensors stand for the weight
             elif isinstance(module, Linear):
@@ -220,10 +238,29 @@ class LlamaForCausalLM(nn.Module):
         missing = sorted(self._expected_weights() - loaded)
         if missing:
             raise ValueError(f"checkpoint is missing {len(missing)} weights, e.g. {missing[:3]}")
-        if gptq and self.tp.size > 1:
-            raise UnsupportedModelError("tensor_parallel_size: GPTQ checkpoints run with tensor_parallel_size 1")
+        if (gptq or quantized or self.embed_quant is not None) and self.tp.size > 1:
+            raise UnsupportedModelError("tensor_parallel_size: GPTQ and GGUF checkpoints run with tensor_parallel_size 1")
         if gptq:
             install_gptq(self, gptq, check_gptq_config(self.cfg.raw.get("quantization_config") or {}))
+        if quantized:
+            from ..quant.linear import install_quantized
+            install_quantized(self, quantized, "GGUF")
+
+    def _install_quantized_vocab(self, name: str, qw: QuantizedWeight) -> None:
+        from ..quant.linear import QuantizedLinear
+        shape = (self.cfg.vocab_size, self.cfg.hidden_size)
+        if qw.shape != shape:
+            raise ValueError(f"{name}: checkpoint shape {qw.shape} != {shape}")
+        dtype, device = self.norm.weight.dtype, self.norm.weight.device
+        module = QuantizedLinear(qw, None, (shape[0],), dtype).to(device)
+        if name == "lm_head.weight":
+            self.lm_head = None
+            self.logits_quant = module
+        else:
+            self.embed_tokens = None
+            self.embed_quant = module
+            if self.cfg.tie_word_embeddings:
+                self.logits_quant = module
 
     def _expected_weights(self) -> set[tuple[str, str, int]]:
         expected = {("model.embed_tokens.weight", "weight", 0)}

@@ -74,23 +74,11 @@ def quantized_to_gptq(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
 
 def install_gptq(model, stash: dict[tuple[str, int], dict[str, torch.Tensor]], group_size: int) -> None:
     """Replace each Linear whose shards came as GPTQ tensors by a QuantizedLinear of them."""
-    from .linear import QuantizedLinear
-    from .weights import concat
-    by_layer: dict[str, dict[int, dict]] = {}
+    from .linear import install_quantized
+    converted = {}
     for (path, shard), parts in stash.items():
         missing = [p for p in ("qweight", "qzeros", "scales") if p not in parts]
         if missing:
             raise UnsupportedModelError(f"GPTQ layer {path} shard {shard} lacks {missing}")
-        by_layer.setdefault(path, {})[shard] = parts
-    for path, shards in by_layer.items():
-        linear = model.get_submodule(path)
-        if sorted(shards) != list(range(len(linear.shard_sizes))):
-            raise UnsupportedModelError(f"GPTQ layer {path}: some projections are quantized and some not")
-        qw = concat([gptq_to_quantized(shards[i], group_size) for i in range(len(shards))])
-        if qw.shape != (linear.out_features, linear.in_features):
-            raise UnsupportedModelError(f"GPTQ layer {path}: shape {qw.shape} != {(linear.out_features, linear.in_features)}")
-        bias = None if linear.bias is None else linear.bias.data
-        device = linear.weight.device
-        quantized = QuantizedLinear(qw, bias, linear.shard_sizes, linear.weight.dtype).to(device)
-        parent_path, _, child = path.rpartition(".")
-        setattr(model.get_submodule(parent_path) if parent_path else model, child, quantized)
+        converted[(path, shard)] = gptq_to_quantized(parts, group_size)
+    install_quantized(model, converted, "GPTQ")

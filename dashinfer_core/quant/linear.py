@@ -6,13 +6,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..capabilities import (INT4_GROUPS, compile_works, disabled_paths, int4_gemv_works, int8_gemm_works,
-                            int8_gemv_works)
+from ..capabilities import (INT4_GROUPS, compile_works, disabled_paths, int4_gemv_works, int4pack_layout_known,
+                            int8_gemm_works, int8_gemv_works)
 from ..compiling import compile_or_eager
-from ..errors import InvalidParameterError
+from ..errors import InvalidParameterError, UnsupportedModelError
 from ..layers import use_triton_ops
 from ..layers.linear import Linear
-from .weights import QuantizedWeight, dequantize, quantize, unpacked
+from .weights import QuantizedWeight, concat, dequantize, pack_int4, quantize, unpacked
 
 # name -> (bits, activation quantization)
 QUANT_MODES = {"iq-int8": (8, False), "iq-int4": (4, False), "a8w8": (8, True)}
@@ -34,18 +34,17 @@ class QuantizedLinear(nn.Module):
             self.register_buffer("scales_bf16", qw.scales[:, 0].to(torch.bfloat16))
             self.register_buffer("zero_term", self.scales_bf16.float() * qw.zeros[:, 0])  # s * z, fp32
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        # int4 in groups on the CPU with bf16: torch's int4 kernel at decode sizes, from its own packing
-        # of the same integers; w = (q - z) * s = (q - 8) * s + (8 - z) * s.
-        packed = None
-        if qw.bits == 4 and compute_dtype == torch.bfloat16 and qw.group_size in INT4_GROUPS and \
-                qw.shape[1] % qw.group_size == 0 and qw.qweight.device.type == "cpu" and int4_gemv_works():
-            try:
-                packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpacked(qw).to(torch.int32), 1)
-            except RuntimeError:  # a shape the kernel does not take: the dequantizing matmul serves it
-                packed = None
-        self.register_buffer("int4_packed", packed)
-        self.register_buffer("int4_scales_zeros", None if packed is None else torch.stack(
-            [qw.scales.t(), ((8 - qw.zeros) * qw.scales).t()], dim=-1).contiguous().to(torch.bfloat16))
+        # Groups on the CPU with bf16: torch's int4 kernel at decode sizes (int4pack_parts). Where its packing
+        # is the known layout, 4-bit weights keep only that copy (the dequantizing matmul reads it for
+        # prefill). Not for fp32: the kernel's fp32 code is ~20x slower than its bf16 one, and bf16
+        # activations would end fp32's exact match with the dequantized model.
+        parts = int4pack_parts(qw) if compute_dtype == torch.bfloat16 else None
+        self.int4_parts = 0 if parts is None else len(parts)
+        for i in range(2):
+            self.register_buffer(f"int4_packed{i}", parts[i][0] if parts and i < len(parts) else None)
+            self.register_buffer(f"int4_scales_zeros{i}", parts[i][1] if parts and i < len(parts) else None)
+        if parts and qw.bits == 4 and qw.shape[0] % 64 == 0 and int4pack_layout_known():
+            self.qweight = None
         if activations_int8:  # symmetric int8 weight for torch._int_mm, [K, N] as it wants
             w = dequantize(qw)
             self.register_buffer("w_scale", (w.abs().amax(dim=1) / 127).clamp(min=1e-8))
@@ -53,15 +52,32 @@ class QuantizedLinear(nn.Module):
                                  .to(torch.int8).t().contiguous())
 
     def quantized(self) -> QuantizedWeight:
-        return QuantizedWeight(self.qweight, self.scales, self.zeros, self.bits, self.group_size,
+        qweight = self.qweight
+        if qweight is None:  # only the int4 kernel's packing is kept
+            qweight = pack_int4(unpack_int4pack(self.int4_packed0, self.out_features, self.in_features))
+        return QuantizedWeight(qweight, self.scales, self.zeros, self.bits, self.group_size,
                                (self.out_features, self.in_features))
 
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        """Rows `index` of the weight in the compute dtype: a quantized embedding's lookup."""
+        qw = self.quantized()
+        qw = QuantizedWeight(qw.qweight[index], self.scales[index], self.zeros[index], self.bits, self.group_size,
+                             (index.numel(), self.in_features))
+        return dequantize(qw, self.compute_dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.int4_packed is not None and x.dtype == torch.bfloat16 and \
-                x.numel() <= INT4PACK_MAX_ROWS * self.in_features:
+        if self.int4_parts and x.dtype == torch.bfloat16 and x.numel() <= INT4PACK_MAX_ROWS * self.in_features:
             flat = x.reshape(-1, self.in_features)
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.int4_packed, self.group_size,
-                                                           self.int4_scales_zeros).view(*x.shape[:-1], -1)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.int4_packed0, self.group_size,
+                                                           self.int4_scales_zeros0)
+            if self.int4_parts == 2:
+                y = y + torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.int4_packed1, self.group_size,
+                                                                   self.int4_scales_zeros1)
+            y = y.view(*x.shape[:-1], -1)
+            return y if self.bias is None else y + self.bias
+        if self.qweight is None:
+            y = compiled_int4pack_dequant_linear(x.reshape(-1, self.in_features), self.int4_packed0, self.scales,
+                                                 self.zeros, self.group_size).view(*x.shape[:-1], -1)
             return y if self.bias is None else y + self.bias
         if self.activations_int8:
             y = a8w8_linear(x, self.w_int8_t, self.w_scale)
@@ -91,6 +107,15 @@ def _dequant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
     return torch.matmul(x, w.to(x.dtype).t())
 
 
+def _int4pack_dequant_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                             group: int) -> torch.Tensor:
+    """x @ dequant(W)^T with W's integers read from the int4 kernel's packing (see unpack_int4pack)."""
+    n, k = scales.shape[0], x.shape[-1]
+    q = unpack_int4pack(packed, n, k)
+    w = ((q.view(n, k // group, group).float() - zeros[..., None]) * scales[..., None]).view(n, k)
+    return torch.matmul(x, w.to(x.dtype).t())
+
+
 def compiled_dequant_wanted() -> bool:
     return compile_works()[0] and "compiled_dequant" not in disabled_paths()
 
@@ -99,6 +124,10 @@ def compiled_dequant_wanted() -> bool:
 # machine); eager is the fallback where torch.compile is unavailable or fails.
 compiled_dequant_linear = compile_or_eager(_dequant_linear, name="compiled dequant linear",
                                            enabled=compiled_dequant_wanted, dynamic=True)
+
+
+compiled_int4pack_dequant_linear = compile_or_eager(_int4pack_dequant_linear, name="compiled int4pack dequant linear",
+                                                   enabled=compiled_dequant_wanted, dynamic=True)
 
 
 def cpu_dequant_linear(x, qweight, scales, zeros, bits, group, k):
@@ -112,6 +141,32 @@ INT8PACK_MAX_ROWS = 8
 # torch's int4 kernel: 27 us against 1.6 ms for the compiled dequantizing matmul at 1 row of a
 # 1536x576 group-32 weight, 0.7 against 1.6 ms at 64 rows, 5.3 against 1.9 ms at 512 (dev machine).
 INT4PACK_MAX_ROWS = 128
+
+
+def unpack_int4pack(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The [n, k] integers of torch's CPU int4 packing: rows in blocks of 64, stored [n / 64, k, 32] bytes
+    whose low nibble is row j and high nibble row j + 32 of the block (int4pack_layout_known checks it)."""
+    b = packed.view(n // 64, k, 32)
+    return torch.stack((b & 0x0F, b >> 4), dim=1).transpose(2, 3).reshape(n, k)
+
+
+def int4pack_parts(qw: QuantizedWeight) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """qw for torch's CPU int4 kernel, which computes bf16 x @ ((q - 8) * S + Z)^T per group: 4 bits
+    as one (packed q, [S, Z]) part with S = s, Z = (8 - z) * s; 8 bits as two 4-bit halves, hi and lo
+    of q = 16 hi + lo: (q - z) s = 16 s (hi - 8) + [s (lo - 8) + (136 - z) s]. None where the kernel
+    does not serve (not the CPU, group sizes it lacks, per-channel or signed layouts, a failed probe)."""
+    if qw.qweight.device.type != "cpu" or qw.qweight.dtype != torch.uint8 or qw.group_size not in INT4_GROUPS or \
+            qw.shape[1] % qw.group_size or not int4_gemv_works():
+        return None
+    q, s, z = unpacked(qw).to(torch.int32), qw.scales, qw.zeros
+    halves = [(q, s, (8 - z) * s)] if qw.bits == 4 else [(q >> 4, 16 * s, torch.zeros_like(s)),
+                                                          (q & 0x0F, s, (136 - z) * s)]
+    try:
+        return [(torch.ops.aten._convert_weight_to_int4pack_for_cpu(h, 1),
+                 torch.stack([scale.t(), zero.t()], dim=-1).contiguous().to(torch.bfloat16))
+                for h, scale, zero in halves]
+    except RuntimeError:  # a shape the kernel does not take: the dequantizing matmul serves it
+        return None
 
 
 def to_signed_int8(qw: QuantizedWeight) -> QuantizedWeight:
@@ -172,3 +227,31 @@ def quantize_model(model: nn.Module, mode: str, group_size: int | None, device: 
                 int8_acts = act and projection != "down_proj"
                 setattr(module, child_name, QuantizedLinear(qw, bias, child.shard_sizes, child.weight.dtype,
                                                             int8_acts).to(device))
+
+
+def install_quantized(model: nn.Module, stash: dict[tuple[str, int], QuantizedWeight], source: str) -> None:
+    """Replace each Linear whose shards came quantized from a checkpoint (GPTQ, GGUF) by a QuantizedLinear
+    of them as they are. A layer whose shards differ in format (a GGUF that mixes types) or that has some
+    shards dense keeps a dense weight: its quantized shards are dequantized into it."""
+    by_layer: dict[str, dict[int, QuantizedWeight]] = {}
+    for (path, shard), qw in stash.items():
+        by_layer.setdefault(path, {})[shard] = qw
+    for path, shards in by_layer.items():
+        linear = model.get_submodule(path)
+        first = next(iter(shards.values()))
+        uniform = sorted(shards) == list(range(len(linear.shard_sizes))) and all(
+            (q.bits, q.group_size) == (first.bits, first.group_size) for q in shards.values())
+        if not uniform:
+            if source == "GPTQ":
+                raise UnsupportedModelError(f"GPTQ layer {path}: some projections are quantized and some not")
+            for shard, qw in shards.items():
+                linear.load("weight", dequantize(qw, linear.weight.dtype), shard)
+            continue
+        qw = concat([shards[i] for i in range(len(shards))])
+        if qw.shape != (linear.out_features, linear.in_features):
+            raise UnsupportedModelError(f"{source} layer {path}: shape {qw.shape} != "
+                                        f"{(linear.out_features, linear.in_features)}")
+        bias = None if linear.bias is None else linear.bias.data
+        quantized = QuantizedLinear(qw, bias, linear.shard_sizes, linear.weight.dtype).to(linear.weight.device)
+        parent_path, _, child = path.rpartition(".")
+        setattr(model.get_submodule(parent_path) if parent_path else model, child, quantized)
