@@ -73,11 +73,16 @@ def test_q4_1_groups_are_reproduced_exactly(span):
 
 @pytest.mark.parametrize("bits, group", [(8, None), (8, 32), (4, None), (4, 32)])
 def test_quantized_linear_equals_dequantize_then_matmul(bits, group):
+    # 1 row: the compiled GEMV form (4-bit integers one per byte in fp32); 5 rows: the matmul form
+    from dashinfer_core.quant.linear import DEQUANT_GEMV_MAX_ROWS
     torch.manual_seed(1)
-    w, b, x = torch.randn(48, 96), torch.randn(48), torch.randn(5, 96)
+    w, b = torch.randn(48, 96), torch.randn(48)
     qw = quantize(w, bits, group)
     layer = QuantizedLinear(qw, b, (48,), torch.float32)
-    torch.testing.assert_close(layer(x), x @ dequantize(qw).t() + b, atol=1e-4, rtol=1e-4)
+    assert torch.equal(layer.quantized().qweight, qw.qweight)
+    for rows in (1, DEQUANT_GEMV_MAX_ROWS + 1):
+        x = torch.randn(rows, 96)
+        torch.testing.assert_close(layer(x), x @ dequantize(qw).t() + b, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("group", [32, 64])
