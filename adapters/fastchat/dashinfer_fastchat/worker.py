@@ -14,10 +14,13 @@ import argparse
 import asyncio
 import json
 import os
+import socket
 import sys
 import threading
+import time
 import uuid
 from dataclasses import asdict
+from urllib.parse import urlparse
 
 import uvicorn
 from fastapi import BackgroundTasks, FastAPI, Request
@@ -56,7 +59,21 @@ class DashInferWorker(BaseModelWorker):
         self.context_len = engine.engine.max_model_len
         self.draining = False
         if not no_register:
-            self.init_heart_beat()
+            # Register once this worker's server accepts connections: registered earlier, the controller
+            # hands it requests that fail while uvicorn is still starting (seen: a 500 on the first one).
+            threading.Thread(target=self._register_when_listening, args=(worker_addr,), daemon=True,
+                             name="register-when-listening").start()
+
+    def _register_when_listening(self, worker_addr: str, timeout: float = 300.0) -> None:
+        url = urlparse(worker_addr)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection((url.hostname, url.port or 80), timeout=1.0).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        self.init_heart_beat()
 
     def make_conv_template(self, conv_template: str | None = None, model_path: str | None = None):
         return choose_conversation(self.engine.tokenizer, conv_template)
