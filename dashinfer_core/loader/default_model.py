@@ -72,12 +72,21 @@ def convert_gguf_to_hf(gguf_file: Path, target: Path) -> None:
     if config.get("tie_word_embeddings"):
         state.pop("lm_head.weight", None)
 
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
-    try:
+    def fill(tmp: Path) -> None:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
         model.generation_config.to_json_file(str(tmp / "generation_config.json"))
         tokenizer.save_pretrained(str(tmp))
+    write_dir_atomically(target, fill)
+
+
+def write_dir_atomically(target: Path, fill) -> None:
+    """fill(tmp) writes a directory's files into a temporary sibling, which then replaces `target` in
+    one rename: a reader never sees a half-written cache entry."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".write-"))
+    try:
+        fill(tmp)
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)

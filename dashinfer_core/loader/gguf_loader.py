@@ -20,10 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,6 +29,7 @@ import torch
 
 from ..errors import UnsupportedModelError
 from ..quant.weights import QuantizedWeight, pack_int4
+from .default_model import write_dir_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -201,19 +199,13 @@ def gguf_model_dir(gguf_file: Path, cache_root: Path) -> Path:
         raise UnsupportedModelError(f"model: GGUF model type {config.get('model_type')!r} is not supported "
                                     f"(supported: {sorted(HF_CLASSES)})")
     config["architectures"] = [HF_CLASSES[config["model_type"]]]
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".gguf-"))
-    try:
+
+    def fill(tmp: Path) -> None:
         (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
         try:
             AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(str(tmp))
         except Exception as exc:  # a weights-only file: prompts must then be token ids
             logger.warning("GGUF %s carries no tokenizer transformers can read (%s)", name,
                            str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    write_dir_atomically(target, fill)
     return target
