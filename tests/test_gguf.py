@@ -113,8 +113,9 @@ def test_int4_kernel_layouts_equal_dequantize_then_matmul(bits):
         x = torch.randn(rows, 96).bfloat16()
         want = x.float() @ dequantize(qw).t()
         torch.testing.assert_close(layer(x).float(), want, atol=2e-2 * want.abs().max().item(), rtol=1e-2)
-    ids = torch.tensor([0, 127, 64, 5])
+    ids = torch.tensor([0, 127, 64, 5, 40])
     torch.testing.assert_close(layer.rows(ids).float(), dequantize(qw)[ids], atol=1e-2, rtol=1e-2)
+    assert torch.equal(QuantizedLinear(qw, None, (128,), torch.float32).rows(ids), dequantize(qw)[ids])
 
 
 def test_gguf_settings_are_checked(tmp_path, default_model_dir):

@@ -12,7 +12,7 @@ from ..compiling import compile_or_eager
 from ..errors import InvalidParameterError, UnsupportedModelError
 from ..layers import use_triton_ops
 from ..layers.linear import Linear
-from .weights import QuantizedWeight, concat, dequantize, pack_int4, quantize, unpacked
+from .weights import QuantizedWeight, concat, dequantize, pack_int4, quantize, unpack_int4, unpacked
 
 # name -> (bits, activation quantization)
 QUANT_MODES = {"iq-int8": (8, False), "iq-int4": (4, False), "a8w8": (8, True)}
@@ -66,11 +66,18 @@ class QuantizedLinear(nn.Module):
                                (self.out_features, self.in_features))
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
-        """Rows `index` of the weight in the compute dtype: a quantized embedding's lookup."""
-        qw = self.quantized()
-        qw = QuantizedWeight(qw.qweight[index], self.scales[index], self.zeros[index], self.bits, self.group_size,
-                             (index.numel(), self.in_features))
-        return dequantize(qw, self.compute_dtype)
+        """Rows `index` of the weight in the compute dtype: a quantized embedding's lookup (per step: only
+        the rows asked for are unpacked)."""
+        k = self.in_features
+        if self.qweight is None:  # the int4 kernel's packing: row r is in block r // 64, nibble (r % 64) // 32
+            blocks = self.int4_packed0.view(-1, k, 32)[index // 64, :, index % 32]  # [T, K]
+            q = torch.where((index % 64 >= 32)[:, None], blocks >> 4, blocks & 0x0F)
+        elif self.storage_bits == 4:
+            q = unpack_int4(self.qweight[index], k)
+        else:
+            q = self.qweight[index]
+        qw = QuantizedWeight(q, self.scales[index], self.zeros[index], 8, self.group_size, (index.numel(), k))
+        return dequantize(qw, self.compute_dtype)  # 8: the integers come unpacked
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.int4_parts and x.dtype == torch.bfloat16 and x.numel() <= INT4PACK_MAX_ROWS * self.in_features:
