@@ -91,7 +91,7 @@ class EngineConfig:
     def __post_init__(self):
         if self.model == "default":
             self.model = None
-        gguf_model = self.model is not None and str(self.model).endswith(".gguf")
+        gguf_model = is_gguf_file(self.model)
         if gguf_model and self.quantization is None:
             self.quantization = "gguf"  # a GGUF file's weights load as they are, as vLLM does
         _check(not gguf_model or self.quantization == "gguf", "quantization",
@@ -154,6 +154,11 @@ class EngineConfig:
         if unknown:
             raise InvalidParameterError(unknown[0], f"unknown engine option; known options: {sorted(known)}")
         return cls(**kwargs)
+
+
+def is_gguf_file(model: str | None) -> bool:
+    """model names a GGUF file (its quantized weights then load as they are)."""
+    return model is not None and str(model).endswith(".gguf")
 
 
 def _check(ok: bool, field: str, message: str):

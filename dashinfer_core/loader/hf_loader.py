@@ -11,13 +11,10 @@ from pathlib import Path
 
 import torch
 
+from ..config import is_gguf_file
 from ..errors import UnsupportedModelError
 from ..models import ModelConfig, model_class
 from .default_model import cache_root, default_model_dir, gguf_path
-
-
-def is_gguf_file(model: str | None) -> bool:
-    return model is not None and model.endswith(".gguf")
 
 
 def gguf_source(model: str | None, quantization: str | None) -> Path | None:
