@@ -24,7 +24,8 @@ class EngineConfig:
                                "(its quantized weights load as they are), or None / 'default' for the "
                                "embedded SmolLM2-135M-Instruct")
     tokenizer: str | None = option(None, "tokenizer directory; default: the model directory")
-    dtype: str = option("auto", "'auto' = float32 on the CPU, bfloat16 on CUDA", DTYPES)
+    dtype: str = option("auto", "'auto' = float32 on the CPU (bfloat16 for GGUF weights), bfloat16 on CUDA",
+                            DTYPES)
     device: str = option("auto", "'auto' = CUDA when available, else the CPU; 'cuda:1' picks a GPU")
     block_size: int = option(32, "tokens per KV block (DashInfer's span)", BLOCK_SIZES)
     kv_cache_memory: int | None = option(None, "KV cache budget in bytes; default: a fraction of free GPU memory "

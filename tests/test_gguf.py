@@ -136,3 +136,15 @@ def test_gguf_settings_are_checked(tmp_path, default_model_dir):
     w.close()
     with pytest.raises(UnsupportedModelError, match="GGUF|gguf"):
         LLM(str(tmp_path / "odd.gguf"), skip_tokenizer_init=True)
+
+
+def test_auto_dtype_of_gguf_weights_on_the_cpu():
+    """'auto' keeps float32 on the CPU (exact) except for GGUF weights, which run on torch's int4 kernel in
+    bfloat16 where it works here; an explicit dtype always wins."""
+    from dashinfer_core.capabilities import int4_gemv_works
+    from dashinfer_core.engine.runner import resolve_dtype
+    cpu = torch.device("cpu")
+    assert resolve_dtype("auto", cpu) is torch.float32
+    assert resolve_dtype("auto", cpu, "iq-int4") is torch.float32
+    assert resolve_dtype("auto", cpu, "gguf") is (torch.bfloat16 if int4_gemv_works() else torch.float32)
+    assert resolve_dtype("float32", cpu, "gguf") is torch.float32

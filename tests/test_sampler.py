@@ -114,3 +114,20 @@ def test_rows_with_nan_or_inf_logits_get_token_minus_one():
         assert tokens[0] != -1
         if greedy:
             assert tokens[0] == logits[0].argmax().item()
+
+
+def test_row_max_is_torch_max_on_large_vocabularies():
+    from dashinfer_core.layers.sampler import row_max
+    torch.manual_seed(0)
+    for rows, vocab in ((1, 49152), (7, 5000), (3, 2048 + 100), (2, 100)):  # whole blocks, a partial one, tiny
+        x = torch.randn(rows, vocab)
+        x[0, vocab - 1] = 50.0  # the max in the partial last block
+        if rows > 2:
+            x[1, 10] = x[1, vocab - 3] = 60.0  # a tie: the first index wins
+            x[2, 200] = float("nan")  # NaN wins its row, as in torch.max
+        want_values, want_index = x.max(dim=-1)
+        got_values, got_index = row_max(x)
+        assert torch.equal(got_index, want_index), (rows, vocab)
+        assert torch.equal(got_values.nan_to_num(), want_values.nan_to_num())
+    y = torch.randn(4, 4096).bfloat16()
+    assert torch.equal(row_max(y)[1], y.argmax(dim=-1))

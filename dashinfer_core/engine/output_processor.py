@@ -15,6 +15,7 @@ class OutputProcessor:
     def __init__(self, tokenizer, eos_token_ids: tuple[int, ...], max_model_len: int, tokenizer_lock):
         self.tokenizer = tokenizer
         self.tokenizer_lock = tokenizer_lock
+        self.decode = token_decoder(tokenizer) if tokenizer is not None else None
         self.eos_token_ids = set(eos_token_ids)
         self.max_model_len = max_model_len
 
@@ -52,9 +53,8 @@ class OutputProcessor:
         out = seq.output_token_ids
         skip = seq.params.skip_special_tokens
         with self.tokenizer_lock:
-            prefix = self.tokenizer.decode(out[seq.detok_prefix_offset:seq.detok_read_offset],
-                                           skip_special_tokens=skip)
-            full = self.tokenizer.decode(out[seq.detok_prefix_offset:], skip_special_tokens=skip)
+            prefix = self.decode(out[seq.detok_prefix_offset:seq.detok_read_offset], skip_special_tokens=skip)
+            full = self.decode(out[seq.detok_prefix_offset:], skip_special_tokens=skip)
         # A trailing U+FFFD means a multi-byte character is still incomplete: wait for more tokens.
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
             seq.text += full[len(prefix):]
@@ -124,3 +124,17 @@ class OutputProcessor:
             first_token_time=request.first_token_time,
             finished_time=time.monotonic() if finished else None,
         )
+
+
+def token_decoder(tokenizer):
+    """tokenizer.decode, or the Rust tokenizer's own decode where the HF wrapper would add nothing to it (a
+    fast tokenizer without clean-up of spaces): the wrapper's argument conversion costs twice the
+    decode of a few tokens, paid twice per token of every running sequence."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        return tokenizer.decode
+    if not isinstance(backend, Tokenizer) or getattr(tokenizer, "clean_up_tokenization_spaces", True):
+        return tokenizer.decode
+    return backend.decode

@@ -43,9 +43,16 @@ def resolve_device(name: str, rank: int = 0) -> torch.device:
     return device
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(name: str, device: torch.device, quantization: str | None = None) -> torch.dtype:
+    """'auto': bfloat16 on CUDA; on the CPU float32 (token-identical to HF), except for GGUF weights:
+    bfloat16 there, where torch's int4 kernel runs them (2x the speed of the fp32 route on an AVX-512
+    machine, 4.6x on an AVX2 one: 44.5 against 204 ms a token), as llama.cpp itself computes with
+    8-bit activations. dtype='float32' keeps the exact route."""
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type == "cuda":
+            return torch.bfloat16
+        from ..capabilities import int4_gemv_works
+        return torch.bfloat16 if quantization == "gguf" and int4_gemv_works() else torch.float32
     return _DTYPES[name]
 
 
@@ -113,7 +120,7 @@ class ModelRunner:
         self.config = config
         self.rank = rank
         self.device = resolve_device(config.device, rank)
-        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.dtype = resolve_dtype(config.dtype, self.device, config.quantization)
         if self.device.type == "cpu":
             if config.num_threads and config.tensor_parallel_size == 1:
                 torch.set_num_threads(config.num_threads)
@@ -286,25 +293,29 @@ class ModelRunner:
 
     def _plan(self, batch: ScheduledBatch, logit_rows: list[int]) -> StepPlan:
         bs = self.block_size
-        token_chunks, position_chunks, slot_chunks, seq_lens = [], [], [], []
+        ids, positions, slots, seq_lens = [], [], [], []
         max_blocks = max(len(s.block_table) for s in batch.seqs)
         block_tables = np.zeros((len(batch.seqs), max_blocks), dtype=np.int32)
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
-            start = seq.num_computed_tokens
-            token_chunks.append(seq.token_ids[start:start + n])
-            positions = np.arange(start, start + n, dtype=np.int64)
-            table = np.asarray(seq.block_table, dtype=np.int64)
+            start, table = seq.num_computed_tokens, seq.block_table
             block_tables[i, :len(table)] = table
-            position_chunks.append(positions)
-            slot_chunks.append(table[positions // bs] * bs + positions % bs)
             seq_lens.append(start + n)
+            if n == 1:  # a decode: plain ints (numpy's per-call cost is most of a step's planning at batch 64)
+                ids.append(seq.token_ids[start])
+                positions.append(start)
+                slots.append(table[start // bs] * bs + start % bs)
+                continue
+            ids.extend(seq.token_ids[start:start + n])
+            chunk = np.arange(start, start + n, dtype=np.int64)
+            positions.extend(chunk.tolist())
+            slots.extend((np.asarray(table, dtype=np.int64)[chunk // bs] * bs + chunk % bs).tolist())
         query_start = np.zeros(len(batch.seqs) + 1, dtype=np.int64)
         np.cumsum(batch.num_new_tokens, out=query_start[1:])
         num_pad = padded_count(int(query_start[-1])) - int(query_start[-1]) if self.bucket_shapes else 0
         if num_pad:  # padding tokens: id 0 at position 0, stored nowhere (slot -1), in no sequence
-            token_chunks.append([0] * num_pad)
-            position_chunks.append(np.zeros(num_pad, dtype=np.int64))
-            slot_chunks.append(np.full(num_pad, -1, dtype=np.int64))
+            ids.extend([0] * num_pad)
+            positions.extend([0] * num_pad)
+            slots.extend([-1] * num_pad)
         mrope = mm_index = mm_rows = None
         if self.model_cfg.mrope_section is not None:
             mrope, mm_index, mm_rows = self._plan_images(batch, query_start, num_pad)
@@ -315,9 +326,8 @@ class ModelRunner:
                 lora_slots = np.full(int(query_start[-1]) + num_pad, -1, dtype=np.int32)
                 for i, seq in enumerate(batch.seqs):
                     lora_slots[query_start[i]:query_start[i + 1]] = seq.lora_slot
-        return StepPlan(ops=batch.ops,
-                        input_ids=np.fromiter((t for c in token_chunks for t in c), dtype=np.int64),
-                        positions=np.concatenate(position_chunks), slot_mapping=np.concatenate(slot_chunks),
+        return StepPlan(ops=batch.ops, input_ids=np.array(ids, dtype=np.int64),
+                        positions=np.array(positions, dtype=np.int64), slot_mapping=np.array(slots, dtype=np.int64),
                         query_start=query_start.tolist(), seq_lens=seq_lens, block_tables=block_tables,
                         num_decodes=batch.num_decodes, logit_rows=logit_rows, lora_slots=lora_slots,
                         lora_loads=lora_loads, mrope_positions=mrope, mm_index=mm_index, mm_rows=mm_rows)

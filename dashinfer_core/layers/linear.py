@@ -2,6 +2,8 @@
 matmul serves them; the loader fills each shard from its own HF tensor."""
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,16 +18,40 @@ _ONEDNN_LINEAR = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise"
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     # Inside torch.compile (models/compiled.py) inductor cannot lower the oneDNN op; F.linear there.
-    # One fp32 row (single-stream decode): F.linear's GEMV beats oneDNN's inner product at every shape
-    # of the embedded model (on the AMX dev machine: 618 vs 982 us per layer, 4.1 vs 5.0 ms the LM head).
-    one_fp32_row = x.dtype == torch.float32 and x.numel() == x.shape[-1]
-    if not torch.compiler.is_compiling() and x.device.type == "cpu" and not one_fp32_row and \
-            onednn_linear_on(x.dtype):
-        try:
-            return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
-        except RuntimeError as exc:  # a shape the probe did not cover: never fail the request for it
-            drop_onednn_dtype(x.dtype, exc)
+    if not torch.compiler.is_compiling() and x.device.type == "cpu" and onednn_linear_on(x.dtype):
+        one_fp32_row = x.dtype == torch.float32 and x.numel() == x.shape[-1]
+        if not one_fp32_row or onednn_gemv_faster(x, weight, bias):
+            try:
+                return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
+            except RuntimeError as exc:  # a shape the probe did not cover: never fail the request for it
+                drop_onednn_dtype(x.dtype, exc)
     return F.linear(x, weight, bias)
+
+
+# One fp32 row (single-stream decode) is a GEMV, where the faster of MKL's (F.linear) and oneDNN's
+# differs by CPU: MKL's on the AMX dev machine (4.1 vs 5.0 ms the embedded model's LM head), oneDNN's
+# on an AVX2 one (5.3 vs 12.2 ms). Timed once per weight shape, on its first single-row call.
+_gemv_choice: dict[tuple, bool] = {}
+
+
+def onednn_gemv_faster(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    key = (tuple(weight.shape), bias is not None)
+    choice = _gemv_choice.get(key)
+    if choice is None:
+        def best_of(fn, reps: int = 3) -> float:
+            fn()  # oneDNN builds its primitive on the first call
+            times = []
+            for _ in range(reps):
+                start = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - start)
+            return min(times)
+        try:
+            onednn = best_of(lambda: _ONEDNN_LINEAR(x, weight, bias, "none", [], ""))
+        except RuntimeError:
+            onednn = float("inf")
+        choice = _gemv_choice[key] = onednn < best_of(lambda: F.linear(x, weight, bias))
+    return choice
 
 
 class Linear(nn.Module):

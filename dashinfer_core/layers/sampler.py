@@ -7,6 +7,7 @@ a preemption and recompute. (A vectorised counter-based hash over the whole [row
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -80,27 +81,24 @@ class Sampler:
         self.eos_token_ids = list(eos_token_ids)
         self.device = torch.device(device)
         self._generators: dict[torch.device, torch.Generator] = {}
+        # (row seq ids, their fixed tensors, whether rows need per-step work)
+        self._fixed: tuple | None = None
 
     def prepare(self, seqs: list) -> SamplingTensors:
-        """The per-row tensors for drawing the next token of each of `seqs` (engine Sequences)."""
+        """The per-row tensors for drawing the next token of each of `seqs` (engine Sequences). The part
+        fixed by the rows' parameters is built once per set of rows (most steps draw for the same running
+        set as the step before); what moves with the tokens (steps, penalties, masks) is built each time."""
+        key = tuple(s.seq_id for s in seqs)
+        if self._fixed is None or self._fixed[0] != key:
+            params = [s.params for s in seqs]
+            per_step = any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty or p.min_tokens
+                           for p in params) or any(s.guided is not None for s in seqs)
+            self._fixed = (key, self._fixed_tensors(seqs), per_step)
+        t = dataclasses.replace(self._fixed[1], steps=[s.num_output_tokens for s in seqs])
+        if not self._fixed[2]:  # no penalties, guided rows or min_tokens among these rows
+            return t
         params = [s.params for s in seqs]
-        dev, vocab = self.device, self.vocab_size
-        greedy = [p.greedy for p in params]
-        t = SamplingTensors(
-            greedy=torch.tensor(greedy, device=dev),
-            temperature=torch.tensor([1.0 if g else p.temperature for g, p in zip(greedy, params)],
-                                     dtype=torch.float32, device=dev),
-            top_k=torch.tensor([vocab if p.top_k == -1 else min(p.top_k, vocab) for p in params], device=dev),
-            top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev),
-            min_p=torch.tensor([p.min_p for p in params], dtype=torch.float32, device=dev),
-            seeds=[s.seed for s in seqs],
-            steps=[s.num_output_tokens for s in seqs],
-            all_greedy=all(greedy),
-            use_top_k=any(p.top_k != -1 and not g for g, p in zip(greedy, params)),
-            use_top_p=any(p.top_p < 1.0 and not g for g, p in zip(greedy, params)),
-            use_min_p=any(p.min_p > 0.0 and not g for g, p in zip(greedy, params)),
-            num_logprobs=max((p.logprobs for p in params if p.logprobs is not None), default=-1),
-        )
+        vocab, dev = self.vocab_size, self.device
         if any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params):
             self._add_penalties(t, seqs)
         guided = [(i, s.guided) for i, s in enumerate(seqs) if s.guided is not None]
@@ -118,6 +116,26 @@ class Sampler:
             t.banned_rows = torch.tensor([b[0] for b in banned], device=dev)
             t.banned_tokens = torch.tensor([b[1] for b in banned], device=dev)
         return t
+
+    def _fixed_tensors(self, seqs: list) -> SamplingTensors:
+        params = [s.params for s in seqs]
+        dev, vocab = self.device, self.vocab_size
+        greedy = [p.greedy for p in params]
+        return SamplingTensors(
+            greedy=torch.tensor(greedy, device=dev),
+            temperature=torch.tensor([1.0 if g else p.temperature for g, p in zip(greedy, params)],
+                                     dtype=torch.float32, device=dev),
+            top_k=torch.tensor([vocab if p.top_k == -1 else min(p.top_k, vocab) for p in params], device=dev),
+            top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev),
+            min_p=torch.tensor([p.min_p for p in params], dtype=torch.float32, device=dev),
+            seeds=[s.seed for s in seqs],
+            steps=[],
+            all_greedy=all(greedy),
+            use_top_k=any(p.top_k != -1 and not g for g, p in zip(greedy, params)),
+            use_top_p=any(p.top_p < 1.0 and not g for g, p in zip(greedy, params)),
+            use_min_p=any(p.min_p > 0.0 and not g for g, p in zip(greedy, params)),
+            num_logprobs=max((p.logprobs for p in params if p.logprobs is not None), default=-1),
+        )
 
     def _stop_ids(self, params) -> list[int]:
         eos = [] if params.ignore_eos else self.eos_token_ids
@@ -153,10 +171,10 @@ class Sampler:
         if t.guided_bitmask is not None:
             apply_token_bitmask(logits, t.guided_bitmask, t.guided_rows)
         if t.all_greedy:
-            tokens = logits.argmax(dim=-1)
+            tokens = row_max(logits)[1]
         else:
             uniform = self.seeded_uniform(t, logits.shape[1], logits.device)
-            tokens = torch.where(t.greedy, logits.argmax(dim=-1), sample(logits, t, uniform))
+            tokens = torch.where(t.greedy, row_max(logits)[1], sample(logits, t, uniform))
         out = SamplerOutput(token_ids=torch.where(broken, -1, tokens))
         if raw_logprobs is not None:
             out.logprobs = raw_logprobs.gather(1, tokens[:, None]).squeeze(1)
@@ -230,7 +248,29 @@ def sample(logits: torch.Tensor, t: SamplingTensors, uniform: torch.Tensor) -> t
         logits = top_k_top_p(logits, t.top_k, t.top_p)
     probs = torch.softmax(logits, dim=-1)
     # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p.
-    return (probs / -torch.log(uniform)).argmax(dim=-1)
+    return row_max(probs / -torch.log(uniform))[1]
+
+
+ARGMAX_BLOCK = 128
+
+
+def row_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(max, argmax) of each row of a 2-D tensor, the first index on ties, as x.max(-1) gives. On the CPU
+    in two levels: the vectorized amax of blocks of 128, then the index within the winning block only;
+    torch's CPU argmax is scalar code, 8x slower at 64 rows of a 49,152-token vocabulary (12.3 against
+    1.5 ms). A NaN wins its row, as in torch.max."""
+    rows, vocab = x.shape
+    full = vocab // ARGMAX_BLOCK * ARGMAX_BLOCK
+    if x.device.type != "cpu" or full < 16 * ARGMAX_BLOCK:
+        return x.max(dim=-1)
+    blocks = x[:, :full].reshape(rows, full // ARGMAX_BLOCK, ARGMAX_BLOCK)
+    best, block = blocks.amax(dim=-1).max(dim=-1)
+    index = block * ARGMAX_BLOCK + blocks[torch.arange(rows), block].argmax(dim=-1)
+    if full < vocab:  # the last partial block
+        tail_best, tail_index = x[:, full:].max(dim=-1)
+        take = (tail_best > best) | (torch.isnan(tail_best) & ~torch.isnan(best))
+        best, index = torch.where(take, tail_best, best), torch.where(take, tail_index + full, index)
+    return best, index
 
 
 def top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
