@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..capabilities import (INT4_GROUPS, compile_works, disabled_paths, int4_gemv_works, int4pack_layout_known,
-                            int8_gemm_works, int8_gemv_works)
+                            int8_gemm_works, int8_gemv_works, native_bf16)
 from ..compiling import compile_or_eager
 from ..errors import InvalidParameterError, UnsupportedModelError
 from ..layers import use_triton_ops
@@ -91,7 +91,8 @@ class QuantizedLinear(nn.Module):
             return y if self.bias is None else y + self.bias
         if self.qweight is None:
             y = compiled_int4pack_dequant_linear(x.reshape(-1, self.in_features), self.int4_packed0, self.scales,
-                                                 self.zeros, self.group_size).view(*x.shape[:-1], -1)
+                                                 self.zeros, self.group_size,
+                                                 x.dtype == torch.bfloat16 and not native_bf16()).view(*x.shape[:-1], -1)
             return y if self.bias is None else y + self.bias
         if self.activations_int8:
             y = a8w8_linear(x, self.w_int8_t, self.w_scale)
@@ -110,7 +111,7 @@ class QuantizedLinear(nn.Module):
 
 
 def _dequant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
-                    group: int, k: int) -> torch.Tensor:
+                    group: int, k: int, fp32_gemm: bool = False) -> torch.Tensor:
     """x @ dequant(W)^T written without gathers, so torch.compile can fuse the dequantization into
     the matmul's loads instead of writing a full-precision weight first."""
     q = torch.stack((qweight & 0x0F, qweight >> 4), dim=-1).flatten(1) if bits == 4 else qweight
@@ -118,15 +119,20 @@ def _dequant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
     width = groups * group
     q = q[:, :width] if q.shape[1] >= width else F.pad(q, (0, width - q.shape[1]))
     w = ((q.view(n, groups, group).float() - zeros[..., None]) * scales[..., None]).view(n, width)[:, :k]
+    if fp32_gemm:  # a CPU without bf16 arithmetic emulates a bf16 GEMM: multiply in fp32
+        return torch.matmul(x.float(), w.t()).to(x.dtype)
     return torch.matmul(x, w.to(x.dtype).t())
 
 
 def _int4pack_dequant_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                             group: int) -> torch.Tensor:
-    """x @ dequant(W)^T with W's integers read from the int4 kernel's packing (see unpack_int4pack)."""
+                             group: int, fp32_gemm: bool = False) -> torch.Tensor:
+    """x @ dequant(W)^T with W's integers read from the int4 kernel's packing (see unpack_int4pack).
+    fp32_gemm: multiply in fp32 (a CPU without bf16 arithmetic, where a bf16 GEMM is emulated)."""
     n, k = scales.shape[0], x.shape[-1]
     q = unpack_int4pack(packed, n, k)
     w = ((q.view(n, k // group, group).float() - zeros[..., None]) * scales[..., None]).view(n, k)
+    if fp32_gemm:
+        return torch.matmul(x.float(), w.t()).to(x.dtype)
     return torch.matmul(x, w.to(x.dtype).t())
 
 
@@ -172,7 +178,8 @@ def cpu_dequant_linear(x, qweight, scales, zeros, bits, group, k):
     flat = x.reshape(-1, k)
     if flat.shape[0] <= DEQUANT_GEMV_MAX_ROWS and k % group == 0 and compiled_dequant_gemv.active:
         return compiled_dequant_gemv(flat, qweight, scales, zeros, bits, group, k).view(*x.shape[:-1], -1)
-    y = compiled_dequant_linear(flat, qweight, scales, zeros, bits, group, k)
+    fp32_gemm = x.dtype == torch.bfloat16 and not native_bf16()
+    y = compiled_dequant_linear(flat, qweight, scales, zeros, bits, group, k, fp32_gemm)
     return y.view(*x.shape[:-1], -1)
 
 
