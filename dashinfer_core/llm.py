@@ -99,7 +99,7 @@ class LLM:
         try:
             while len(final) < len(wanted):
                 self.engine.wait_for_work()  # returns at once unless only guided compiles are pending
-                for out in self.engine.step():
+                for out in self.engine.step(final_only=True):
                     if out.finished and out.request_id in wanted:
                         final[out.request_id] = out
                         if progress:

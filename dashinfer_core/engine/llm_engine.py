@@ -325,8 +325,9 @@ class LLMEngine:
                if self.lora is not None else {}))
 
     # ---- the step ------------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
-        """Run one scheduled batch; returns an output for every request that changed."""
+    def step(self, final_only: bool = False) -> list[RequestOutput]:
+        """Run one scheduled batch; returns an output for every request that changed (final_only: for every
+        request that ended, which is all a caller waiting for whole results needs)."""
         self.runner.check_alive()
         outputs = self._admit_parked()
         batch = self.scheduler.schedule()
@@ -375,6 +376,8 @@ class LLMEngine:
             for seq in request.sequences:
                 if seq.is_finished:
                     self.scheduler.remove(seq)
+            if final_only and not request.finished:
+                continue
             outputs.append(self.output_processor.make_output(request))
             if outputs[-1].finished:
                 self.requests.pop(request.request_id, None)

@@ -159,11 +159,16 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, t: SamplingTensors) -> SamplerOutput:
         logits = logits.float()
-        # A row with NaN/inf logits (fp16 overflow, a broken request) gets token -1: the engine ends
-        # that request with an error instead of sampling garbage. Read back with the tokens: no extra sync.
-        # A row's sum is finite exactly when all its logits are (NaN and inf propagate; real logits
-        # are far too small to overflow), and one reduction costs a fifth of isfinite().all().
-        broken = ~torch.isfinite(logits.sum(dim=-1))
+        # A row with a NaN or +inf logit (fp16 overflow, a broken request), or none above -inf, gets token
+        # -1: the engine ends that request with an error instead of sampling garbage. Read back with the
+        # tokens: no extra sync. The row's maximum tells (NaN propagates through it); -inf alone is a
+        # token the model rules out, not a fault. Plain greedy rows get that maximum with their token.
+        plain = t.repetition_penalty is None and t.frequency_penalty is None and t.banned_rows is None and \
+            t.guided_bitmask is None
+        if t.all_greedy and plain and t.num_logprobs < 0:
+            best, tokens = row_max(logits)
+            return SamplerOutput(token_ids=torch.where(torch.isfinite(best), tokens, -1))
+        broken = ~torch.isfinite(logits.amax(dim=-1))
         raw_logprobs = torch.log_softmax(logits, dim=-1) if t.num_logprobs >= 0 else None
         logits = apply_penalties(logits, t)
         if t.banned_rows is not None:
