@@ -35,11 +35,11 @@ def forward_context(*, positions: torch.Tensor, slot_mapping: torch.Tensor, quer
                     seq_lens: torch.Tensor, block_tables: torch.Tensor, num_decodes: int, backend: AttentionBackend,
                     kv_layers: list[KVLayer], rotary: RotaryEmbedding, query_start_loc_host: list[int] | None = None,
                     seq_lens_host: list[int] | None = None, mrope_positions: torch.Tensor | None = None,
-                    mm_embeds=None) -> ForwardContext:
+                    mm_embeds=None, slot_mapping_host=None, block_tables_host=None) -> ForwardContext:
     """The step's attention metadata, the backend's per-step preparation and the rotary inputs, in
     one place. mrope_positions: [3, T] for an M-RoPE model (its rotary reads these, not `positions`)."""
     meta = AttentionMetadata.build(slot_mapping, query_start_loc, seq_lens, block_tables, num_decodes,
-                                   query_start_loc_host, seq_lens_host)
+                                   query_start_loc_host, seq_lens_host, slot_mapping_host, block_tables_host)
     backend.prepare(meta, kv_layers[0])
     if mrope_positions is not None:  # the Triton rotary kernel takes one row: M-RoPE is rotated in torch
         return ForwardContext(positions=positions, attn_meta=meta, backend=backend, kv_layers=kv_layers,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 
@@ -24,13 +25,18 @@ class AttentionMetadata:
     # Host copies, for loops over the (few) prefill sequences; empty under CUDA graphs.
     query_start_loc_host: list[int] = field(default_factory=list)
     seq_lens_host: list[int] = field(default_factory=list)
+    # Host arrays of slot_mapping and block_tables, where the step was planned on the host (None under CUDA
+    # graphs): a CPU backend computes its per-step state from these with numpy, not with small torch ops.
+    slot_mapping_host: np.ndarray | None = None
+    block_tables_host: np.ndarray | None = None
     # What the backend's prepare() computed once for all layers (its own typed state).
     backend_state: object = None
 
     @classmethod
     def build(cls, slot_mapping: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
               block_tables: torch.Tensor, num_decodes: int, query_start_loc_host: list[int] | None = None,
-              seq_lens_host: list[int] | None = None) -> "AttentionMetadata":
+              seq_lens_host: list[int] | None = None, slot_mapping_host: np.ndarray | None = None,
+              block_tables_host: np.ndarray | None = None) -> "AttentionMetadata":
         """The one constructor the engine uses (runner and CUDA graphs). Without host copies (a
         captured decode graph) the maxima are those of a decode: query length 1, context unknown (0)."""
         starts = query_start_loc_host or []
@@ -39,4 +45,5 @@ class AttentionMetadata:
                    block_tables=block_tables, num_seqs=block_tables.shape[0], num_decodes=num_decodes,
                    max_seq_len=max(lens, default=0),
                    max_query_len=max((b - a for a, b in zip(starts, starts[1:])), default=1),
-                   query_start_loc_host=list(starts), seq_lens_host=list(lens))
+                   query_start_loc_host=list(starts), seq_lens_host=list(lens), slot_mapping_host=slot_mapping_host,
+                   block_tables_host=block_tables_host)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -100,20 +101,28 @@ class TorchAttention:
         self.fused = fused  # compiled gathered_decode_attention for unquantized CPU caches
 
     def prepare(self, meta: AttentionMetadata, kv_layer: KVLayer) -> None:
-        """Per-step precomputation shared by all layers (kv_layer: any layer's, for its shape)."""
+        """Per-step precomputation shared by all layers (kv_layer: any layer's, for its shape). From the
+        host arrays where the step was planned on the host (numpy: each of the ~20 small ops costs a
+        microsecond, not the ~10 of a torch op), else from the device tensors."""
         _, _, num_kv_heads, block_size, _ = kv_layer.shape
         tokens, table_rows, lens, long_prefills = self._split_queries(meta)
-        slots = meta.slot_mapping
+        host = meta.slot_mapping_host is not None and meta.block_tables_host is not None
+        xp = np if host else torch
+        slots = meta.slot_mapping_host if host else meta.slot_mapping
         valid = slots >= 0
-        token_idx = None if bool(valid.all()) else valid.nonzero().squeeze(1)
+        token_idx = None if bool(valid.all()) else (np.flatnonzero(valid) if host else valid.nonzero().squeeze(1))
         if token_idx is not None:
             slots = slots[token_idx]
-        heads = torch.arange(num_kv_heads, device=slots.device)
+        heads = xp.arange(num_kv_heads) if host else torch.arange(num_kv_heads, device=slots.device)
         blocks, offsets = slots // block_size, slots % block_size
         store_rows = ((blocks[:, None] * num_kv_heads + heads[None, :]) * block_size + offsets[:, None]).reshape(-1)
-        meta.backend_state = TorchStepState(
-            buckets=self._decode_buckets(meta, tokens, table_rows, lens, num_kv_heads, block_size),
-            long_prefills=long_prefills, token_idx=token_idx, store_rows=store_rows)
+        buckets = self._decode_buckets(meta, tokens, table_rows, lens, num_kv_heads, block_size, host)
+        if host:
+            device = meta.slot_mapping.device
+            store_rows = torch.from_numpy(store_rows).to(device)
+            token_idx = None if token_idx is None else torch.from_numpy(token_idx).to(device)
+        meta.backend_state = TorchStepState(buckets=buckets, long_prefills=long_prefills, token_idx=token_idx,
+                                            store_rows=store_rows)
 
     def _split_queries(self, meta: AttentionMetadata) -> tuple[list[int], list[int], list[int], list[int]]:
         """(token index, block-table row, context length) of every query answered on the batched
@@ -136,7 +145,7 @@ class TorchAttention:
         return tokens, rows, lens, long_prefills
 
     def _decode_buckets(self, meta: AttentionMetadata, tokens: list[int], table_rows: list[int], lens: list[int],
-                        num_kv_heads: int, block_size: int) -> list[DecodeBucket]:
+                        num_kv_heads: int, block_size: int, host: bool) -> list[DecodeBucket]:
         if not tokens:
             return []
         order = sorted(range(len(tokens)), key=lens.__getitem__)
@@ -148,18 +157,21 @@ class TorchAttention:
             current.append(i)
         groups.append(current)
         device = meta.seq_lens.device
-        heads = torch.arange(num_kv_heads, device=device)
         buckets = []
         for group in groups:
             num_blocks = -(-max(lens[i] for i in group) // block_size)
-            token_idx = torch.tensor([tokens[i] for i in group], device=device)
-            blocks = meta.block_tables[torch.tensor([table_rows[i] for i in group], device=device), :num_blocks].long()
+            group_lens = np.array([lens[i] for i in group])
+            if host:
+                blocks = meta.block_tables_host[[table_rows[i] for i in group], :num_blocks].astype(np.int64)
+            else:
+                rows = torch.tensor([table_rows[i] for i in group], device=device)
+                blocks = meta.block_tables[rows, :num_blocks].long().cpu().numpy()
             # (block, head) chunk ids in [query, head, block] order.
-            chunks = blocks[:, None, :] * num_kv_heads + heads[None, :, None]
-            positions = torch.arange(num_blocks * block_size, device=device)
-            outside = positions[None, :] >= torch.tensor([lens[i] for i in group], device=device)[:, None]
-            bias = torch.zeros(outside.shape, device=device).masked_fill_(outside, float("-inf"))
-            buckets.append(DecodeBucket(token_idx, chunks, bias))
+            chunks = blocks[:, None, :] * num_kv_heads + np.arange(num_kv_heads)[None, :, None]
+            outside = np.arange(num_blocks * block_size)[None, :] >= group_lens[:, None]
+            bias = np.where(outside, np.float32(-np.inf), np.float32(0.0))
+            buckets.append(DecodeBucket(torch.tensor([tokens[i] for i in group], device=device),
+                                        torch.from_numpy(chunks).to(device), torch.from_numpy(bias).to(device)))
         return buckets
 
     def _gather(self, kv_layer: KVLayer, chunks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
