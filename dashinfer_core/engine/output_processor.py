@@ -93,19 +93,14 @@ class OutputProcessor:
     def make_output(self, request: Request) -> RequestOutput:
         completions = []
         for seq in request.sequences:
-            sendable = max(self._sendable_text_len(seq), seq.num_text_sent)
-            out_ids = seq.output_token_ids
+            text = seq.text
+            sendable = max(self._sendable_text_len(seq) if seq.params.stop else len(text), seq.num_text_sent)
+            out_ids = seq.output_token_ids  # a new list: the caller may keep it
+            with_logprobs = seq.params.logprobs is not None
             completions.append(CompletionOutput(
-                index=seq.index,
-                text=seq.text[:sendable],
-                token_ids=list(out_ids),
-                delta_text=seq.text[seq.num_text_sent:sendable],
-                delta_token_ids=out_ids[seq.num_tokens_sent:],
-                finish_reason=seq.finish_reason,
-                stop_reason=seq.stop_reason,
-                logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
-                cumulative_logprob=seq.cumulative_logprob if seq.params.logprobs is not None else None,
-            ))
+                seq.index, text if sendable >= len(text) else text[:sendable], out_ids,
+                text[seq.num_text_sent:sendable], out_ids[seq.num_tokens_sent:], seq.finish_reason, seq.stop_reason,
+                list(seq.logprobs) if with_logprobs else None, seq.cumulative_logprob if with_logprobs else None))
             seq.num_text_sent = sendable
             seq.num_tokens_sent = len(out_ids)
         finished = request.finished or request.error is not None
