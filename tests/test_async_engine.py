@@ -149,3 +149,13 @@ def test_step_loop_crash_fails_pending_streams():
 
     asyncio.run(main())
     assert not eng.is_running
+
+
+def test_a_failed_start_raises_in_the_caller_and_leaves_no_loop(tmp_path):
+    """The engine is built on the step-loop thread; what fails there is raised by the constructor."""
+    import threading
+    from dashinfer_core import InvalidParameterError
+    before = {t.name for t in threading.enumerate()}
+    with pytest.raises(InvalidParameterError, match="kv_cache_memory"):
+        AsyncEngine(dtype="float32", device="cpu", kv_cache_memory=1)
+    assert "dashinfer-step-loop" not in {t.name for t in threading.enumerate()} - before

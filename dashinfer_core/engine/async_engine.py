@@ -44,8 +44,7 @@ class _Stream:
 
 class AsyncEngine:
     def __init__(self, config: EngineConfig | None = None, **engine_options):
-        self.engine = LLMEngine(config or EngineConfig.from_kwargs(**engine_options))
-        self.tokenizer = self.engine.tokenizer
+        config = config or EngineConfig.from_kwargs(**engine_options)
         self._cond = threading.Condition()
         self._pending_adds: list[Request] = []
         self._pending_aborts: list[str] = []
@@ -53,9 +52,29 @@ class AsyncEngine:
         self._streams: dict[str, _Stream] = {}
         self._dead: BaseException | None = None
         self._stopping = False
-        self.engine.set_work_callback(self._wake)
-        self._thread = threading.Thread(target=self._loop, name="dashinfer-step-loop", daemon=True)
+        # The engine is built on the loop thread, which then runs every step: torch's OpenMP thread pool
+        # belongs to the thread that first runs a parallel op, and steps run from another thread than
+        # the one that loaded the model were 25-70 % slower with 2 threads (a second pool competes).
+        self._started = threading.Event()
+        self._start_error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(config,), name="dashinfer-step-loop", daemon=True)
         self._thread.start()
+        self._started.wait()
+        if self._start_error is not None:
+            self._thread.join()
+            raise self._start_error
+        self.tokenizer = self.engine.tokenizer
+
+    def _run(self, config: EngineConfig) -> None:
+        try:
+            self.engine = LLMEngine(config)
+            self.engine.set_work_callback(self._wake)
+        except BaseException as exc:  # raised to the constructor's caller
+            self._start_error = exc
+            return
+        finally:
+            self._started.set()
+        self._loop()
 
     def _wake(self) -> None:
         with self._cond:
