@@ -101,28 +101,22 @@ class TorchAttention:
         self.fused = fused  # compiled gathered_decode_attention for unquantized CPU caches
 
     def prepare(self, meta: AttentionMetadata, kv_layer: KVLayer) -> None:
-        """Per-step precomputation shared by all layers (kv_layer: any layer's, for its shape). From the
-        host arrays where the step was planned on the host (numpy: each of the ~20 small ops costs a
-        microsecond, not the ~10 of a torch op), else from the device tensors."""
+        """Per-step precomputation shared by all layers (kv_layer: any layer's, for its shape), with numpy on
+        the step's host arrays: each of its ~20 small ops costs a microsecond or two, a torch op ~5."""
         _, _, num_kv_heads, block_size, _ = kv_layer.shape
         tokens, table_rows, lens, long_prefills = self._split_queries(meta)
-        host = meta.slot_mapping_host is not None and meta.block_tables_host is not None
-        xp = np if host else torch
-        slots = meta.slot_mapping_host if host else meta.slot_mapping
+        slots = meta.slot_mapping_host if meta.slot_mapping_host is not None else meta.slot_mapping.cpu().numpy()
         valid = slots >= 0
-        token_idx = None if bool(valid.all()) else (np.flatnonzero(valid) if host else valid.nonzero().squeeze(1))
+        token_idx = None if valid.all() else np.flatnonzero(valid)
         if token_idx is not None:
             slots = slots[token_idx]
-        heads = xp.arange(num_kv_heads) if host else torch.arange(num_kv_heads, device=slots.device)
         blocks, offsets = slots // block_size, slots % block_size
-        store_rows = ((blocks[:, None] * num_kv_heads + heads[None, :]) * block_size + offsets[:, None]).reshape(-1)
-        buckets = self._decode_buckets(meta, tokens, table_rows, lens, num_kv_heads, block_size, host)
-        if host:
-            device = meta.slot_mapping.device
-            store_rows = torch.from_numpy(store_rows).to(device)
-            token_idx = None if token_idx is None else torch.from_numpy(token_idx).to(device)
-        meta.backend_state = TorchStepState(buckets=buckets, long_prefills=long_prefills, token_idx=token_idx,
-                                            store_rows=store_rows)
+        store_rows = (blocks[:, None] * num_kv_heads + np.arange(num_kv_heads)[None, :]) * block_size + offsets[:, None]
+        device = meta.slot_mapping.device
+        meta.backend_state = TorchStepState(
+            buckets=self._decode_buckets(meta, tokens, table_rows, lens, num_kv_heads, block_size),
+            long_prefills=long_prefills, token_idx=None if token_idx is None else torch.from_numpy(token_idx).to(device),
+            store_rows=torch.from_numpy(store_rows.reshape(-1)).to(device))
 
     def _split_queries(self, meta: AttentionMetadata) -> tuple[list[int], list[int], list[int], list[int]]:
         """(token index, block-table row, context length) of every query answered on the batched
@@ -145,7 +139,7 @@ class TorchAttention:
         return tokens, rows, lens, long_prefills
 
     def _decode_buckets(self, meta: AttentionMetadata, tokens: list[int], table_rows: list[int], lens: list[int],
-                        num_kv_heads: int, block_size: int, host: bool) -> list[DecodeBucket]:
+                        num_kv_heads: int, block_size: int) -> list[DecodeBucket]:
         if not tokens:
             return []
         order = sorted(range(len(tokens)), key=lens.__getitem__)
@@ -157,15 +151,12 @@ class TorchAttention:
             current.append(i)
         groups.append(current)
         device = meta.seq_lens.device
+        tables = meta.block_tables_host if meta.block_tables_host is not None else meta.block_tables.cpu().numpy()
         buckets = []
         for group in groups:
             num_blocks = -(-max(lens[i] for i in group) // block_size)
             group_lens = np.array([lens[i] for i in group])
-            if host:
-                blocks = meta.block_tables_host[[table_rows[i] for i in group], :num_blocks].astype(np.int64)
-            else:
-                rows = torch.tensor([table_rows[i] for i in group], device=device)
-                blocks = meta.block_tables[rows, :num_blocks].long().cpu().numpy()
+            blocks = tables[[table_rows[i] for i in group], :num_blocks].astype(np.int64)
             # (block, head) chunk ids in [query, head, block] order.
             chunks = blocks[:, None, :] * num_kv_heads + np.arange(num_kv_heads)[None, :, None]
             outside = np.arange(num_blocks * block_size)[None, :] >= group_lens[:, None]
