@@ -234,17 +234,7 @@ class AsyncEngine:
                         self.abort(out.request_id)
 
     def _deliver(self, out: RequestOutput) -> None:
-        with self._cond:
-            stream = self._streams.get(out.request_id)
-            if stream is not None and out.finished:
-                del self._streams[out.request_id]
-        if stream is None:
-            return
-        try:
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
-        except RuntimeError:  # the caller's event loop is gone: nobody will read the rest
-            if not out.finished:
-                self.abort(out.request_id)
+        self._deliver_all([out])
 
     def _deliver_error(self, request_id: str, exc: BaseException) -> None:
         with self._cond:

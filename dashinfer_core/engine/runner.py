@@ -368,7 +368,7 @@ class ModelRunner:
             block_tables=to_dev(plan.block_tables, torch.int32), num_decodes=plan.num_decodes,
             backend=self.attention, kv_layers=self.kv_cache.layers, rotary=self.model.rotary,
             query_start_loc_host=plan.query_start, seq_lens_host=plan.seq_lens,
-            slot_mapping_host=np.asarray(plan.slot_mapping), block_tables_host=np.asarray(plan.block_tables),
+            slot_mapping_host=plan.slot_mapping, block_tables_host=plan.block_tables,
             mrope_positions=None if plan.mrope_positions is None else to_dev(plan.mrope_positions, torch.int64),
             mm_embeds=None if plan.mm_index is None else (to_dev(plan.mm_index, torch.int64),
                                                            plan.mm_rows.to(self.device)))
