@@ -76,18 +76,37 @@ class LLM:
     def chat(self, messages: Conversation | list[Conversation],
              sampling_params: SamplingParams | list[SamplingParams] | None = None,
              add_generation_prompt: bool = True, chat_template_kwargs: dict | None = None,
-             use_tqdm: bool = False, lora_request: LoRARequest | list[LoRARequest | None] | None = None
-             ) -> list[RequestOutput]:
+             use_tqdm: bool = False, lora_request: LoRARequest | list[LoRARequest | None] | None = None,
+             tools: list[dict] | None = None, tool_choice: str | dict | None = None,
+             parallel_tool_calls: bool | None = None) -> list[RequestOutput]:
         """Render each conversation with the tokenizer's chat template, then generate. Message content
         may be OpenAI's parts: {"type": "text", "text": ...}, {"type": "image_url", "image_url": {"url":
-        "data:image/png;base64,..."}} or {"type": "image", "image": a PIL image or a path}."""
+        "data:image/png;base64,..."}} or {"type": "image", "image": a PIL image or a path}.
+        tools / tool_choice / parallel_tool_calls: OpenAI's (see dashinfer_core.tools); each output's
+        `tool_calls` holds the parsed calls. A reasoning model's thinking comes apart as
+        `reasoning_content` (enable_thinking goes in chat_template_kwargs)."""
+        from .chat import parse_chat_output, plan_chat
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = []
-        for conv in conversations:
-            ids = apply_chat_template(self.engine.tokenizer, conv, add_generation_prompt, **(chat_template_kwargs or {}))
+        params_list = _per_prompt(sampling_params or SamplingParams(), len(conversations), "sampling_params")
+        prompts, plans = [], []
+        for conv, params in zip(conversations, params_list):
+            with self.engine.tokenizer_lock:
+                plan = plan_chat(self.engine.tokenizer, conv, params, tools, tool_choice, parallel_tool_calls,
+                                 chat_template_kwargs, add_generation_prompt)
+            plans.append(plan)
             images = conversation_images(conv)
-            prompts.append({"prompt_token_ids": ids, "multi_modal_data": {"image": images}} if images else ids)
-        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, lora_request=lora_request)
+            prompts.append({"prompt_token_ids": plan.prompt_ids, "multi_modal_data": {"image": images}}
+                           if images else plan.prompt_ids)
+        outputs = self.generate(prompts, [p.params for p in plans], use_tqdm=use_tqdm, lora_request=lora_request)
+        for out, plan in zip(outputs, plans):
+            if plan.tools is None and not plan.reasoning:
+                continue
+            for completion in out.outputs:
+                message = parse_chat_output(plan, completion.text)
+                completion.reasoning_content = message.reasoning_content
+                if plan.tools is not None:
+                    completion.tool_calls = message.tool_calls
+        return outputs
 
     def _run(self, requests, use_tqdm: bool) -> list[RequestOutput]:
         final: dict[str, RequestOutput] = {}

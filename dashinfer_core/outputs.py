@@ -16,6 +16,10 @@ class CompletionOutput:
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it
     logprobs: list[dict[int, float]] | None = None  # per output token: {token id: logprob}
     cumulative_logprob: float | None = None
+    # LLM.chat only: the calls parsed from the output when tools were given (tools.ToolCall; the text
+    # stays as generated), and a reasoning model's thinking (the text before </think>).
+    tool_calls: list | None = None
+    reasoning_content: str | None = None
 
     @property
     def finished(self) -> bool:

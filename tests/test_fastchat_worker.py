@@ -208,9 +208,7 @@ def test_response_format_and_guided_fields_reach_the_engine(client):
 
 def test_fields_the_stack_cannot_honour_answer_400(client, stack):
     from test_openai_fields import check_refused_fields, common_refusals
-    check_refused_fields(client, MODEL, [*common_refusals(),
-                                         (dict(stream_options={"include_usage": True}), "stream_options"),
-                                         (dict(logprobs=True, top_logprobs=2), "logprobs")])
+    check_refused_fields(client, MODEL, [*common_refusals(), (dict(logprobs=True, top_logprobs=2), "logprobs")])
     # Fields FastChat's server does not forward itself reach the worker: ignore_eos runs to max_tokens.
     r = chat(client, CAPITAL, max_tokens=10, extra_body={"ignore_eos": True, "min_tokens": 2})
     assert r.usage.completion_tokens == 10 and r.choices[0].finish_reason == "length"
@@ -228,3 +226,9 @@ def test_a_text_only_model_refuses_images(client):
     with pytest.raises(BadRequestError) as err:
         chat(client, [{"role": "user", "content": [image, {"type": "text", "text": "What is this?"}]}], max_tokens=4)
     assert "images" in str(err.value)
+
+
+def test_tool_calls_and_stream_usage(client):
+    from test_openai_fields import check_include_usage, check_tool_calls
+    check_tool_calls(client, MODEL)
+    check_include_usage(client, MODEL)

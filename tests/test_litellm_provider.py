@@ -160,3 +160,9 @@ def test_fields_the_provider_cannot_honour_answer_400(client):
     # stream_options.include_usage is honoured: LiteLLM sends the usage the provider reports.
     chunks = list(chat(client, max_tokens=4, stream=True, stream_options={"include_usage": True}))
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 4
+
+
+def test_tool_calls_and_stream_usage(client):
+    from test_openai_fields import check_include_usage, check_tool_calls
+    check_tool_calls(client, "smollm2")
+    check_include_usage(client, "smollm2")

@@ -22,6 +22,22 @@ CAT_SCHEMA = {"type": "object",
               "required": ["name", "age"]}
 PHONE = r"[0-9]{3}-[0-9]{4}"
 TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {}}}}
+# A tool schema with nested objects, arrays and enums (strings bounded, so a call always closes).
+WEATHER_PARAMS = {"type": "object", "properties": {
+    "city": {"type": "string", "maxLength": 24}, "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+    "days": {"type": "array", "items": {"type": "integer", "minimum": 1, "maximum": 14}, "maxItems": 3},
+    "options": {"type": "object", "properties": {"hourly": {"type": "boolean"},
+                                                 "fields": {"type": "array", "maxItems": 2,
+                                                            "items": {"enum": ["rain", "wind", "sun"]}}},
+                "required": ["hourly"]}},
+    "required": ["city", "unit", "options"]}
+TIME_PARAMS = {"type": "object", "properties": {"timezone": {"type": "string", "maxLength": 20}},
+               "required": ["timezone"]}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather forecast for a city",
+                                           "parameters": WEATHER_PARAMS}},
+         {"type": "function", "function": {"name": "get_time", "description": "The time in a timezone",
+                                           "parameters": TIME_PARAMS}}]
+WEATHER_ASK = [{"role": "user", "content": "What will the weather be in Paris over the next three days?"}]
 
 
 # ---- end-to-end checks, called from the server test modules -------------------------------------
@@ -67,6 +83,85 @@ def check_guided_fields(client, model: str) -> None:
     assert re.fullmatch("[0-9]{4}", text), text
 
 
+def _streamed_calls(stream) -> tuple[list[dict], str | None, object]:
+    """Tool-call deltas of a chat stream joined into calls (as OpenAI's clients do), the finish reason,
+    and the usage chunk (None when there is none)."""
+    calls, finish, usage = [], None, None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            finish = choice.finish_reason or finish
+            for delta in choice.delta.tool_calls or []:
+                if delta.id:
+                    calls.append({"id": delta.id, "name": delta.function.name, "arguments": ""})
+                calls[delta.index]["arguments"] += delta.function.arguments or ""
+    return calls, finish, usage
+
+
+def check_tool_calls(client, model: str) -> None:
+    """tools with tool_choice required or named: 20 calls (sampled) all validate against their schema;
+    streamed deltas reassemble to the non-streamed call; finish_reason tool_calls; bad tool input 400."""
+    import jsonschema
+    from openai import BadRequestError
+    schemas = {"get_weather": WEATHER_PARAMS, "get_time": TIME_PARAMS}
+    choices = ["required", {"type": "function", "function": {"name": "get_weather"}},
+               {"type": "function", "function": {"name": "get_time"}}]
+    for i in range(20):  # sampled; `required` one call each (parallel calls: below), so none runs out of tokens
+        choice = choices[i % 3]
+        r = client.chat.completions.create(model=model, messages=WEATHER_ASK, tools=TOOLS, tool_choice=choice,
+                                           temperature=0.9, seed=i, max_tokens=160,
+                                           parallel_tool_calls=False if choice == "required" else None)
+        message = r.choices[0].message
+        assert r.choices[0].finish_reason == "tool_calls" and message.tool_calls, (choice, r)
+        for call in message.tool_calls:
+            assert call.type == "function" and call.id
+            jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
+            if isinstance(choice, dict):
+                assert call.function.name == choice["function"]["name"]
+    for choice in choices[:2]:
+        kw = dict(model=model, messages=WEATHER_ASK, tools=TOOLS, tool_choice=choice, temperature=0, max_tokens=160)
+        whole = client.chat.completions.create(**kw).choices[0].message.tool_calls
+        calls, finish, _ = _streamed_calls(client.chat.completions.create(stream=True, **kw))
+        assert finish == "tool_calls"
+        assert [(c["name"], json.loads(c["arguments"])) for c in calls] == \
+            [(c.function.name, json.loads(c.function.arguments)) for c in whole], (choice, calls, whole)
+    # a tool result in the conversation is rendered and answered
+    call = whole[0]
+    follow = [*WEATHER_ASK, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": call.id, "type": "function", "function": {"name": call.function.name,
+                                                         "arguments": call.function.arguments}}]},
+              {"role": "tool", "tool_call_id": call.id, "content": "Sunny, 21 degrees."}]
+    r = client.chat.completions.create(model=model, messages=follow, tools=TOOLS, temperature=0, max_tokens=8)
+    assert r.choices[0].message.content or r.choices[0].message.tool_calls
+    bad_schema = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+        "x": {"type": "string", "pattern": "("}}}}}]
+    for kw, field in ((dict(tools=bad_schema, tool_choice="required"), "tools[0].function.parameters"),
+                      (dict(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}}),
+                       "tool_choice.function.name"),
+                      (dict(tools=[{"type": "function", "function": {"description": "no name"}}]),
+                       "tools[0].function.name"),
+                      (dict(tools=TOOLS, tool_choice="always"), "tool_choice")):
+        for stream in (False, True):
+            with pytest.raises(BadRequestError) as err:
+                client.chat.completions.create(model=model, messages=WEATHER_ASK, max_tokens=4, stream=stream, **kw)
+            assert err.value.status_code == 400 and field in str(err.value), (kw, str(err.value))
+
+
+def check_include_usage(client, model: str) -> None:
+    """stream_options.include_usage: a last chunk with no choices and the request's usage, equal to the
+    non-streamed one; cached prompt tokens counted."""
+    kw = dict(model=model, messages=CAPITAL, temperature=0, max_tokens=12)
+    whole = client.chat.completions.create(**kw).usage
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None, chunks[-1]
+    usage = chunks[-1].usage
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == \
+        (whole.prompt_tokens, whole.completion_tokens, whole.total_tokens)
+    assert all(c.usage is None for c in chunks[:-1])
+    assert usage.prompt_tokens_details is not None and usage.prompt_tokens_details.cached_tokens >= 0
+
+
 def check_refused_fields(client, model: str, refused: list[tuple[dict, str]]) -> None:
     """Each (request arguments, field) answers 400 naming the field, streamed or not; then the server
     still serves."""
@@ -84,7 +179,7 @@ def check_refused_fields(client, model: str, refused: list[tuple[dict, str]]) ->
 
 
 def common_refusals() -> list[tuple[dict, str]]:
-    return [(dict(tools=[TOOL]), "tools"),
+    return [(dict(functions=[{"name": "f"}]), "functions"),
             (dict(tool_choice="required"), "tool_choice"),
             (dict(logit_bias={"42": 5}), "logit_bias"),
             (dict(extra_body={"no_such_field": 1}), "no_such_field"),
@@ -101,12 +196,28 @@ def test_fastchat_field_policy():
     body = {"model": "m", "messages": CAPITAL}
 
     def ok(chat=True, **kw):
-        return check_request({**body, **kw} if chat else {"model": "m", "prompt": "Hi", **kw}, chat)
+        extras, changes = check_request({**body, **kw} if chat else {"model": "m", "prompt": "Hi", **kw}, chat)
+        if chat:  # a chat's messages always go to the worker, which renders them with the model's template
+            assert extras.pop("chat_messages") == [{**m, "role": "system" if m["role"] == "developer" else m["role"]}
+                                                   for m in kw.get("messages", CAPITAL)]
+            assert changes.pop("messages")
+        return extras, changes
 
     assert ok() == ({}, {})
     assert ok(user="u", stream=True, stream_options={"include_usage": False}, tool_choice="none", tools=[],
               parallel_tool_calls=False, logprobs=False, store=False, metadata={"a": "b"}, service_tier="auto",
-              modalities=["text"], tools_unused=None) == ({}, {})
+              modalities=["text"], tools_unused=None) == ({"tool_choice": "none", "tools": [],
+                                                           "parallel_tool_calls": False}, {})
+    # tools, tool_choice, include_usage and chat_template_kwargs are this stack's own (chat route, worker)
+    assert ok(tools=[TOOL], tool_choice="required", stream_options={"include_usage": True},
+              chat_template_kwargs={"enable_thinking": False})[0] == \
+        {"tools": [TOOL], "tool_choice": "required", "chat_template_kwargs": {"enable_thinking": False}}
+    tool_turns = [*CAPITAL, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
+                  {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+    extras, changes = check_request({**body, "messages": tool_turns}, True)
+    assert extras["chat_messages"][1]["content"] == "" and extras["chat_messages"][2]["role"] == "tool"
+    assert [m["role"] for m in changes["messages"]] == ["user", "assistant", "user"]
     assert ok(response_format={"type": "json_object"}, seed=1, min_p=0.1, repetition_penalty=1.1, min_tokens=1,
               ignore_eos=False)[0] == {"response_format": {"type": "json_object"}, "seed": 1, "min_p": 0.1,
                                       "repetition_penalty": 1.1, "min_tokens": 1, "ignore_eos": False}
@@ -117,13 +228,12 @@ def test_fastchat_field_policy():
     assert ok(structured_outputs={"json": {"type": "object"}})[0] == {"json_schema": {"type": "object"}}
     assert ok(structured_outputs={"json_object": True})[0] == {"json_object": True}
     assert ok(max_completion_tokens=5)[1] == {"max_tokens": 5}
-    assert ok(messages=[{"role": "developer", "content": [{"type": "text", "text": "a"}, {"type": "text",
-                                                                                        "text": "b"}]}])[1] == \
-        {"messages": [{"role": "system", "content": "a\nb"}]}
+    developer = [{"role": "developer", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
+    assert check_request({**body, "messages": developer}, True)[1] == {"messages": [{"role": "system",
+                                                                                     "content": "a\nb"}]}
     assert ok(chat=False, logprobs=2, echo=True, guided_regex="a")[0] == {"regex": "a"}
-    for kw, field in ((dict(tools=[TOOL]), "tools"), (dict(functions=[{"name": "f"}]), "functions"),
-                      (dict(tool_choice="auto"), "tool_choice"), (dict(function_call="auto"), "function_call"),
-                      (dict(stream_options={"include_usage": True}), "stream_options"),
+    for kw, field in ((dict(functions=[{"name": "f"}]), "functions"), (dict(function_call="auto"), "function_call"),
+                      (dict(stream_options={"include_obfuscation": True}), "stream_options"),
                       (dict(logprobs=True), "logprobs"), (dict(top_logprobs=2), "top_logprobs"),
                       (dict(logit_bias={"1": 2}), "logit_bias"), (dict(echo=True), "echo"), (dict(store=True), "store"),
                       (dict(service_tier="flex"), "service_tier"), (dict(modalities=["audio"]), "modalities"),
@@ -135,10 +245,10 @@ def test_fastchat_field_policy():
                       (dict(response_format="json"), "response_format"),
                       (dict(seed=1, n=2), "seed"),
                       (dict(max_tokens=4, max_completion_tokens=5), "max_completion_tokens"),
-                      (dict(messages=[{"role": "tool", "content": "x", "tool_call_id": "1"}]), "messages[0].role"),
+                      (dict(messages=[{"role": "function", "content": "x", "name": "f"}]), "messages[0].role"),
                       (dict(messages=[{"role": "user", "content": "x", "name": "bob"}]), "messages[0].name"),
-                      (dict(messages=[{"role": "assistant", "content": None, "tool_calls": []}]),
-                       "messages[0].tool_calls"),
+                      (dict(messages=[{"role": "user", "content": "x", "tool_calls": []}]), "messages[0].tool_calls"),
+                      (dict(messages=[{"role": "assistant", "content": None}]), "messages[0].content"),
                       (dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]),
                        "messages[0].content[0]")):
         with pytest.raises(FieldError) as err:
@@ -146,7 +256,8 @@ def test_fastchat_field_policy():
         assert err.value.param == field and str(err.value).startswith(field), (kw, str(err.value))
     for kw, field in ((dict(suffix="x"), "suffix"), (dict(best_of=2), "best_of"), (dict(use_beam_search=True),
                                                                                    "use_beam_search"),
-                      (dict(prompt=[1, 2, 3]), "prompt")):
+                      (dict(prompt=[1, 2, 3]), "prompt"), (dict(tools=[TOOL]), "tools"),
+                      (dict(stream_options={"include_usage": True}), "stream_options")):
         with pytest.raises(FieldError) as err:
             ok(chat=False, **kw)
         assert err.value.param == field, (kw, str(err.value))
@@ -161,8 +272,8 @@ def test_litellm_field_policy():
     def params(**optional):
         return sampling_params(split_params(optional, "m")[1], "m")
 
-    p = params(max_tokens=3, stream=True, stream_options={"include_usage": True}, user="u", tool_choice="none",
-               tools=[], parallel_tool_calls=True, logit_bias={}, store=False, service_tier="default", timeout=5)
+    p = params(max_tokens=3, stream=True, stream_options={"include_usage": True}, user="u", logit_bias={},
+               store=False, service_tier="default", timeout=5)
     assert p.max_tokens == 3 and p.guided_spec is None
     for optional, kind in ((dict(response_format={"type": "json_object"}), "json_object"),
                            (dict(json_schema={"type": "object"}), "json_schema"),
@@ -172,8 +283,7 @@ def test_litellm_field_policy():
                            (dict(structured_outputs={"choice": ["a"]}), "choice"),
                            (dict(structured_outputs={"json_object": True}), "json_object")):
         assert params(**optional).guided_spec.kind == kind, optional
-    for optional, field in ((dict(tools=[TOOL]), "tools"), (dict(tool_choice="required"), "tool_choice"),
-                            (dict(functions=[{"name": "f"}]), "functions"), (dict(logit_bias={"1": 2}), "logit_bias"),
+    for optional, field in ((dict(functions=[{"name": "f"}]), "functions"), (dict(logit_bias={"1": 2}), "logit_bias"),
                             (dict(stream_options={"include_obfuscation": True}), "stream_options"),
                             (dict(store=True), "store"), (dict(foo=1), "foo"),
                             (dict(extra_body={"foo": 1}), "foo"), (dict(guided_grammar="x"), "guided_grammar"),
@@ -187,7 +297,9 @@ def test_litellm_field_policy():
     assert conversation([{"role": "developer", "content": [{"type": "text", "text": "a"}, {"type": "text",
                                                                                          "text": "b"}]}], "m") == \
         [{"role": "system", "content": "a\nb"}]
-    for messages, field in (([{"role": "tool", "content": "x"}], "messages[0].role"),
+    assert conversation([{"role": "tool", "tool_call_id": "c1", "content": "x"}], "m") == \
+        [{"role": "tool", "tool_call_id": "c1", "content": "x"}]
+    for messages, field in (([{"role": "function", "content": "x"}], "messages[0].role"),
                             ([{"role": "user", "content": "x", "name": "bob"}], "messages[0].name"),
                             ([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}],
                              "messages[0].content[0]")):

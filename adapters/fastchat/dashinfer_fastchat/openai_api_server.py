@@ -10,9 +10,11 @@ FastChat's server also forwards a fixed list of fields to the worker and drops t
 /v1/chat/completions and /v1/completions first check the raw body (openai_fields.py): response_format
 (json_object, json_schema), the guided fields (json_schema, regex, choice, or vLLM's guided_json,
 guided_regex, guided_choice, structured_outputs), seed, min_p, repetition_penalty, min_tokens,
-ignore_eos and max_completion_tokens reach the worker; a field the stack cannot honour (tools,
-stream_options.include_usage, logit_bias, ...) answers 400 naming it. The rest is FastChat's server,
-unmodified.
+ignore_eos and max_completion_tokens reach the worker; a field the stack cannot honour (logit_bias,
+the deprecated functions, ...) answers 400 naming it. /v1/chat/completions itself is chat_route.py:
+FastChat's steps plus tools and tool_choice (the worker renders the messages with the model's own
+template), tool_calls, reasoning_content and stream_options.include_usage. The rest is FastChat's
+server, unmodified.
 
     python -m dashinfer_fastchat.openai_api_server --host 127.0.0.1 --port 8000 \\
         --controller-address http://127.0.0.1:21001
@@ -92,6 +94,7 @@ def checked_routes(app, peek: int = 2) -> None:
     from fastapi.routing import APIRoute
     from starlette.requests import Request
 
+    from .chat_route import chat_completion
     from .openai_fields import FieldError, check_request
 
     def wrap(endpoint, chat: bool):
@@ -102,14 +105,27 @@ def checked_routes(app, peek: int = 2) -> None:
                 extras, changes = check_request(body if isinstance(body, dict) else {}, chat)
             except FieldError as exc:
                 return error_response(exc.param, str(exc))
-            for name, value in changes.items():
-                setattr(request, name, value)
+            if chat:  # FastChat's request model, built here from the checked body (it cannot hold tool turns)
+                from fastchat.protocol.openai_api_protocol import ChatCompletionRequest
+                from pydantic import ValidationError
+                names = ChatCompletionRequest.model_fields
+                try:
+                    request = ChatCompletionRequest(**{k: v for k, v in {**body, **changes}.items()
+                                                       if k in names and v is not None})
+                except ValidationError as exc:
+                    return JSONResponse({"object": "error", "message": str(exc), "code": 40001}, status_code=400)
+                kwargs["request"] = request
+                options = body.get("stream_options") or {}
+                include_usage = bool(options.get("include_usage"))
+            else:
+                for name, value in changes.items():
+                    setattr(request, name, value)
             n = getattr(request, "n", None)
             if isinstance(n, int) and n > MAX_N:
                 return JSONResponse({"object": "error", "message": f"n: must be <= {MAX_N}, got {n}",
                                      "code": 40302}, status_code=400)
             _EXTRA_PARAMS.set(extras)
-            response = await endpoint(*args, **kwargs)
+            response = await (chat_completion(request, include_usage) if chat else endpoint(*args, **kwargs))
             if not isinstance(response, StreamingResponse):
                 return response
             iterator = response.body_iterator
@@ -133,9 +149,9 @@ def checked_routes(app, peek: int = 2) -> None:
                     yield chunk
             return StreamingResponse(replay(), media_type=response.media_type)
         signature = inspect.signature(endpoint)
+        kept = [p for p in signature.parameters.values() if not (chat and p.name == "request")]
         wrapped.__signature__ = signature.replace(parameters=[
-            *signature.parameters.values(),
-            inspect.Parameter("raw_request", inspect.Parameter.KEYWORD_ONLY, annotation=Request)])
+            *kept, inspect.Parameter("raw_request", inspect.Parameter.KEYWORD_ONLY, annotation=Request)])
         return wrapped
 
     for i, route in enumerate(app.router.routes):

@@ -13,6 +13,9 @@ from __future__ import annotations
 FASTCHAT_FIELDS = {"model", "temperature", "top_p", "top_k", "n", "max_tokens", "stop", "stream",
                    "presence_penalty", "frequency_penalty", "user"}
 CHAT_FIELDS = FASTCHAT_FIELDS | {"messages"}
+# Chat only: the worker renders the messages with the model's own template, tools included, and splits
+# the output into reasoning, content and tool calls; the server streams usage when asked.
+CHAT_WORKER_FIELDS = ("tools", "tool_choice", "parallel_tool_calls", "chat_template_kwargs")
 COMPLETION_FIELDS = FASTCHAT_FIELDS | {"prompt", "logprobs", "echo"}
 # Forwarded to the worker as they are; its SamplingParams honours them.
 WORKER_FIELDS = ("seed", "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "response_format")
@@ -21,9 +24,9 @@ GUIDED_NAMES = {"json_schema": "json_schema", "guided_json": "json_schema",
                 "regex": "regex", "guided_regex": "regex",
                 "choice": "choice", "guided_choice": "choice"}
 STRUCTURED_OUTPUT_KEYS = {"json": "json_schema", "regex": "regex", "choice": "choice", "json_object": "json_object"}
-CHAT_ROLES = {"system", "user", "assistant", "developer"}  # developer: OpenAI's newer name for system
+CHAT_ROLES = {"system", "user", "assistant", "developer", "tool"}  # developer: OpenAI's newer name for system
 TEXT_ONLY = "this server runs text-only models"
-NO_TOOLS = "tool and function calling are not supported by this server yet"
+NO_FUNCTIONS = "the deprecated functions / function_call are not supported; use tools / tool_choice"
 
 
 class FieldError(ValueError):
@@ -36,12 +39,10 @@ class FieldError(ValueError):
 
 def _harmless(name: str, value, body: dict) -> bool:
     """Fields the stack does not act on but whose value asks for nothing beyond its behaviour."""
-    if name in ("tools", "functions"):
+    if name == "functions":
         return value == []
-    if name in ("tool_choice", "function_call"):
+    if name == "function_call":
         return value == "none"
-    if name == "parallel_tool_calls":
-        return True  # qualifies tool calls, and no tool can be given
     if name == "store":
         return value is False
     if name == "metadata":
@@ -60,10 +61,10 @@ def _harmless(name: str, value, body: dict) -> bool:
 
 
 def _unsupported(name: str, value) -> str:
-    if name in ("tools", "functions", "tool_choice", "function_call"):
-        return NO_TOOLS
-    if name == "stream_options":
-        return "include_usage is not supported by this server yet (usage comes with non-streamed responses)"
+    if name in ("tools", "tool_choice", "parallel_tool_calls", "chat_template_kwargs", "stream_options"):
+        return "only on /v1/chat/completions" if name != "stream_options" else "takes only include_usage"
+    if name in ("functions", "function_call"):
+        return NO_FUNCTIONS
     if name == "logprobs":
         return "not supported on chat completions by this server (it is on /v1/completions)"
     if name == "top_logprobs":
@@ -117,36 +118,34 @@ def guided_fields(body: dict) -> dict:
     return {canonical: value for canonical, (_, value) in found.items()}
 
 
-def check_messages(messages) -> tuple[list | None, list | None]:
-    """(chat messages FastChat can render without losing anything, with `developer` as `system`, or None
-    when they need no change; the messages with their image parts kept, or None without images).
-    FastChat's own prompt builder cannot carry images through a ChatML template (it renders the
-    (text, images) pair it makes as if it were text) and moves every image before its message's text:
-    a request with images goes to the worker with its messages, which the worker renders with the
-    model's own chat template."""
+def check_messages(messages) -> list | None:
+    """The chat messages for the worker (which renders them with the model's own chat template: tool
+    calls, tool results and images included), `developer` as `system`; None when FastChat's request
+    model will say what is wrong with them."""
     if not isinstance(messages, list):
-        return None, None  # FastChat's request model says what is wrong
-    changed = has_images = False
-    out, with_parts = [], []
+        return None
+    out = []
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             return None
         role = message.get("role")
         if role not in CHAT_ROLES:
-            raise FieldError(f"messages[{i}].role", f"must be one of system, user, assistant, developer, got "
-                                                     f"{role!r}" + (f" ({NO_TOOLS})" if role in ("tool", "function")
+            raise FieldError(f"messages[{i}].role", f"must be one of system, user, assistant, developer, tool, got "
+                                                     f"{role!r}" + (f" ({NO_FUNCTIONS})" if role == "function"
                                                                     else ""))
         for key, value in message.items():
             if key in ("role", "content") or value is None:
                 continue
+            if key == "tool_calls" and role == "assistant" or key in ("tool_call_id", "name") and role == "tool":
+                continue
             raise FieldError(f"messages[{i}].{key}",
-                             NO_TOOLS if key in ("tool_calls", "function_call", "tool_call_id")
-                             else "not supported by this server (only role and content are used)")
+                             NO_FUNCTIONS if key == "function_call"
+                             else f"not used on a {role} message here (role and content"
+                                  + (", tool_calls" if role == "assistant" else ", tool_call_id, name" if role == "tool"
+                                     else "") + ")")
         content = message.get("content")
         if role == "developer":
             message = {**message, "role": "system"}
-            changed = True
-        with_parts.append(message)
         if isinstance(content, list):
             for j, part in enumerate(content):
                 kind = part.get("type") if isinstance(part, dict) else None
@@ -154,17 +153,30 @@ def check_messages(messages) -> tuple[list | None, list | None]:
                     url = part.get("image_url")
                     if not isinstance(url.get("url") if isinstance(url, dict) else url, str):
                         raise FieldError(f"messages[{i}].content[{j}]", "image_url must be {\"url\": \"data:...\"}")
-                    has_images = True
                 elif kind != "text":
                     raise FieldError(f"messages[{i}].content[{j}]", f"only text and image_url parts are supported, "
                                                                     f"got type {kind!r}")
-            content = "\n".join(part.get("text", "") for part in content if part.get("type") == "text")
-            message = {**message, "content": content}  # what FastChat itself does with text parts
-            changed = True
-        elif content is None or not isinstance(content, str):
+        elif content is None:
+            if not (role == "assistant" and message.get("tool_calls")):
+                raise FieldError(f"messages[{i}].content", "must be a string or a list of text parts")
+            message = {**message, "content": ""}
+        elif not isinstance(content, str):
             raise FieldError(f"messages[{i}].content", "must be a string or a list of text parts")
         out.append(message)
-    return (out if changed else None), (with_parts if has_images else None)
+    return out
+
+
+def for_fastchat(messages: list) -> list:
+    """The messages as FastChat's own request model and prompt builder take them (its length check
+    and template): text parts joined, tool turns as plain text."""
+    out = []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, list):
+            content = "\n".join(part.get("text", "") for part in content if part.get("type") == "text")
+        role = message["role"] if message["role"] in ("system", "user", "assistant") else "user"
+        out.append({"role": role, "content": content or ""})
+    return out
 
 
 def check_request(body: dict, chat: bool) -> tuple[dict, dict]:
@@ -178,14 +190,17 @@ def check_request(body: dict, chat: bool) -> tuple[dict, dict]:
             continue
         if name in ("structured_outputs", "max_completion_tokens"):
             continue
-        if name == "stream_options" and isinstance(value, dict) and not value.get("include_usage") \
-                and set(value) <= {"include_usage"}:
+        if chat and name in CHAT_WORKER_FIELDS:
+            continue
+        if name == "stream_options" and isinstance(value, dict) and set(value) <= {"include_usage"} and \
+                (chat or not value.get("include_usage")):
             continue
         if chat and name == "logprobs" and value is False:
             continue
         if _harmless(name, value, body):
             continue
-        raise FieldError(name, _unsupported(name, value))
+        raise FieldError(name, _unsupported(name, value) if not (name == "stream_options" and not chat)
+                         else "include_usage is only served on /v1/chat/completions here")
     if not chat:
         prompt = body.get("prompt")
         if isinstance(prompt, list) and prompt and not all(isinstance(p, str) for p in prompt):
@@ -202,9 +217,11 @@ def check_request(body: dict, chat: bool) -> tuple[dict, dict]:
         # FastChat sends the n choices as n identical worker requests: with one seed all would repeat.
         raise FieldError("seed", "cannot be combined with n > 1 on this server (every choice would be the same)")
     if chat:
-        messages, with_images = check_messages(body.get("messages"))
+        for name in CHAT_WORKER_FIELDS:
+            if body.get(name) is not None:
+                extras[name] = body[name]
+        messages = check_messages(body.get("messages"))
         if messages is not None:
-            changes["messages"] = messages
-        if with_images is not None:
-            extras["chat_messages"] = with_images
+            extras["chat_messages"] = messages
+            changes["messages"] = for_fastchat(messages)
     return extras, changes

@@ -85,22 +85,25 @@ class DashInferWorker(BaseModelWorker):
         with self.engine.engine.tokenizer_lock:
             return tok.encode(prompt, add_special_tokens=not (bos and prompt.startswith(bos)))
 
-    def render_chat(self, messages: list) -> tuple[list[int], list]:
-        """Token ids and images of chat messages with image parts (dashinfer_fastchat.openai_api_server
-        sends them as they came: FastChat's prompt builder cannot carry images through ChatML)."""
-        from dashinfer_core.llm import apply_chat_template, conversation_images
+    def render_chat(self, params: dict, sampling: SamplingParams):
+        """A chat request's ChatPlan and images: the messages as they came (dashinfer_fastchat.openai_api_server
+        sends them), rendered by the model's own chat template with the request's tools and
+        chat_template_kwargs (FastChat's prompt builder knows neither tools nor images)."""
+        from dashinfer_core.chat import plan_chat
+        from dashinfer_core.llm import conversation_images
+        messages = params["chat_messages"]
         if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
             raise InvalidParameterError("messages", "must be a list of messages")
         images = conversation_images(messages)
         if images and self.engine.engine.images is None:
             raise InvalidParameterError("images", "this model takes text only (the messages carry image_url parts)")
-        try:
-            with self.engine.engine.tokenizer_lock:
-                return apply_chat_template(self.tokenizer, messages), images
-        except InvalidParameterError:
-            raise
-        except Exception as exc:  # the template rejected the messages
-            raise InvalidParameterError("messages", f"the chat template cannot render them: {exc}") from None
+        kwargs = params.get("chat_template_kwargs")
+        if kwargs is not None and not isinstance(kwargs, dict):
+            raise InvalidParameterError("chat_template_kwargs", "must be an object")
+        with self.engine.engine.tokenizer_lock:
+            plan = plan_chat(self.tokenizer, messages, sampling, params.get("tools"), params.get("tool_choice"),
+                             params.get("parallel_tool_calls"), kwargs)
+        return plan, images
 
     def count_token(self, params):
         return {"count": len(self.encode(params["prompt"])), "error_code": 0}
@@ -118,9 +121,13 @@ class DashInferWorker(BaseModelWorker):
         echo = bool(params.get("echo", True))
         try:
             sampling = sampling_params_from_fastchat(params, self.conv.stop_token_ids or ())
-            images = None
-            if params.get("chat_messages"):  # a chat with images: rendered by the model's own template
-                prompt_ids, images = self.render_chat(params["chat_messages"])
+            images = plan = parser = None
+            if params.get("chat_messages"):  # a chat: rendered by the model's own template
+                plan, images = self.render_chat(params, sampling)
+                prompt_ids, sampling = plan.prompt_ids, plan.params
+                if plan.tools is not None or plan.reasoning:
+                    from dashinfer_core.chat import ChatStreamParser
+                    parser = ChatStreamParser(plan)
             else:
                 prompt_ids = self.encode(prompt_text) if isinstance(prompt_text, str) else list(prompt_text)
             if not prompt_ids:
@@ -129,9 +136,21 @@ class DashInferWorker(BaseModelWorker):
             stream = self.engine.generate(prompt_ids, sampling, request_id=request_id, lora_request=lora,
                                           images=images)
             decoded: list[str] = []  # token strings for logprobs, grown incrementally
+            # A split chat output (reasoning, tool calls): cumulative content and reasoning, and every
+            # tool-call delta so far (the server sends the new ones).
+            content, reasoning, call_deltas = "", "", []
             async for out in stream:
                 texts = [c.text for c in out.outputs]
                 text = " ".join(texts)
+                finish_reason = (out.outputs[0].finish_reason if len(out.outputs) == 1
+                                 else [c.finish_reason for c in out.outputs])
+                if parser is not None:
+                    delta = parser.finish(texts[0]) if out.finished else parser.feed(texts[0])
+                    content, reasoning = content + delta.content, reasoning + delta.reasoning
+                    call_deltas += delta.tool_calls
+                    text = content
+                    if out.finished and parser.made_calls and finish_reason == "stop":
+                        finish_reason = "tool_calls"
                 ret = {
                     "text": prompt_text + text if echo else text,
                     "error_code": 0,
@@ -140,9 +159,11 @@ class DashInferWorker(BaseModelWorker):
                               "total_tokens": len(out.prompt_token_ids) + out.num_completion_tokens,
                               "cached_tokens": out.num_cached_tokens},
                     "cumulative_logprob": [c.cumulative_logprob for c in out.outputs],
-                    "finish_reason": (out.outputs[0].finish_reason if len(out.outputs) == 1
-                                      else [c.finish_reason for c in out.outputs]),
+                    "finish_reason": finish_reason,
                 }
+                if parser is not None:
+                    ret["reasoning_content"] = reasoning
+                    ret["tool_call_deltas"] = call_deltas
                 if sampling.logprobs is not None:
                     ret["logprobs"] = self._fastchat_logprobs(out.outputs[0], decoded)
                 if out.finished:  # FastChat's servers expect a last chunk without finish_reason first

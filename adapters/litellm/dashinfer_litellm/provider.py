@@ -30,7 +30,7 @@ from litellm.types.utils import GenericStreamingChunk, ModelResponse
 
 from dashinfer_core import (AsyncEngine, EngineConfig, EngineDeadError, InvalidParameterError, LoRARequest,
                             PromptTooLongError, RequestFailedError, SamplingParams)
-from dashinfer_core.llm import apply_chat_template, conversation_images
+from dashinfer_core.llm import conversation_images
 
 PROVIDER = "dashinfer"
 # EngineConfig fields a model entry may set. `seed` is left out: in a request it is the sampling seed.
@@ -42,17 +42,16 @@ PASSIVE_PARAMS = {"stream", "user", "metadata", "max_retries", "timeout", "api_b
 GUIDED_NAMES = {"json_schema": "json_schema", "guided_json": "json_schema", "regex": "regex",
                 "guided_regex": "regex", "choice": "choice", "guided_choice": "choice"}
 STRUCTURED_OUTPUT_KEYS = {"json": "json_schema", "regex": "regex", "choice": "choice", "json_object": "json_object"}
-NO_TOOLS = "tool and function calling are not supported by this provider yet"
+NO_FUNCTIONS = "the deprecated functions / function_call are not supported; use tools / tool_choice"
+TOOL_PARAMS = ("tools", "tool_choice", "parallel_tool_calls")
 
 
 def _harmless(name: str, value) -> bool:
     """Parameters the provider does not act on whose value asks for nothing beyond its behaviour."""
-    if name in ("tools", "functions"):
+    if name == "functions":
         return value == []
-    if name in ("tool_choice", "function_call"):
+    if name == "function_call":
         return value == "none"
-    if name == "parallel_tool_calls":
-        return True  # qualifies tool calls, and no tool can be given
     if name == "stream_options":
         return isinstance(value, dict) and set(value) <= {"include_usage"}
     if name == "logit_bias":
@@ -67,8 +66,8 @@ def _harmless(name: str, value) -> bool:
 
 
 def _refusal(name: str) -> str:
-    if name in ("tools", "functions", "tool_choice", "function_call"):
-        return NO_TOOLS
+    if name in ("functions", "function_call"):
+        return NO_FUNCTIONS
     if name == "logit_bias":
         return "not supported by the engine yet"
     if name == "store":
@@ -251,24 +250,28 @@ def image_parts(content, model: str, where: str) -> list | None:
 
 
 def conversation(messages: list, model: str) -> list[dict]:
-    """Chat messages as the chat template takes them; what it would lose (tool calls, names) is refused
-    with the field named. `developer` is OpenAI's newer name for `system`. Image parts stay as parts
-    (the engine refuses them for a text-only model)."""
+    """Chat messages as the chat template takes them (tool calls and tool results included); what it
+    would lose is refused with the field named. `developer` is OpenAI's newer name for `system`. Image
+    parts stay as parts (the engine refuses them for a text-only model)."""
     out = []
     for i, message in enumerate(messages):
         role = message.get("role")
-        if role not in ("system", "user", "assistant", "developer"):
-            raise _bad_request(f"messages[{i}].role: must be one of system, user, assistant, developer, got {role!r}"
-                               + (f" ({NO_TOOLS})" if role in ("tool", "function") else ""), model)
+        if role not in ("system", "user", "assistant", "developer", "tool"):
+            raise _bad_request(f"messages[{i}].role: must be one of system, user, assistant, developer, tool, got "
+                               f"{role!r}" + (f" ({NO_FUNCTIONS})" if role == "function" else ""), model)
+        extra = {}
         for key, value in message.items():
-            if key not in ("role", "content") and value is not None:
-                raise _bad_request(f"messages[{i}].{key}: " + (NO_TOOLS if key in ("tool_calls", "function_call",
-                                                                                  "tool_call_id")
-                                                               else "not supported (only role and content are used)"),
-                                   model)
+            if key in ("role", "content") or value is None:
+                continue
+            if key == "tool_calls" and role == "assistant" or key in ("tool_call_id", "name") and role == "tool":
+                extra[key] = value
+                continue
+            raise _bad_request(f"messages[{i}].{key}: " + (NO_FUNCTIONS if key == "function_call"
+                                                          else "not supported (only role and content are used)"),
+                               model)
         where = f"messages[{i}].content"
         parts = image_parts(message.get("content"), model, where)
-        out.append({"role": "system" if role == "developer" else role,
+        out.append({"role": "system" if role == "developer" else role, **extra,
                     "content": parts if parts is not None else message_text(message.get("content"), model, where)})
     return out
 
@@ -290,21 +293,33 @@ class _Call:
         except (InvalidParameterError, ValueError) as exc:
             raise _bad_request(str(exc), model) from None
         self.lora = lora_for(model, engine_opts, lora_spec) if lora_spec is not None else None
+        tool_args = {name: sampling.pop(name, None) for name in TOOL_PARAMS}
+        template_kwargs = sampling.pop("chat_template_kwargs", None)
         self.params = sampling_params(sampling, model)
         tokenizer = self.engine.tokenizer
         self.images = None
+        self.plan = None  # a chat's ChatPlan (tools, reasoning)
         if (litellm_params or {}).get("text_completion"):
+            if any(v is not None for v in tool_args.values()) or template_kwargs is not None:
+                name = next(k for k, v in {**tool_args, "chat_template_kwargs": template_kwargs}.items()
+                            if v is not None)
+                raise _bad_request(f"{name}: only for chat completions", model)
             prompt = message_text(messages[0]["content"], model, "prompt") if messages else ""
         else:
+            from dashinfer_core.chat import plan_chat
             chat = conversation(messages, model)
             self.images = conversation_images(chat) or None
             if self.images and self.engine.engine.images is None:
                 raise _bad_request("images: this model takes text only (the messages carry image_url parts)", model)
+            if template_kwargs is not None and not isinstance(template_kwargs, dict):
+                raise _bad_request("chat_template_kwargs: must be an object", model)
             try:
                 with self.engine.engine.tokenizer_lock:
-                    prompt = apply_chat_template(tokenizer, chat)
-            except Exception as exc:
-                raise _bad_request(f"messages: {exc}", model) from None
+                    self.plan = plan_chat(tokenizer, chat, self.params, tool_args["tools"], tool_args["tool_choice"],
+                                          tool_args["parallel_tool_calls"], template_kwargs)
+            except InvalidParameterError as exc:
+                raise _bad_request(str(exc), model) from None
+            prompt, self.params = self.plan.prompt_ids, self.plan.params
         self.request_id = f"litellm-{uuid.uuid4().hex}"
         try:  # validate now (prompt length, limits): raises before anything is queued
             self.engine.engine.build_request(self.request_id, prompt, self.params, lora_request=self.lora,
@@ -349,12 +364,30 @@ def _logprobs(engine, completion) -> dict | None:
     return {"content": content}
 
 
+def _message(call: _Call, completion) -> tuple:
+    """(litellm Message, finish_reason) of one finished completion: reasoning and tool calls split off."""
+    from litellm.types.utils import ChatCompletionMessageToolCall, Function, Message
+    reason = completion.finish_reason or "stop"
+    if call.plan is None or (call.plan.tools is None and not call.plan.reasoning):
+        return Message(role="assistant", content=completion.text), reason
+    from dashinfer_core.chat import parse_chat_output
+    parsed = parse_chat_output(call.plan, completion.text)
+    calls = [ChatCompletionMessageToolCall(id=c.id, type="function", function=Function(name=c.name,
+                                                                                      arguments=c.arguments))
+             for c in parsed.tool_calls] or None
+    message = Message(role="assistant", content=parsed.content, tool_calls=calls,
+                      reasoning_content=parsed.reasoning_content)
+    return message, parsed.finish_reason(reason)
+
+
 def _fill_response(model_response: ModelResponse, call: _Call, out) -> ModelResponse:
-    from litellm.types.utils import Choices, Message, Usage
-    model_response.choices = [
-        Choices(index=c.index, finish_reason=c.finish_reason or "stop",
-                message=Message(role="assistant", content=c.text), logprobs=_logprobs(call.engine, c))
-        for c in out.outputs]
+    from litellm.types.utils import Choices, Usage
+    choices = []
+    for c in out.outputs:
+        message, reason = _message(call, c)
+        choices.append(Choices(index=c.index, finish_reason=reason, message=message,
+                               logprobs=_logprobs(call.engine, c)))
+    model_response.choices = choices
     model_response.usage = Usage(**_usage(out))
     model_response.model = f"{PROVIDER}/{call.model}"
     model_response.created = int(time.time())
@@ -411,6 +444,10 @@ class DashInferLLM(CustomLLM):
         return self._chunks(call)
 
     async def _chunks(self, call: _Call):
+        if call.plan is not None and (call.plan.tools is not None or call.plan.reasoning):
+            async for chunk in self._split_chunks(call):
+                yield chunk
+            return
         sent = {}
         async for out in call.outputs():
             for c in out.outputs:
@@ -421,6 +458,33 @@ class DashInferLLM(CustomLLM):
             if out.finished:
                 for c in out.outputs:
                     yield GenericStreamingChunk(text="", is_finished=True, finish_reason=c.finish_reason or "stop",
+                                                usage=_usage(out), index=c.index, tool_use=None)
+
+    async def _split_chunks(self, call: _Call):
+        """A chat with tools or a reasoning model: content and tool-call deltas (one per chunk, LiteLLM's
+        tool_use), reasoning as provider_specific_fields.reasoning_content."""
+        from dashinfer_core.chat import ChatStreamParser
+        parsers, called = {}, {}
+        async for out in call.outputs():
+            for c in out.outputs:
+                parser = parsers.setdefault(c.index, ChatStreamParser(call.plan))
+                delta = parser.finish(c.text) if c.finished else parser.feed(c.text)
+                if delta.reasoning:
+                    yield GenericStreamingChunk(text="", is_finished=False, finish_reason="", usage=None,
+                                                index=c.index, tool_use=None,
+                                                provider_specific_fields={"reasoning_content": delta.reasoning})
+                if delta.content:
+                    yield GenericStreamingChunk(text=delta.content, is_finished=False, finish_reason="", usage=None,
+                                                index=c.index, tool_use=None)
+                for tool_delta in delta.tool_calls:
+                    called[c.index] = True
+                    yield GenericStreamingChunk(text="", is_finished=False, finish_reason="", usage=None,
+                                                index=c.index, tool_use=tool_delta)
+            if out.finished:
+                for c in out.outputs:
+                    reason = c.finish_reason or "stop"
+                    reason = "tool_calls" if called.get(c.index) and reason == "stop" else reason
+                    yield GenericStreamingChunk(text="", is_finished=True, finish_reason=reason,
                                                 usage=_usage(out), index=c.index, tool_use=None)
 
     def streaming(self, model, messages, api_base, custom_prompt_dict, model_response, print_verbose, encoding,
