@@ -279,3 +279,23 @@ def write_tiny_gguf(path: Path, family: str = "llama", seed: int = 0, types: dic
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+# ---- reasoning models ----
+# ChatML whose assistant turn opens <think> in the prompt (as DeepSeek-R1's and QwQ's templates do), or
+# closes it empty with enable_thinking=False (as Qwen3's does): a random model's output is then all
+# thinking, or all answer, which is what the split is checked against.
+THINKING_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n"
+    "{% if enable_thinking is defined and not enable_thinking %}\n</think>\n\n{% endif %}{% endif %}")
+
+
+def build_tiny_thinker(path: Path, tokenizer_dir: Path) -> Path:
+    """A tiny random Qwen3 whose chat template thinks first (THINKING_TEMPLATE)."""
+    from transformers import AutoTokenizer
+    build_tiny_model("qwen3", path, tokenizer_dir)
+    tok = AutoTokenizer.from_pretrained(str(path))
+    tok.chat_template = THINKING_TEMPLATE
+    tok.save_pretrained(str(path))
+    return path

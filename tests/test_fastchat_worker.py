@@ -16,6 +16,7 @@ from servers import Process, free_port, python_module, wait_until
 
 pytestmark = pytest.mark.slow
 MODEL = "SmolLM2-135M-Instruct"
+THINKER = "tiny-thinker"
 CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
 FAST_HEARTBEATS = {"FASTCHAT_CONTROLLER_HEART_BEAT_EXPIRATION": "6", "FASTCHAT_WORKER_HEART_BEAT_INTERVAL": "2"}
 
@@ -40,11 +41,15 @@ def stack(tmp_path_factory, default_model_dir):
     wait_until(lambda: requests.get(f"{controller}/test_connection", timeout=2).ok, 60, "controller", procs)
     worker, worker_url = start_worker(log_dir, controller, "worker-a")
     procs.append(worker)
+    from helpers import build_tiny_thinker  # a reasoning model beside it, under its own name
+    thinker = build_tiny_thinker(log_dir / "tiny-thinker", default_model_dir)
+    procs.append(start_worker(log_dir, controller, "worker-thinker",
+                              ("--model-path", str(thinker), "--model-names", THINKER))[0])
     procs.append(Process(python_module("dashinfer_fastchat.openai_api_server", "--host", "127.0.0.1", "--port",
                                        str(api_port), "--controller-address", controller), log_dir, "api", env))
     api = f"http://127.0.0.1:{api_port}/v1"
-    wait_until(lambda: MODEL in [m["id"] for m in requests.get(f"{api}/models", timeout=2).json()["data"]],
-               180, "the model to register", procs)
+    wait_until(lambda: {MODEL, THINKER} <= {m["id"] for m in requests.get(f"{api}/models", timeout=2).json()["data"]},
+               180, "the models to register", procs)
     state = {"api": api, "controller": controller, "worker": worker_url, "log_dir": log_dir, "procs": procs}
     yield state
     for p in reversed(state["procs"]):
@@ -232,3 +237,8 @@ def test_tool_calls_and_stream_usage(client):
     from test_openai_fields import check_include_usage, check_tool_calls
     check_tool_calls(client, MODEL)
     check_include_usage(client, MODEL)
+
+
+def test_reasoning_content(client):
+    from test_openai_fields import check_reasoning
+    check_reasoning(client, THINKER)

@@ -16,6 +16,8 @@ CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
 CONFIG = """model_list:
   - model_name: smollm2
     litellm_params: {model: dashinfer/default, max_num_seqs: 32}
+  - model_name: tiny-thinker
+    litellm_params: {model: "dashinfer/THINKER_DIR"}
 litellm_settings:
   custom_provider_map:
     - {provider: dashinfer, custom_handler: dashinfer_litellm.handler}
@@ -24,7 +26,10 @@ litellm_settings:
 
 @pytest.fixture(scope="module")
 def proxy(tmp_path_factory, default_model_dir):
-    proxy = start_litellm_proxy(tmp_path_factory.mktemp("litellm-proxy"), CONFIG)
+    from helpers import build_tiny_thinker  # a reasoning model beside it
+    log_dir = tmp_path_factory.mktemp("litellm-proxy")
+    thinker = build_tiny_thinker(log_dir / "tiny-thinker", default_model_dir)
+    proxy = start_litellm_proxy(log_dir, CONFIG.replace("THINKER_DIR", str(thinker)))
     yield proxy
     proxy["proc"].stop()
 
@@ -42,7 +47,7 @@ def chat(client, messages=CAPITAL, **kw):
 
 def engine(proxy):
     stats = requests.get(proxy["stats"], timeout=5).json()
-    return next(iter(stats.values()))
+    return next(v for k, v in stats.items() if k.startswith("default"))  # smollm2's engine
 
 
 def test_chat_text_and_streaming(client):
@@ -166,3 +171,8 @@ def test_tool_calls_and_stream_usage(client):
     from test_openai_fields import check_include_usage, check_tool_calls
     check_tool_calls(client, "smollm2")
     check_include_usage(client, "smollm2")
+
+
+def test_reasoning_content(client):
+    from test_openai_fields import check_reasoning
+    check_reasoning(client, "tiny-thinker")

@@ -164,6 +164,25 @@ def check_include_usage(client, model: str) -> None:
     assert usage.prompt_tokens_details is not None and usage.prompt_tokens_details.cached_tokens >= 0
 
 
+def check_reasoning(client, model: str) -> None:
+    """A reasoning model (tests/helpers.THINKING_TEMPLATE: the prompt opens <think>, so a random model's
+    whole output is thinking): reasoning_content apart from content, streamed and not; enable_thinking
+    false through chat_template_kwargs gives an answer with no reasoning."""
+    kw = dict(model=model, messages=CAPITAL, temperature=0, max_tokens=8, extra_body={"ignore_eos": True})
+    message = client.chat.completions.create(**kw).choices[0].message
+    reasoning = getattr(message, "reasoning_content", None)
+    assert reasoning and not message.content, message
+    streamed = {"reasoning_content": "", "content": ""}
+    for chunk in client.chat.completions.create(stream=True, **kw):
+        for choice in chunk.choices:
+            for key in streamed:
+                streamed[key] += getattr(choice.delta, key, None) or ""
+    assert streamed == {"reasoning_content": reasoning, "content": ""}, streamed
+    kw["extra_body"] = {"ignore_eos": True, "chat_template_kwargs": {"enable_thinking": False}}
+    message = client.chat.completions.create(**kw).choices[0].message
+    assert message.content and not getattr(message, "reasoning_content", None), message
+
+
 def check_refused_fields(client, model: str, refused: list[tuple[dict, str]]) -> None:
     """Each (request arguments, field) answers 400 naming the field, streamed or not; then the server
     still serves."""

@@ -26,7 +26,7 @@ from dataclasses import asdict, fields
 
 import litellm
 from litellm import CustomLLM
-from litellm.types.utils import GenericStreamingChunk, ModelResponse
+from litellm.types.utils import Delta, GenericStreamingChunk, ModelResponse, ModelResponseStream, StreamingChoices
 
 from dashinfer_core import (AsyncEngine, EngineConfig, EngineDeadError, InvalidParameterError, LoRARequest,
                             PromptTooLongError, RequestFailedError, SamplingParams)
@@ -462,17 +462,16 @@ class DashInferLLM(CustomLLM):
 
     async def _split_chunks(self, call: _Call):
         """A chat with tools or a reasoning model: content and tool-call deltas (one per chunk, LiteLLM's
-        tool_use), reasoning as provider_specific_fields.reasoning_content."""
+        tool_use), reasoning as chunks of their own with delta.reasoning_content."""
         from dashinfer_core.chat import ChatStreamParser
         parsers, called = {}, {}
         async for out in call.outputs():
             for c in out.outputs:
                 parser = parsers.setdefault(c.index, ChatStreamParser(call.plan))
                 delta = parser.finish(c.text) if c.finished else parser.feed(c.text)
-                if delta.reasoning:
-                    yield GenericStreamingChunk(text="", is_finished=False, finish_reason="", usage=None,
-                                                index=c.index, tool_use=None,
-                                                provider_specific_fields={"reasoning_content": delta.reasoning})
+                if delta.reasoning:  # a whole chunk: LiteLLM's generic chunk has no reasoning field
+                    yield ModelResponseStream(model=call.model, choices=[StreamingChoices(
+                        index=c.index, delta=Delta(reasoning_content=delta.reasoning, content=None))])
                 if delta.content:
                     yield GenericStreamingChunk(text=delta.content, is_finished=False, finish_reason="", usage=None,
                                                 index=c.index, tool_use=None)
