@@ -108,6 +108,20 @@ class LLM:
                     completion.tool_calls = message.tool_calls
         return outputs
 
+    def embed(self, prompts: str | list[str] | list[list[int]], pooling: str = "last", normalize: bool = True,
+              use_tqdm: bool = False) -> list[list[float]]:
+        """One embedding per prompt: the final hidden states (after the model's last norm) of its last
+        token (pooling="last") or their mean ("mean"), L2-normalised unless normalize=False."""
+        from .pooling import PoolingParams
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        pooling_params = PoolingParams(pooling, normalize)
+        requests = [self.engine.build_request(f"llm-{next(self._ids)}", p, SamplingParams(max_tokens=1),
+                                              pooling=pooling_params) for p in prompts]
+        for request in requests:
+            self.engine.add(request)
+        return [out.embedding for out in self._run(requests, use_tqdm)]
+
     def _run(self, requests, use_tqdm: bool) -> list[RequestOutput]:
         final: dict[str, RequestOutput] = {}
         wanted = {r.request_id for r in requests}

@@ -40,6 +40,7 @@ class RequestOutput:
     # so servers answer 4xx; False for engine failures (5xx).
     error_is_client: bool = False
     arrival_time: float | None = None
+    embedding: list[float] | None = None  # an embedding request's pooled vector, once finished
     first_token_time: float | None = None
     finished_time: float | None = None
 

@@ -92,7 +92,7 @@ def test_nan_logits_fail_only_their_request(tiny_models, monkeypatch):
     runner = llm.engine.runner
     original_execute = runner.execute
 
-    def execute(batch, rows):
+    def execute(batch, rows, pool=()):
         victim = [i for i, r in enumerate(rows) if r.seq.request.prompt_token_ids == poisoned_prompt]
         if victim:
             def poisoned(hidden):
@@ -101,7 +101,7 @@ def test_nan_logits_fail_only_their_request(tiny_models, monkeypatch):
                 return out
             model.compute_logits = poisoned
         try:
-            return original_execute(batch, rows)
+            return original_execute(batch, rows, pool)
         finally:
             model.compute_logits = original
 
@@ -142,11 +142,11 @@ def test_a_failing_step_ends_its_batch_and_the_engine_goes_on(tiny_models, monke
     original = runner.execute
     calls = [0]
 
-    def flaky(batch, rows):
+    def flaky(batch, rows, pool=()):
         calls[0] += 1
         if calls[0] == 2:
             raise RuntimeError("simulated out of memory")
-        return original(batch, rows)
+        return original(batch, rows, pool)
 
     monkeypatch.setattr(runner, "execute", flaky)
     first = llm.generate([[10, 20, 30]], SamplingParams(max_tokens=6, temperature=0.0))[0]

@@ -93,6 +93,16 @@ class AsyncEngine:
             raise EngineDeadError(f"the engine's step loop has stopped: {self._dead}")
         request = self.engine.build_request(request_id, prompt, sampling_params, priority, cache_salt, lora_request,
                                             images)
+        stream = self._submit(request)
+        try:
+            async for out in stream:
+                yield out
+        finally:  # the caller stopped early: the request is aborted now, not when collected
+            await stream.aclose()
+
+    async def _submit(self, request) -> AsyncIterator[RequestOutput]:
+        """Queue a built request for the step loop and stream its outputs until it finishes."""
+        request_id = request.request_id
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._cond:
             if request_id in self._streams:
@@ -117,6 +127,21 @@ class AsyncEngine:
         finally:
             if not finished:
                 self.abort(request_id)
+
+    async def embed(self, prompt: str | list[int], pooling=None, request_id: str | None = None,
+                    lora_request=None) -> RequestOutput:
+        """An embedding (pooling.PoolingParams; last-token, normalised by default), batched with the
+        generation in flight: the finished RequestOutput, its vector in `embedding`."""
+        from ..pooling import PoolingParams
+        request_id = request_id or uuid.uuid4().hex
+        if self._dead is not None:
+            raise EngineDeadError(f"the engine's step loop has stopped: {self._dead}")
+        request = self.engine.build_request(request_id, prompt, SamplingParams(max_tokens=1),
+                                            lora_request=lora_request, pooling=pooling or PoolingParams())
+        last = None
+        async for out in self._submit(request):
+            last = out
+        return last
 
     # LoRA: the adapter is read here (a worker thread), registered on the loop thread (engine state).
     async def add_lora(self, lora_request) -> bool:

@@ -13,6 +13,7 @@ from ..cache.block_manager import BlockManager
 from ..config import EngineConfig
 from ..errors import DuplicateRequestError, EngineDeadError, InvalidParameterError, PromptTooLongError
 from ..outputs import RequestOutput
+from ..pooling import accumulate
 from ..sampling_params import SamplingParams
 from ..guided.manager import GuidedManager
 from .output_processor import OutputProcessor
@@ -99,7 +100,7 @@ class LLMEngine:
     # ---- requests ------------------------------------------------------------------------------
     def build_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
                       priority: int = 0, cache_salt: str | None = None, lora_request=None,
-                      images: list | None = None) -> Request:
+                      images: list | None = None, pooling=None) -> Request:
         """Validate and tokenize (and read and process `images`, for a vision-language model: PIL images,
         paths, data: URLs or bytes, one per image placeholder of the prompt, in order); touches no engine
         state, so any thread may call it."""
@@ -155,8 +156,15 @@ class LLMEngine:
         if not isinstance(priority, int):
             raise InvalidParameterError("priority", f"must be an integer, got {priority!r}")
         seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(47)
+        if pooling is not None:
+            from ..pooling import PoolingParams
+            if not isinstance(pooling, PoolingParams):
+                raise InvalidParameterError("pooling", f"must be a PoolingParams, got {type(pooling).__name__}")
+            if params.n != 1 or params.guided_spec is not None:
+                raise InvalidParameterError("pooling", "an embedding request samples nothing: n 1, no guided decoding")
         return Request(request_id=str(request_id), prompt=prompt_text, prompt_token_ids=token_ids,
-                       params=params, seed=seed, priority=priority, cache_salt=cache_salt, lora=lora_request, mm=mm)
+                       params=params, seed=seed, priority=priority, cache_salt=cache_salt, lora=lora_request, mm=mm,
+                       pooling=pooling)
 
     def add(self, request: Request) -> None:
         if request.request_id in self.requests:
@@ -335,23 +343,35 @@ class LLMEngine:
             return outputs
         self.num_steps += 1
         rows: list[SampleRow] = []
+        pool: list[int] = []  # batch entries of embedding requests: pooled, not sampled
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+            if seq.request.pooling is not None:
+                pool.append(i)
+                continue
             if seq.num_computed_tokens + n < seq.num_tokens:
                 continue  # a prefill chunk that does not reach the end yet
             rows.append(SampleRow(seq, i))
             if seq.request.needs_fork:
                 rows.extend(SampleRow(child, i) for child in self._fork(seq, n))
         try:
-            sampled = self.runner.execute(batch, rows)
+            sampled, pooled = self.runner.execute(batch, rows, pool)
             self._consecutive_failures = 0
         except EngineDeadError:  # a tensor-parallel rank died: nothing can run any more
             raise
         except Exception as exc:
             return outputs + self._fail_batch(batch, exc)
+        starts = [(batch.seqs[i].num_computed_tokens, batch.num_new_tokens[i]) for i in pool]
         self.scheduler.finish_step(batch)
         touched: dict[str, Request] = {}
         failed: dict[str, str] = {}
         now = time.monotonic()
+        for i, hidden, (start, n) in zip(pool, pooled, starts):
+            seq, request = batch.seqs[i], batch.seqs[i].request
+            vector = accumulate(seq, hidden, start, final=start + n >= seq.num_tokens)
+            if vector is not None:
+                request.embedding, request.first_token_time = vector, now
+                self.output_processor.finish(seq, "stop")
+                touched[request.request_id] = request
         for k, row in enumerate(rows):
             seq, request = row.seq, row.seq.request
             touched[request.request_id] = request

@@ -116,6 +116,7 @@ class OutputProcessor:
             error=request.error,
             error_is_client=request.error_is_client,
             arrival_time=request.arrival_time,
+            embedding=request.embedding,
             first_token_time=request.first_token_time,
             finished_time=time.monotonic() if finished else None,
         )

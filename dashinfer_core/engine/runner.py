@@ -180,6 +180,7 @@ class ModelRunner:
         # CPU: steps see a few token counts, not every count up to the budget (see padded_count).
         self.bucket_shapes = self.device.type == "cpu" and config.bucket_batch_shapes
         self.graphs = None
+        self.last_hidden: torch.Tensor | None = None
         if self.device.type == "cuda" and not config.enforce_eager and self.attention.supports_cuda_graphs and \
                 not parallel and self.lora_slots is None and self.model_cfg.mrope_section is None:
             # graphs would capture the NCCL all-reduces, or freeze one step's adapter mapping or M-RoPE
@@ -225,17 +226,21 @@ class ModelRunner:
             self.ranks.shutdown()
 
     # ---- one step ------------------------------------------------------------------------------
-    def execute(self, batch: ScheduledBatch, rows: list[SampleRow]) -> SamplerOutput | None:
-        """Forward the batch; draw a token for each row. Returns host lists (the step's one sync)."""
+    def execute(self, batch: ScheduledBatch, rows: list[SampleRow], pool: list[int] = ()
+                ) -> tuple[SamplerOutput | None, list[torch.Tensor]]:
+        """Forward the batch; draw a token for each row. Returns host lists (the step's one sync), and the
+        final hidden states of the tokens of each batch entry in `pool` (embedding requests)."""
         query_end = np.cumsum(batch.num_new_tokens)
         logit_rows = [int(query_end[r.batch_index]) - 1 for r in rows]
         if self.bucket_shapes and logit_rows:  # the LM head's GEMM too sees only a few row counts
             logit_rows += logit_rows[-1:] * (padded_count(len(logit_rows)) - len(logit_rows))
         logits = self._run(self._plan(batch, logit_rows))
+        pooled = [self.last_hidden[int(query_end[i]) - batch.num_new_tokens[i]:int(query_end[i])] for i in pool]
+        self.last_hidden = None
         if not rows:
-            return None
+            return None, pooled
         with torch.inference_mode():
-            return self.sampler(logits[:len(rows)], self.sampler.prepare([r.seq for r in rows])).to_host()
+            return self.sampler(logits[:len(rows)], self.sampler.prepare([r.seq for r in rows])).to_host(), pooled
 
     def score(self, batch: ScheduledBatch, targets: list[int]) -> list[float]:
         """Forward a one-sequence batch and return the log-probability of targets[i] after its token i
@@ -287,6 +292,7 @@ class ModelRunner:
             finally:
                 if self.lora_slots is not None:
                     self.lora_slots.step.batch = None
+        self.last_hidden = hidden  # read by execute for pooling rows, right after
         if not plan.logit_rows:
             return None
         return self.model.compute_logits(hidden[torch.tensor(plan.logit_rows, device=self.device)])

@@ -131,7 +131,8 @@ class Scheduler:
                 num_new = self._chunk(seq, budget)
                 ok = num_new > 0 and self.block_manager.allocate(seq, seq.num_computed_tokens + num_new, batch.ops)
             else:
-                hits = self.block_manager.match_prefix(seq)
+                mean_pool = seq.request.pooling is not None and seq.request.pooling.pooling == "mean"
+                hits = [] if mean_pool else self.block_manager.match_prefix(seq)  # it needs every token's state
                 num_cached = len(hits) * self.block_manager.block_size
                 num_new = self._chunk(seq, budget, already_computed=num_cached)
                 ok = num_new > 0 and self.block_manager.admit(seq, hits, num_cached + num_new, batch.ops)

@@ -53,6 +53,9 @@ class Request:
     lora_uid: int | None = None
     # Vision-language models: the request's images and M-RoPE positions (multimodal.MultiModalData).
     mm: object = None
+    # An embedding request (pooling.PoolingParams): pooled instead of sampled; its vector once done.
+    pooling: object = None
+    embedding: list[float] | None = None
 
     @property
     def prefix_key(self):
@@ -99,6 +102,7 @@ class Sequence:
     logprobs: list[dict[int, float]] = field(default_factory=list)
     cumulative_logprob: float = 0.0
     guided: object = None  # GuidedState for guided requests
+    pool_sum: object = None  # mean pooling: the sum of the hidden states computed so far
 
     @property
     def params(self) -> SamplingParams:

@@ -82,7 +82,8 @@ def forward_extra_params(server) -> None:
 
 
 def checked_routes(app, peek: int = 2) -> None:
-    """Wrap FastChat's /v1/chat/completions and /v1/completions:
+    """Wrap FastChat's /v1/chat/completions, /v1/completions and /v1/embeddings (whose body is checked:
+    text input only, no `dimensions`):
     - the raw body is checked first (openai_fields.check_request): a field the stack cannot honour
       answers 400 naming it; the ones FastChat's server does not forward (response_format, the
       guided fields, seed, ...) go to the worker with the payload;
@@ -95,7 +96,7 @@ def checked_routes(app, peek: int = 2) -> None:
     from starlette.requests import Request
 
     from .chat_route import chat_completion
-    from .openai_fields import FieldError, check_request
+    from .openai_fields import FieldError, check_embeddings_request, check_request
 
     def wrap(endpoint, chat: bool):
         async def wrapped(*args, raw_request: Request, **kwargs):
@@ -154,11 +155,31 @@ def checked_routes(app, peek: int = 2) -> None:
             *kept, inspect.Parameter("raw_request", inspect.Parameter.KEYWORD_ONLY, annotation=Request)])
         return wrapped
 
+    def wrap_embeddings(endpoint):
+        async def wrapped(*args, raw_request: Request, **kwargs):
+            try:
+                body = await raw_request.json()
+                check_embeddings_request(body if isinstance(body, dict) else {})
+            except FieldError as exc:
+                return error_response(exc.param, str(exc))
+            return await endpoint(*args, **kwargs)
+        signature = inspect.signature(endpoint)
+        wrapped.__signature__ = signature.replace(parameters=[
+            *signature.parameters.values(),
+            inspect.Parameter("raw_request", inspect.Parameter.KEYWORD_ONLY, annotation=Request)])
+        return wrapped
+
     for i, route in enumerate(app.router.routes):
-        if isinstance(route, APIRoute) and route.path in ("/v1/chat/completions", "/v1/completions"):
-            app.router.routes[i] = APIRoute(route.path, wrap(route.endpoint, route.path == "/v1/chat/completions"),
-                                            methods=list(route.methods), dependencies=route.dependencies,
-                                            name=route.name)
+        if not isinstance(route, APIRoute):
+            continue
+        if route.path in ("/v1/chat/completions", "/v1/completions"):
+            endpoint = wrap(route.endpoint, route.path == "/v1/chat/completions")
+        elif route.path in ("/v1/embeddings", "/v1/engines/{model_name}/embeddings"):
+            endpoint = wrap_embeddings(route.endpoint)
+        else:
+            continue
+        app.router.routes[i] = APIRoute(route.path, endpoint, methods=list(route.methods),
+                                        dependencies=route.dependencies, name=route.name)
 
 
 def main() -> None:

@@ -225,3 +225,24 @@ def check_request(body: dict, chat: bool) -> tuple[dict, dict]:
             extras["chat_messages"] = messages
             changes["messages"] = for_fastchat(messages)
     return extras, changes
+
+
+EMBEDDING_FIELDS = {"model", "input", "user", "encoding_format", "engine"}
+
+
+def check_embeddings_request(body: dict) -> None:
+    """/v1/embeddings: text input (FastChat would decode token ids with tiktoken, not the model's
+    tokenizer), float or base64 encoding, and no field the worker would not honour (`dimensions`)."""
+    for name, value in body.items():
+        if value is None or name in EMBEDDING_FIELDS:
+            continue
+        raise FieldError(name, "the embedding size is the model's hidden size; it cannot be changed"
+                         if name == "dimensions" else "not a field this server understands or honours")
+    text = body.get("input")
+    if isinstance(text, str):
+        text = [text]
+    if not isinstance(text, list) or not text or not all(isinstance(t, str) and t for t in text):
+        raise FieldError("input", "must be a non-empty string or a list of non-empty strings (token ids are not "
+                                  "supported here)")
+    if body.get("encoding_format") not in (None, "float", "base64"):
+        raise FieldError("encoding_format", f"must be float or base64, got {body['encoding_format']!r}")

@@ -43,7 +43,8 @@ worker: "DashInferWorker | None" = None
 class DashInferWorker(BaseModelWorker):
     def __init__(self, controller_addr: str, worker_addr: str, worker_id: str, model_path: str,
                  model_names: list[str] | None, limit_worker_concurrency: int, no_register: bool,
-                 engine: AsyncEngine, conv_template: str | None = None, loras: list[LoRARequest] = ()):
+                 engine: AsyncEngine, conv_template: str | None = None, loras: list[LoRARequest] = (),
+                 embedding_pooling: str = "last"):
         """loras: adapters served under their own names (registered with the controller as models
         of this worker): a request whose `model` is one of them runs with that adapter."""
         self.engine = engine  # make_conv_template (called by the base class) needs the tokenizer
@@ -58,6 +59,7 @@ class DashInferWorker(BaseModelWorker):
         self.tokenizer = engine.tokenizer
         self.context_len = engine.engine.max_model_len
         self.draining = False
+        self.embedding_pooling = embedding_pooling
         if not no_register:
             # Register once this worker's server accepts connections: registered earlier, the controller
             # hands it requests that fail while uvicorn is still starting (seen: a 500 on the first one).
@@ -185,6 +187,37 @@ class DashInferWorker(BaseModelWorker):
         except EngineDeadError as exc:
             yield error_chunk(ErrorCode.INTERNAL_ERROR, str(exc))
 
+    async def get_embeddings(self, params: dict) -> dict:
+        """FastChat's embedding call: {"input": [texts], "encoding_format"} -> {"embedding": [one per text],
+        "token_num"}; pooled by the worker's --embedding-pooling, L2-normalised, batched with generation."""
+        from dashinfer_core.pooling import PoolingParams
+        self.call_ct += 1
+        texts = params.get("input")
+        encoding = params.get("encoding_format") or "float"
+        try:
+            if isinstance(texts, str):
+                texts = [texts]
+            if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t for t in texts):
+                raise InvalidParameterError("input", "must be a non-empty string or a list of them")
+            if encoding not in ("float", "base64"):
+                raise InvalidParameterError("encoding_format", f"must be float or base64, got {encoding!r}")
+            pooling = PoolingParams(self.embedding_pooling)
+            lora = self.loras.get(params.get("model"))
+            outs = await asyncio.gather(*(self.engine.embed(text, pooling, lora_request=lora) for text in texts))
+        except PromptTooLongError as exc:
+            return {"text": f"This model's maximum context length is {exc.max_model_len} tokens; an input has "
+                            f"{exc.num_prompt_tokens}.", "error_code": int(ErrorCode.CONTEXT_OVERFLOW)}
+        except (InvalidParameterError, RequestFailedError) as exc:
+            return {"text": str(exc), "error_code": int(ErrorCode.PARAM_OUT_OF_RANGE)}
+        except EngineDeadError as exc:
+            return {"text": str(exc), "error_code": int(ErrorCode.INTERNAL_ERROR)}
+        vectors = [out.embedding for out in outs]
+        if encoding == "base64":  # OpenAI's: little-endian float32 bytes, base64
+            import base64
+            import struct
+            vectors = [base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode() for v in vectors]
+        return {"embedding": vectors, "token_num": sum(len(out.prompt_token_ids) for out in outs), "error_code": 0}
+
     def _fastchat_logprobs(self, completion, decoded: list[str]) -> dict:
         tok = self.tokenizer
         with self.engine.engine.tokenizer_lock:
@@ -292,6 +325,18 @@ async def api_generate(request: Request):
         worker.engine.abort(request_id)
 
 
+@app.post("/worker_get_embeddings")
+async def api_get_embeddings(request: Request):
+    params = await json_body(request)
+    if isinstance(params, JSONResponse):
+        return params
+    await acquire_slot()
+    try:
+        return JSONResponse(await worker.get_embeddings(params))
+    finally:
+        release_slot()
+
+
 @app.post("/worker_get_status")
 async def api_get_status(request: Request):
     return worker.get_status()
@@ -376,6 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit-worker-concurrency", type=int, default=1024)
     parser.add_argument("--no-register", action="store_true")
     parser.add_argument("--conv-template", default=None)
+    parser.add_argument("--embedding-pooling", choices=("last", "mean"), default="last",
+                        help="how /v1/embeddings pools the final hidden states (L2-normalised)")
     parser.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
                         help="PEFT LoRA adapters to serve, each registered with the controller under NAME")
     add_worker_engine_args(parser)
@@ -396,7 +443,7 @@ def main(argv=None) -> None:
             raise SystemExit(f"--lora-modules {lora.lora_name}: {exc}") from None
     worker = DashInferWorker(args.controller_address, args.worker_address, uuid.uuid4().hex[:8], args.model_path,
                              args.model_names, args.limit_worker_concurrency, args.no_register, engine,
-                             args.conv_template, loras)
+                             args.conv_template, loras, args.embedding_pooling)
     # Ctrl-C and SIGTERM: uvicorn stops accepting, lets in-flight responses finish (bounded), then
     # the engine stops.
     try:

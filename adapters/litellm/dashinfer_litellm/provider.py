@@ -505,6 +505,66 @@ class DashInferLLM(CustomLLM):
         return iterate()
 
 
+    # ---- embeddings -------------------------------------------------------------------------------
+    async def aembedding(self, model, input, model_response, print_verbose, logging_obj, optional_params,
+                         api_key=None, api_base=None, timeout=None, litellm_params=None, client=None):
+        """Embeddings from the same engine as the model's completions (batched with them): the final
+        hidden states pooled (`pooling`: last, the default, or mean) and L2-normalised (`normalize`)."""
+        from dashinfer_core.pooling import PoolingParams
+        params = dict(optional_params or {})
+        lora_spec = params.pop("lora", None)
+        engine_opts, rest = split_params(params, model)
+        if lora_spec is not None:
+            engine_opts["enable_lora"] = True
+        pooling = rest.pop("pooling", "last")
+        normalize = rest.pop("normalize", True)
+        encoding = rest.pop("encoding_format", None) or "float"
+        if rest:
+            first = sorted(rest)[0]
+            message = "the embedding size is the model's hidden size; it cannot be changed" \
+                if first == "dimensions" else "not a parameter of embeddings here"
+            raise _bad_request(f"{first}: {message}", model)
+        if encoding not in ("float", "base64"):
+            raise _bad_request(f"encoding_format: must be float or base64, got {encoding!r}", model)
+        texts = [input] if isinstance(input, str) else input
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t for t in texts):
+            raise _bad_request("input: must be a non-empty string or a list of non-empty strings", model)
+        try:
+            pooling_params = PoolingParams(pooling, normalize)
+            engine = engine_for(model, engine_opts)
+            lora = lora_for(model, engine_opts, lora_spec) if lora_spec is not None else None
+            outs = await asyncio.gather(*(engine.embed(text, pooling_params, lora_request=lora) for text in texts))
+        except PromptTooLongError as exc:
+            raise litellm.ContextWindowExceededError(message=str(exc), model=model, llm_provider=PROVIDER) from None
+        except InvalidParameterError as exc:
+            raise _bad_request(str(exc), model) from None
+        except RequestFailedError as exc:
+            if exc.is_client_error:
+                raise _bad_request(exc.message, model) from None
+            raise litellm.InternalServerError(message=str(exc), model=model, llm_provider=PROVIDER) from None
+        except EngineDeadError as exc:
+            raise litellm.InternalServerError(message=str(exc), model=model, llm_provider=PROVIDER) from None
+        from litellm.types.utils import Usage
+        data = []
+        for i, out in enumerate(outs):
+            vector = out.embedding
+            if encoding == "base64":
+                import base64
+                import struct
+                vector = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+            data.append({"object": "embedding", "index": i, "embedding": vector})
+        tokens = sum(len(out.prompt_token_ids) for out in outs)
+        model_response.data = data
+        model_response.model = f"{PROVIDER}/{model}"
+        model_response.usage = Usage(prompt_tokens=tokens, completion_tokens=0, total_tokens=tokens)
+        return model_response
+
+    def embedding(self, model, input, model_response, print_verbose, logging_obj, optional_params, api_key=None,
+                  api_base=None, timeout=None, litellm_params=None, client=None):
+        return self._sync_loop().run(self.aembedding(model, input, model_response, print_verbose, logging_obj,
+                                                     optional_params, api_key, api_base, timeout, litellm_params))
+
+
 handler = DashInferLLM()
 
 
