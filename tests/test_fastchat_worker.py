@@ -242,3 +242,8 @@ def test_tool_calls_and_stream_usage(client):
 def test_reasoning_content(client):
     from test_openai_fields import check_reasoning
     check_reasoning(client, THINKER)
+
+
+def test_embeddings(client, local):
+    from test_openai_fields import EMBED_TEXTS, check_embeddings
+    check_embeddings(client, MODEL, local.embed(EMBED_TEXTS))

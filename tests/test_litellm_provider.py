@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
 CONFIG = """model_list:
   - model_name: smollm2
-    litellm_params: {model: dashinfer/default, max_num_seqs: 32}
+    litellm_params: {model: dashinfer/default, max_num_seqs: 32, additional_drop_params: [encoding_format]}
   - model_name: tiny-thinker
     litellm_params: {model: "dashinfer/THINKER_DIR"}
 litellm_settings:
@@ -176,3 +176,14 @@ def test_tool_calls_and_stream_usage(client):
 def test_reasoning_content(client):
     from test_openai_fields import check_reasoning
     check_reasoning(client, "tiny-thinker")
+
+
+def test_embeddings(client):
+    from dashinfer_core import LLM
+    from test_openai_fields import EMBED_TEXTS, check_embeddings
+    local = LLM(dtype="float32")
+    try:
+        reference = local.embed(EMBED_TEXTS)
+    finally:
+        local.shutdown()
+    check_embeddings(client, "smollm2", reference, base64_honoured=False)

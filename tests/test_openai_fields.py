@@ -183,6 +183,36 @@ def check_reasoning(client, model: str) -> None:
     assert message.content and not getattr(message, "reasoning_content", None), message
 
 
+EMBED_TEXTS = ["The capital of France is Paris.", "A cat sat on the mat.", "Hello"]
+
+
+def check_embeddings(client, model: str, reference: list[list[float]], base64_honoured: bool = True) -> None:
+    """/v1/embeddings with the openai client: one vector per input in order, equal (cosine > 0.9999) to
+    `reference` (the engine's own fp32 embeddings, which tests/test_embeddings.py holds equal to HF's),
+    unit length; base64 decodes to the same floats; usage counts the prompt tokens; bad input 400."""
+    import base64
+    import math
+    import struct
+    from openai import BadRequestError
+    r = client.embeddings.create(model=model, input=EMBED_TEXTS, **({"encoding_format": "float"}
+                                                                   if base64_honoured else {}))
+    assert [d.index for d in r.data] == [0, 1, 2] and r.usage.prompt_tokens > len(EMBED_TEXTS)
+    for d, want in zip(r.data, reference):
+        got = d.embedding
+        cosine = sum(a * b for a, b in zip(got, want)) / math.sqrt(sum(a * a for a in got) * sum(b * b for b in want))
+        assert len(got) == len(want) and cosine > 0.9999, cosine
+        assert abs(math.sqrt(sum(a * a for a in got)) - 1.0) < 1e-4
+    if base64_honoured:  # (LiteLLM refuses encoding_format for custom providers: its config drops it)
+        raw = client.embeddings.with_raw_response.create(model=model, input=EMBED_TEXTS[0], encoding_format="base64")
+        packed = raw.http_response.json()["data"][0]["embedding"]
+        floats = list(struct.unpack(f"<{len(r.data[0].embedding)}f", base64.b64decode(packed)))
+        assert max(abs(a - b) for a, b in zip(floats, r.data[0].embedding)) < 1e-6
+    for kw, field in ((dict(input=[]), "input"), (dict(input="x", dimensions=8), "dimensions")):
+        with pytest.raises(BadRequestError) as err:
+            client.embeddings.create(model=model, **kw)
+        assert err.value.status_code == 400 and field in str(err.value), (kw, str(err.value))
+
+
 def check_refused_fields(client, model: str, refused: list[tuple[dict, str]]) -> None:
     """Each (request arguments, field) answers 400 naming the field, streamed or not; then the server
     still serves."""
