@@ -247,3 +247,8 @@ def test_reasoning_content(client):
 def test_embeddings(client, local):
     from test_openai_fields import EMBED_TEXTS, check_embeddings
     check_embeddings(client, MODEL, local.embed(EMBED_TEXTS))
+
+
+def test_metrics(client, stack):
+    from test_openai_fields import check_metrics
+    check_metrics(lambda: requests.get(f"{stack['worker']}/metrics", timeout=10).text, client, MODEL, MODEL)

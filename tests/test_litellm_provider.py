@@ -187,3 +187,10 @@ def test_embeddings(client):
     finally:
         local.shutdown()
     check_embeddings(client, "smollm2", reference, base64_honoured=False)
+
+
+def test_metrics(client, proxy):
+    from test_openai_fields import check_metrics
+    chat(client, max_tokens=1)  # the engine starts with its first request
+    label = next(k for k in requests.get(proxy["stats"], timeout=5).json() if k.startswith("default"))
+    check_metrics(lambda: requests.get(f"{proxy['stats']}/metrics", timeout=10).text, client, "smollm2", label)

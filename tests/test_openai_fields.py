@@ -213,6 +213,42 @@ def check_embeddings(client, model: str, reference: list[list[float]], base64_ho
         assert err.value.status_code == 400 and field in str(err.value), (kw, str(err.value))
 
 
+def metric_samples(text: str, model_label: str) -> dict[str, float]:
+    """Prometheus text -> {sample name (with labels other than model_name): value} of one model."""
+    from prometheus_client.parser import text_string_to_metric_families
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = dict(sample.labels)
+            if labels.pop("model_name", None) != model_label:
+                continue
+            key = sample.name + "".join(f"[{k}={v}]" for k, v in sorted(labels.items()) if k != "le")
+            if "le" in labels:
+                continue  # bucket rows: the _count and _sum rows say enough here
+            samples[key] = value = sample.value
+            assert value == value, key  # not NaN
+    return samples
+
+
+def check_metrics(fetch, client, model: str, model_label: str) -> None:
+    """/metrics parses, names the engine's gauges, and its counters move by what one request did."""
+    before = metric_samples(fetch(), model_label)
+    r = client.chat.completions.create(model=model, messages=CAPITAL, temperature=0, max_tokens=6,
+                                       extra_body={"ignore_eos": True})
+    after = metric_samples(fetch(), model_label)
+    moved = {k: after[k] - before.get(k, 0.0) for k in after}
+    assert moved["dashinfer:generation_tokens_total"] == r.usage.completion_tokens == 6, moved
+    assert moved["dashinfer:prompt_tokens_total"] == r.usage.prompt_tokens, moved
+    assert moved["dashinfer:time_to_first_token_seconds_count"] == 1, moved
+    assert moved["dashinfer:inter_token_latency_seconds_count"] == 5, moved
+    assert moved["dashinfer:e2e_request_latency_seconds_count"] == 1, moved
+    assert moved["dashinfer:request_success_total[finished_reason=length]"] == 1, moved
+    for gauge in ("dashinfer:num_requests_running", "dashinfer:num_requests_waiting",
+                  "dashinfer:kv_cache_usage_perc", "dashinfer:prefix_cache_hit_rate"):
+        assert gauge in after and 0 <= after[gauge], (gauge, after)
+    assert after["dashinfer:kv_cache_usage_perc"] <= 1
+
+
 def check_refused_fields(client, model: str, refused: list[tuple[dict, str]]) -> None:
     """Each (request arguments, field) answers 400 naming the field, streamed or not; then the server
     still serves."""

@@ -50,6 +50,7 @@ class AsyncEngine:
         self._pending_aborts: list[str] = []
         self._pending_calls: list = []  # (future, fn, args) to run on the loop thread
         self._streams: dict[str, _Stream] = {}
+        self._observer = None  # set_output_observer
         self._dead: BaseException | None = None
         self._stopping = False
         # The engine is built on the loop thread, which then runs every step: torch's OpenMP thread pool
@@ -238,9 +239,18 @@ class AsyncEngine:
             for request_id in pending:
                 self._deliver_error(request_id, EngineDeadError(f"the engine's step loop has stopped: {reason}"))
 
+    def set_output_observer(self, observer) -> None:
+        """observer(outputs) is called on the step thread with every batch of outputs delivered (metrics)."""
+        self._observer = observer
+
     def _deliver_all(self, outputs: list[RequestOutput]) -> None:
         """A step's outputs, handed to each event loop in one call: one wake-up of the loop per step, not
         one per request (at 64 streams the per-request wake-ups cost more than the step's own host work)."""
+        if self._observer is not None and outputs:
+            try:
+                self._observer(outputs)
+            except Exception:  # metrics must never stop serving
+                logger.exception("the output observer failed")
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         with self._cond:
             for out in outputs:

@@ -337,6 +337,14 @@ async def api_get_embeddings(request: Request):
         release_slot()
 
 
+@app.get("/metrics")
+async def api_metrics():
+    """Prometheus metrics of this worker's engine (dashinfer_core.metrics)."""
+    from fastapi.responses import Response
+    body, content_type = worker.metrics.exposition()
+    return Response(body, media_type=content_type)
+
+
 @app.post("/worker_get_status")
 async def api_get_status(request: Request):
     return worker.get_status()
@@ -444,6 +452,9 @@ def main(argv=None) -> None:
     worker = DashInferWorker(args.controller_address, args.worker_address, uuid.uuid4().hex[:8], args.model_path,
                              args.model_names, args.limit_worker_concurrency, args.no_register, engine,
                              args.conv_template, loras, args.embedding_pooling)
+    from dashinfer_core.metrics import Metrics
+    worker.metrics = Metrics()
+    worker.metrics.attach(engine, worker.model_names[0])
     # Ctrl-C and SIGTERM: uvicorn stops accepting, lets in-flight responses finish (bounded), then
     # the engine stops.
     try:

@@ -13,6 +13,6 @@ Proxy config.yaml:
       custom_provider_map:
         - {provider: dashinfer, custom_handler: dashinfer_litellm.handler}
 """
-from .provider import DashInferLLM, engine_stats, handler, register
+from .provider import DashInferLLM, engine_stats, handler, metrics, register
 
-__all__ = ["DashInferLLM", "engine_stats", "handler", "register"]
+__all__ = ["DashInferLLM", "engine_stats", "handler", "metrics", "register"]

@@ -90,6 +90,22 @@ def _engine_key(model: str, options: dict) -> tuple:
     return model, tuple(sorted((k, repr(v)) for k, v in options.items()))
 
 
+_metrics = None  # dashinfer_core.metrics.Metrics of this process's engines, made with the first one
+
+
+def metrics():
+    """The Prometheus metrics of every engine this process runs (labelled by model_name as in engine_stats)."""
+    global _metrics
+    if _metrics is None:
+        from dashinfer_core.metrics import Metrics
+        _metrics = Metrics()
+    return _metrics
+
+
+def _model_label(key: tuple) -> str:
+    return f"{key[0]}{list(key[1]) or ''}"
+
+
 def engine_for(model: str, options: dict) -> AsyncEngine:
     key = _engine_key(model, options)
     with _engines_lock:
@@ -98,6 +114,7 @@ def engine_for(model: str, options: dict) -> AsyncEngine:
             config = EngineConfig(model=None if model in ("", "default") else model, **options)
             engine = _engines[key] = AsyncEngine(config)
             _loras[key] = {}
+            metrics().attach(engine, _model_label(key))
         return engine
 
 
@@ -119,7 +136,7 @@ def lora_for(model: str, options: dict, spec, where: str = "lora") -> LoRAReques
 
 def engine_stats() -> dict:
     """Stats of every engine this process runs, keyed by model."""
-    return {f"{key[0]}{list(key[1]) or ''}": asdict(engine.get_stats()) for key, engine in list(_engines.items())}
+    return {_model_label(key): asdict(engine.get_stats()) for key, engine in list(_engines.items())}
 
 
 def _bad_request(message: str, model: str):
@@ -578,14 +595,18 @@ def register() -> None:
 
 
 def _serve_stats(port: int) -> None:
-    """Engine stats as JSON on 127.0.0.1:port (DASHINFER_STATS_PORT), for operators and tests."""
+    """Engine stats as JSON on 127.0.0.1:port (DASHINFER_STATS_PORT), and the Prometheus metrics at
+    /metrics there, for operators and tests."""
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):
-            body = json.dumps(engine_stats()).encode()
+            if self.path.split("?")[0] == "/metrics":
+                body, content_type = metrics().exposition()
+            else:
+                body, content_type = json.dumps(engine_stats()).encode(), "application/json"
             self.send_response(200)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
