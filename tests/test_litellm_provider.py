@@ -194,3 +194,24 @@ def test_metrics(client, proxy):
     chat(client, max_tokens=1)  # the engine starts with its first request
     label = next(k for k in requests.get(proxy["stats"], timeout=5).json() if k.startswith("default"))
     check_metrics(lambda: requests.get(f"{proxy['stats']}/metrics", timeout=10).text, client, "smollm2", label)
+
+
+def test_health_check_answers_quickly(proxy):
+    """LiteLLM's /health probes every model entry with a short completion: ours answer healthy, without a
+    long generation."""
+    from test_openai_fields import metric_samples
+    headers = {"Authorization": f"Bearer {proxy['key']}"}
+
+    def health():
+        r = requests.get(f"{proxy['base']}/health", headers=headers, timeout=120)
+        body = r.json()
+        assert r.status_code == 200 and not body["unhealthy_endpoints"], body
+        assert {e["model"] for e in body["healthy_endpoints"]} >= {"dashinfer/default"}, body
+
+    health()  # starts the engines of entries no request has used yet
+    label = next(k for k in requests.get(proxy["stats"], timeout=5).json() if k.startswith("default"))
+    before = metric_samples(requests.get(f"{proxy['stats']}/metrics", timeout=10).text, label)
+    health()
+    after = metric_samples(requests.get(f"{proxy['stats']}/metrics", timeout=10).text, label)
+    generated = after["dashinfer:generation_tokens_total"] - before["dashinfer:generation_tokens_total"]
+    assert 1 <= generated <= 16, generated
