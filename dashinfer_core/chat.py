@@ -61,6 +61,10 @@ def plan_chat(tokenizer, messages: list, params: SamplingParams, tools=None, too
         else:
             rendered = _with_tool_system_prompt(rendered, request.system_prompt())
         schema = request.guided_schema()
+        triggered = request.triggered_spec()
+        if triggered is not None and params.guided_spec is None:  # a guided request keeps its own pattern
+            params = dataclasses.replace(params)
+            params.triggered_spec = triggered
         if schema is not None:
             if params.guided_spec is not None:
                 raise InvalidParameterError("tool_choice", f"{tool_choice!r} holds the output to the tool's schema; "

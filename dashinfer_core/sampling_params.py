@@ -42,6 +42,9 @@ class SamplingParams:
     regex: str | None = None
     choice: list[str] | None = None
     guided_spec: object = field(default=None, init=False, repr=False, compare=False)
+    # Set by the chat layer for tool_choice auto (guided.spec.TriggeredSpec): free text until the output
+    # opens a tool call, then the call held to the tools' schemas until it closes.
+    triggered_spec: object = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if isinstance(self.stop, str):

@@ -69,6 +69,18 @@ class ToolRequest:
             return array
         return None
 
+    def triggered_spec(self):
+        """auto in the Hermes format: once the output opens <tool_call>, the call (one of the tools' schemas)
+        and </tool_call> are constrained; None for the other formats (a Mistral or Llama call runs to the
+        end of the output, where the parser takes it)."""
+        if self.choice != "auto" or self.format != HERMES:
+            return None
+        from .guided.spec import TriggeredSpec, build_spec, escape_literal
+        calls = [{"type": "object", "properties": {"name": {"const": t.name}, "arguments": t.parameters},
+                  "required": ["name", "arguments"]} for t in self.tools]
+        call = build_spec(json_schema=calls[0] if len(calls) == 1 else {"anyOf": calls}).regex
+        return TriggeredSpec(HERMES_OPEN, rf"(\n)?{call}(\n)?{escape_literal(HERMES_CLOSE)}")
+
     def template_tools(self) -> list[dict]:
         """The tools as chat templates take them (OpenAI's shape)."""
         return [{"type": "function", "function": {"name": t.name, "description": t.description,

@@ -268,3 +268,37 @@ def test_llm_chat_splits_reasoning(qwen_dirs):
         assert out.reasoning_content is None  # the template closed the thinking in the prompt
     finally:
         llm.shutdown()
+
+
+def test_auto_mode_holds_an_opened_call_to_the_schemas(tiny_models):
+    """tool_choice auto: free text until the output opens a call, then the call held to the tools'
+    schemas until it closes, then free again. A random model never writes <tool_call> itself, so the
+    trigger here is a piece of its own greedy output: what follows it must be a valid call."""
+    from dashinfer_core.guided.spec import TriggeredSpec
+    llm = LLM(str(tiny_models["llama"]), dtype="float32")
+    try:
+        tok = llm.get_tokenizer()
+        regex = parse_tool_request(TOOLS, "auto").triggered_spec().regex
+        for prompt in ([5, 6, 7, 8], [300, 301], [42] * 7):
+            greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+            free = llm.generate([prompt], greedy)[0].outputs[0]
+            trigger = tok.decode(free.token_ids[:3])
+            assert free.text.startswith(trigger) and trigger.strip()
+            params = SamplingParams(max_tokens=300, temperature=0, ignore_eos=True)
+            params.triggered_spec = TriggeredSpec(trigger, regex)
+            out = llm.generate([prompt], params)[0].outputs[0]
+            assert out.text.startswith(trigger), out.text[:80]
+            call_text, closed, after = out.text[len(trigger):].partition("</tool_call>")
+            assert closed, out.text
+            call = json.loads(call_text)
+            jsonschema.validate(call["arguments"], SCHEMAS[call["name"]])
+            assert after and out.finish_reason == "length"  # free text again after the call
+        assert llm.engine.scheduler.block_manager.num_free_blocks == llm.engine.scheduler.block_manager.num_blocks
+    finally:
+        llm.shutdown()
+    # The chat layer sets it for auto in the Hermes format only, and never over a guided field.
+    tok = AutoTokenizer.from_pretrained(str(tiny_models["llama"]))
+    tok.chat_template = template(False)
+    assert plan_chat(tok, WEATHER_ASK, SamplingParams(), TOOLS).params.triggered_spec.trigger == "<tool_call>"
+    assert plan_chat(tok, WEATHER_ASK, SamplingParams(), TOOLS, "required").params.triggered_spec is None
+    assert plan_chat(tok, WEATHER_ASK, SamplingParams(json_object=True), TOOLS).params.triggered_spec is None

@@ -177,6 +177,8 @@ class LLMEngine:
                        num_prompt_tokens=len(request.prompt_token_ids))
         self.requests[request.request_id] = request
         request.sequences.append(seq)
+        if request.params.triggered_spec is not None and self.tokenizer is not None:
+            self.guided.start_trigger_compile(request)
         if request.params.guided_spec is not None:
             self.guided.park(request)  # joins the queue once its pattern is compiled (then _queue)
         else:
@@ -383,9 +385,13 @@ class LLMEngine:
                 token = sampled.token_ids[k]
                 if token < 0:
                     raise FloatingPointError("the model produced non-finite logits (NaN or inf) for this request")
+                text_before = len(seq.text)
                 self.output_processor.append_token(seq, token, sampled.logprobs_of_row(k, seq.params.logprobs))
                 if seq.guided is not None:
                     self.guided.after_token(seq, token, self.output_processor)
+                elif seq.params.triggered_spec is not None and seq.request.trigger_future is not None \
+                        and not seq.is_finished:
+                    self.guided.check_trigger(seq, text_before)
             except Exception as exc:  # one request's failure must not stop the others
                 logger.exception("request %s failed while processing its output", request.request_id)
                 failed[request.request_id] = f"{type(exc).__name__}: {exc}"

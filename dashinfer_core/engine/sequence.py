@@ -56,6 +56,7 @@ class Request:
     # An embedding request (pooling.PoolingParams): pooled instead of sampled; its vector once done.
     pooling: object = None
     embedding: list[float] | None = None
+    trigger_future: object = None  # the compile of params.triggered_spec's pattern
 
     @property
     def prefix_key(self):
@@ -102,6 +103,7 @@ class Sequence:
     logprobs: list[dict[int, float]] = field(default_factory=list)
     cumulative_logprob: float = 0.0
     guided: object = None  # GuidedState for guided requests
+    guided_triggered: bool = False  # `guided` holds a triggered pattern (tool call in auto mode)
     pool_sum: object = None  # mean pooling: the sum of the hidden states computed so far
 
     @property

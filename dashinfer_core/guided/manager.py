@@ -87,16 +87,40 @@ class GuidedManager:
         return max(0.0, min(r.guided_deadline for r in self.pending) - time.monotonic())
 
     def attach(self, seq) -> None:
-        index = seq.request.guided_future.result()
+        seq.guided = self._state(seq.request.guided_future.result())
+
+    # ---- triggered patterns (tool calls in auto mode) ----------------------------------------------
+    def start_trigger_compile(self, request) -> None:
+        """Compile the triggered pattern in the background as the request arrives: it is (almost always)
+        ready by the time the output opens a call."""
+        request.trigger_future = self.compiler.submit(request.params.triggered_spec.regex)
+
+    def check_trigger(self, seq, text_before: int) -> None:
+        """After a token: if the output now ends with the trigger (past `text_before`, where the text stood
+        before this token), hold what follows to the pattern. A trigger followed by more than whitespace
+        in the same token is left free (the pattern cannot start part-way through a token)."""
+        spec = seq.params.triggered_spec
+        at = seq.text.find(spec.trigger, max(0, text_before - len(spec.trigger) + 1))
+        if at < 0 or seq.text[at + len(spec.trigger):].strip():
+            return
+        try:
+            index = seq.request.trigger_future.result(timeout=self.timeout)
+        except Exception:  # not compiled in time, or not at all: this call stays free (parsed or not)
+            return
+        seq.guided = self._state(index)
+        seq.guided_triggered = True
+
+    def _state(self, index) -> GuidedState:
         small_sets = self._small_sets.get(id(index))
         if small_sets is None or small_sets.index is not index:
             if len(self._small_sets) > 4 * self.compiler.cache_size:
                 self._small_sets.clear()
             small_sets = self._small_sets[id(index)] = SmallAllowedSets(index)
-        seq.guided = GuidedState(small_sets, self.eos_token_id, self.compiler.token_bytes)
+        return GuidedState(small_sets, self.eos_token_id, self.compiler.token_bytes)
 
     def after_token(self, seq, token: int, output_processor) -> None:
-        """Advance the FSM by the sampled token; append forced tokens; finish when only EOS is left."""
+        """Advance the FSM by the sampled token; append forced tokens; finish when only EOS is left (a
+        triggered pattern instead lets the output go on freely)."""
         state = seq.guided
         if seq.is_finished:
             return
@@ -110,7 +134,10 @@ class GuidedManager:
             if seq.is_finished:
                 return
         if state.only_eos_allowed():
-            output_processor.finish(seq, "stop")
+            if getattr(seq, "guided_triggered", False):  # the call is complete: free text again
+                seq.guided, seq.guided_triggered = None, False
+            else:
+                output_processor.finish(seq, "stop")
 
     def shutdown(self) -> None:
         self.compiler.shutdown()

@@ -68,6 +68,14 @@ class GuidedSpec:
     regex: str
 
 
+@dataclass(frozen=True)
+class TriggeredSpec:
+    """A pattern that applies from the point the output ends with `trigger` (say `<tool_call>`) until it
+    is complete; the text before and after is free. regex: what follows the trigger, close included."""
+    trigger: str
+    regex: str
+
+
 def escape_literal(text: str) -> str:
     """Escape regex metacharacters only (Rust's regex syntax rejects some escapes Python's re adds)."""
     return "".join("\\" + c if c in _REGEX_META else c for c in text)

@@ -91,8 +91,9 @@ class Sampler:
         key = tuple(s.seq_id for s in seqs)
         if self._fixed is None or self._fixed[0] != key:
             params = [s.params for s in seqs]
+            # (a triggered pattern may start or end on any step: such rows are looked at every step)
             per_step = any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty or p.min_tokens
-                           for p in params) or any(s.guided is not None for s in seqs)
+                           or p.triggered_spec is not None for p in params) or any(s.guided is not None for s in seqs)
             self._fixed = (key, self._fixed_tensors(seqs), per_step)
         t = dataclasses.replace(self._fixed[1], steps=[s.num_output_tokens for s in seqs])
         if not self._fixed[2]:  # no penalties, guided rows or min_tokens among these rows
