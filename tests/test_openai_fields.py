@@ -107,11 +107,17 @@ def check_tool_calls(client, model: str) -> None:
     schemas = {"get_weather": WEATHER_PARAMS, "get_time": TIME_PARAMS}
     choices = ["required", {"type": "function", "function": {"name": "get_weather"}},
                {"type": "function", "function": {"name": "get_time"}}]
-    for i in range(20):  # sampled; `required` one call each (parallel calls: below), so none runs out of tokens
+    from concurrent.futures import ThreadPoolExecutor
+
+    def forced(i: int):  # sampled; `required` one call each (parallel calls below), so none runs out of tokens
         choice = choices[i % 3]
-        r = client.chat.completions.create(model=model, messages=WEATHER_ASK, tools=TOOLS, tool_choice=choice,
-                                           temperature=0.9, seed=i, max_tokens=160,
-                                           parallel_tool_calls=False if choice == "required" else None)
+        return choice, client.chat.completions.create(
+            model=model, messages=WEATHER_ASK, tools=TOOLS, tool_choice=choice, temperature=0.9, seed=i,
+            max_tokens=160, parallel_tool_calls=False if choice == "required" else None)
+
+    with ThreadPoolExecutor(10) as pool:  # concurrent: the engine batches them
+        results = list(pool.map(forced, range(20)))
+    for choice, r in results:
         message = r.choices[0].message
         assert r.choices[0].finish_reason == "tool_calls" and message.tool_calls, (choice, r)
         for call in message.tool_calls:
@@ -126,6 +132,18 @@ def check_tool_calls(client, model: str) -> None:
         assert finish == "tool_calls"
         assert [(c["name"], json.loads(c["arguments"])) for c in calls] == \
             [(c.function.name, json.loads(c.function.arguments)) for c in whole], (choice, calls, whole)
+    # auto: the model may answer in text (the embedded model does here) or call; either way it parses
+    for stream in (False, True):
+        kw = dict(model=model, messages=WEATHER_ASK, tools=TOOLS, temperature=0, max_tokens=24)
+        if stream:
+            chunks = list(client.chat.completions.create(stream=True, **kw))
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            calls, finish, _ = _streamed_calls(iter(chunks))
+        else:
+            r = client.chat.completions.create(**kw)
+            text, calls, finish = r.choices[0].message.content or "", r.choices[0].message.tool_calls or [], \
+                r.choices[0].finish_reason
+        assert (finish == "tool_calls") == bool(calls) and (text or calls), (stream, text, calls, finish)
     # a tool result in the conversation is rendered and answered
     call = whole[0]
     follow = [*WEATHER_ASK, {"role": "assistant", "content": None, "tool_calls": [

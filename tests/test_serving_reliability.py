@@ -98,8 +98,10 @@ def cases(model):
         ("non-UTF-8 body", "/chat/completions", b'\xff\xfe{"model": "x"}', ""),
         ("malformed JSON", "/chat/completions", b'{"model": "x", "messages": [', ""),
         ("unknown model", "/chat/completions", chat_body("no-such-model"), "no-such-model"),
-        ("tools (not supported yet)", "/chat/completions",
-         chat_body(model, tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), "tools"),
+        ("tool schema that is not a JSON schema", "/chat/completions",
+         chat_body(model, tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "nope"}}}],
+                   tool_choice="required"), "tools[0].function.parameters"),
+        ("functions (deprecated)", "/chat/completions", chat_body(model, functions=[{"name": "f"}]), "functions"),
         ("logit_bias (not supported yet)", "/chat/completions", chat_body(model, logit_bias={"42": 5}), "logit_bias"),
         ("unknown field", "/chat/completions", chat_body(model, no_such_field=1), "no_such_field"),
         ("invalid JSON schema", "/chat/completions",
@@ -125,8 +127,8 @@ def test_bad_inputs_through_fastchat(fastchat):
     extra = [("megabyte-sized body", "/chat/completions",
               json.dumps(chat_body(MODEL, messages=[{"role": "user", "content": "x" * (3 << 20)}])).encode(),
               "limit")]
-    extra.append(("stream_options.include_usage (not supported yet)", "/chat/completions",
-                  chat_body(MODEL, stream=True, stream_options={"include_usage": True}), "stream_options"))
+    extra.append(("stream_options with an unknown option", "/chat/completions",
+                  chat_body(MODEL, stream=True, stream_options={"include_obfuscation": True}), "stream_options"))
     # The schema's compile runs past --guided-compile-timeout in the worker: that request fails alone.
     extra.append(("schema that compiles too long", "/chat/completions",
                   chat_body(MODEL, response_format={"type": "json_schema", "json_schema": {"schema": SLOW_SCHEMA}}),

@@ -103,9 +103,16 @@ def checked_routes(app, peek: int = 2) -> None:
             request = kwargs.get("request")
             try:
                 body = await raw_request.json()
+            except ValueError as exc:  # not UTF-8, not JSON (the chat route parses the body itself)
+                return JSONResponse({"object": "error", "message": f"the request body is not valid JSON: {exc}",
+                                     "code": 40001}, status_code=400)
+            try:
                 extras, changes = check_request(body if isinstance(body, dict) else {}, chat)
             except FieldError as exc:
                 return error_response(exc.param, str(exc))
+            if chat and not isinstance(body, dict):
+                return JSONResponse({"object": "error", "message": "the request body must be a JSON object",
+                                     "code": 40001}, status_code=400)
             if chat:  # FastChat's request model, built here from the checked body (it cannot hold tool turns)
                 from fastchat.protocol.openai_api_protocol import ChatCompletionRequest
                 from pydantic import ValidationError
@@ -162,6 +169,9 @@ def checked_routes(app, peek: int = 2) -> None:
                 check_embeddings_request(body if isinstance(body, dict) else {})
             except FieldError as exc:
                 return error_response(exc.param, str(exc))
+            except ValueError as exc:
+                return JSONResponse({"object": "error", "message": f"the request body is not valid JSON: {exc}",
+                                     "code": 40001}, status_code=400)
             return await endpoint(*args, **kwargs)
         signature = inspect.signature(endpoint)
         wrapped.__signature__ = signature.replace(parameters=[
