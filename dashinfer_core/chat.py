@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 from .errors import InvalidParameterError
 from .sampling_params import SamplingParams
-from .tools import ToolRequest, ToolStreamParser, check_tool_messages, parse_output, parse_tool_request, \
-    template_messages
+from .tools import MISTRAL, ToolRequest, ToolStreamParser, check_tool_messages, parse_output, \
+    parse_tool_request, template_messages
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
@@ -62,6 +62,8 @@ def plan_chat(tokenizer, messages: list, params: SamplingParams, tools=None, too
             rendered = _with_tool_system_prompt(rendered, request.system_prompt())
         schema = request.guided_schema()
         triggered = request.triggered_spec()
+        if request.choice == "auto" and request.format == MISTRAL and params.skip_special_tokens:
+            params = dataclasses.replace(params, skip_special_tokens=False)  # [TOOL_CALLS] is a control token
         if triggered is not None and params.guided_spec is None:  # a guided request keeps its own pattern
             params = dataclasses.replace(params)
             params.triggered_spec = triggered

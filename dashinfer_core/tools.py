@@ -70,15 +70,19 @@ class ToolRequest:
         return None
 
     def triggered_spec(self):
-        """auto in the Hermes format: once the output opens <tool_call>, the call (one of the tools' schemas)
-        and </tool_call> are constrained; None for the other formats (a Mistral or Llama call runs to the
-        end of the output, where the parser takes it)."""
-        if self.choice != "auto" or self.format != HERMES:
+        """auto: once the output opens a call, the call is held to the tools' schemas until it closes.
+        Hermes: `<tool_call>` then one call and `</tool_call>`; Mistral: `[TOOL_CALLS]` then an array of
+        calls. None for Llama 3's bare JSON (nothing opens it: the parser takes the output at the end)."""
+        if self.choice != "auto" or self.format not in (HERMES, MISTRAL):
             return None
         from .guided.spec import TriggeredSpec, build_spec, escape_literal
         calls = [{"type": "object", "properties": {"name": {"const": t.name}, "arguments": t.parameters},
                   "required": ["name", "arguments"]} for t in self.tools]
-        call = build_spec(json_schema=calls[0] if len(calls) == 1 else {"anyOf": calls}).regex
+        one = calls[0] if len(calls) == 1 else {"anyOf": calls}
+        if self.format == MISTRAL:
+            array = {"type": "array", "minItems": 1, "items": one, **({} if self.parallel else {"maxItems": 1})}
+            return TriggeredSpec(MISTRAL_OPEN, rf"( )?{build_spec(json_schema=array).regex}")
+        call = build_spec(json_schema=one).regex
         return TriggeredSpec(HERMES_OPEN, rf"(\n)?{call}(\n)?{escape_literal(HERMES_CLOSE)}")
 
     def template_tools(self) -> list[dict]:

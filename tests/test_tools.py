@@ -302,3 +302,11 @@ def test_auto_mode_holds_an_opened_call_to_the_schemas(tiny_models):
     assert plan_chat(tok, WEATHER_ASK, SamplingParams(), TOOLS).params.triggered_spec.trigger == "<tool_call>"
     assert plan_chat(tok, WEATHER_ASK, SamplingParams(), TOOLS, "required").params.triggered_spec is None
     assert plan_chat(tok, WEATHER_ASK, SamplingParams(json_object=True), TOOLS).params.triggered_spec is None
+    # Mistral: [TOOL_CALLS] opens an array of calls, and is a control token the text must keep
+    tok.chat_template = "{% if tools %}[AVAILABLE_TOOLS]{{ tools | tojson }}[/AVAILABLE_TOOLS]{% endif %}" \
+        "{% for m in messages %}[INST]{{ m['content'] }}[/INST]{% endfor %}{# [TOOL_CALLS] #}"
+    mistral = plan_chat(tok, WEATHER_ASK, SamplingParams(), TOOLS).params
+    assert mistral.triggered_spec.trigger == "[TOOL_CALLS]" and not mistral.skip_special_tokens
+    import re
+    call = ' [{"name":"get_time","arguments":{"timezone":"CET"}}]'
+    assert re.fullmatch(mistral.triggered_spec.regex, call)
