@@ -39,6 +39,14 @@ class ChatMessage:
         return "tool_calls" if self.tool_calls and engine_reason == "stop" else engine_reason
 
 
+def thinking_template(tokenizer) -> bool:
+    """The tokenizer's chat template writes <think>: a reasoning model."""
+    template = getattr(tokenizer, "chat_template", None) or ""
+    if not isinstance(template, str):
+        template = " ".join(template.values())
+    return THINK_OPEN in template
+
+
 def plan_chat(tokenizer, messages: list, params: SamplingParams, tools=None, tool_choice=None,
               parallel_tool_calls=None, chat_template_kwargs: dict | None = None,
               add_generation_prompt: bool = True) -> ChatPlan:

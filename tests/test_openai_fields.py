@@ -411,3 +411,16 @@ def test_litellm_field_policy():
         with pytest.raises(litellm.BadRequestError) as err:
             conversation(messages, "m")
         assert f"{field}:" in str(err.value), str(err.value)
+
+
+def test_fastchat_worker_keeps_an_explicit_conv_template():
+    """With --conv-template, chats go through FastChat's prompt unless they carry what it cannot hold."""
+    from dashinfer_fastchat.worker import model_template_renders
+    plain = {"chat_messages": CAPITAL}
+    assert model_template_renders(plain, conv_template_given=False)
+    assert not model_template_renders(plain, conv_template_given=True)
+    assert not model_template_renders({**plain, "tools": [TOOL], "tool_choice": "none"}, True)
+    for extra in ({"tools": [TOOL]}, {"tool_choice": "required"}, {"chat_template_kwargs": {"enable_thinking": 0}},
+                  {"chat_messages": [{"role": "tool", "content": "x"}]},
+                  {"chat_messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}):
+        assert model_template_renders({**plain, **extra}, True), extra

@@ -48,6 +48,7 @@ class DashInferWorker(BaseModelWorker):
         """loras: adapters served under their own names (registered with the controller as models
         of this worker): a request whose `model` is one of them runs with that adapter."""
         self.engine = engine  # make_conv_template (called by the base class) needs the tokenizer
+        self.conv_template_given = conv_template is not None
         self.loras = {lora.lora_name: lora for lora in loras}
         default_name = engine.engine.runner.model_dir.name.removesuffix("-v1")
         base_names = model_names or [default_name]
@@ -124,14 +125,19 @@ class DashInferWorker(BaseModelWorker):
         try:
             sampling = sampling_params_from_fastchat(params, self.conv.stop_token_ids or ())
             images = plan = parser = None
-            if params.get("chat_messages"):  # a chat: rendered by the model's own template
+            if params.get("chat_messages") and model_template_renders(params, self.conv_template_given):
                 plan, images = self.render_chat(params, sampling)
                 prompt_ids, sampling = plan.prompt_ids, plan.params
-                if plan.tools is not None or plan.reasoning:
-                    from dashinfer_core.chat import ChatStreamParser
-                    parser = ChatStreamParser(plan)
-            else:
+            else:  # FastChat's prompt (its conversation template)
                 prompt_ids = self.encode(prompt_text) if isinstance(prompt_text, str) else list(prompt_text)
+                if params.get("chat_messages"):  # a chat all the same: a reasoning model's thinking comes apart
+                    from dashinfer_core.chat import ChatPlan, thinking_template
+                    thinks = thinking_template(self.tokenizer)
+                    plan = ChatPlan(prompt_ids, sampling, reasoning=thinks,
+                                    starts_thinking=thinks and prompt_text.rstrip().endswith("<think>"))
+            if plan is not None and (plan.tools is not None or plan.reasoning):
+                from dashinfer_core.chat import ChatStreamParser
+                parser = ChatStreamParser(plan)
             if not prompt_ids:
                 raise InvalidParameterError("prompt", "must not be empty")
             lora = self.loras.get(params.get("model"))  # None: one of the base model's names
@@ -238,6 +244,19 @@ class DashInferWorker(BaseModelWorker):
         async for chunk in self.generate_stream(params, request_id):
             last = chunk
         return json.loads(last[:-1].decode())
+
+
+def model_template_renders(params: dict, conv_template_given: bool) -> bool:
+    """Whether a chat is rendered by the model's own template rather than FastChat's prompt: always
+    without --conv-template (the conversation chosen then renders the same prompt), and with it only for
+    what a FastChat conversation cannot hold (tools, tool turns, images, chat_template_kwargs)."""
+    if not conv_template_given:
+        return True
+    if params.get("tool_choice") != "none" and params.get("tools") or \
+            params.get("tool_choice") not in (None, "none") or params.get("chat_template_kwargs"):
+        return True  # (a tool_choice without tools is rendered too: the request is refused there)
+    return any(m.get("role") == "tool" or m.get("tool_calls") or isinstance(m.get("content"), list)
+               for m in params["chat_messages"] if isinstance(m, dict))
 
 
 def error_chunk(code: int, message: str) -> bytes:
