@@ -242,19 +242,26 @@ def _call_from(obj, arguments_key: str = "arguments") -> ToolCall | None:
     return ToolCall(obj["name"], json.dumps(args, ensure_ascii=False))
 
 
-def _json_values(text: str) -> list | None:
-    """The JSON values in text separated by whitespace, ',' or ';' (None if any part is not JSON)."""
-    decoder, values, pos = json.JSONDecoder(), [], 0
+def _decode_values(text: str, pos: int = 0, end: str = "") -> tuple[list, bool]:
+    """(the JSON values from text[pos:] separated by whitespace, ',' or ';', whether all of the rest parsed);
+    a character of `end` stops the scan as if the text ended there."""
+    decoder, values = json.JSONDecoder(), []
     while True:
         while pos < len(text) and text[pos] in " \t\r\n,;":
             pos += 1
-        if pos >= len(text):
-            return values
+        if pos >= len(text) or text[pos] in end:
+            return values, True
         try:
             value, pos = decoder.raw_decode(text, pos)
         except json.JSONDecodeError:
-            return None
+            return values, False
         values.append(value)
+
+
+def _json_values(text: str) -> list | None:
+    """The JSON values in text separated by whitespace, ',' or ';' (None if any part is not JSON)."""
+    values, whole = _decode_values(text)
+    return values if whole else None
 
 
 @dataclass
@@ -405,16 +412,4 @@ class ToolStreamParser:
 def _complete_array_items(text: str) -> list:
     """The complete items so far of a JSON array being written (for `required` streams)."""
     start = text.find("[")
-    if start < 0:
-        return []
-    decoder, items, pos = json.JSONDecoder(), [], start + 1
-    while True:
-        while pos < len(text) and text[pos] in " \t\r\n,":
-            pos += 1
-        if pos >= len(text) or text[pos] == "]":
-            return items
-        try:
-            value, pos = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError:
-            return items
-        items.append(value)
+    return [] if start < 0 else _decode_values(text, start + 1, end="]")[0]
