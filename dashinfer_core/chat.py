@@ -140,6 +140,7 @@ class ChatStreamParser:
         self.plan = plan
         self.tools = ToolStreamParser(plan.tools) if plan.tools is not None else None
         self.reasoning_sent = 0
+        self.content_sent = 0  # without tools: chars of content sent (the tool parser counts its own)
         self.made_calls = False
 
     def _split(self, text: str, final: bool) -> tuple[str, str | None]:
@@ -178,9 +179,8 @@ class ChatStreamParser:
         if content is None:
             return delta
         if self.tools is None:
-            sent = getattr(self, "_content_sent", 0)
-            delta.content = content[sent:]
-            self._content_sent = max(sent, len(content))
+            delta.content = content[self.content_sent:]
+            self.content_sent = max(self.content_sent, len(content))
             return delta
         if final:
             delta.content, delta.tool_calls, self.made_calls = self.tools.finish(content)

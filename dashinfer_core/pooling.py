@@ -26,6 +26,13 @@ class PoolingParams:
             raise InvalidParameterError("normalize", f"must be true or false, got {self.normalize!r}")
 
 
+def to_base64(vector: list[float]) -> str:
+    """OpenAI's base64 encoding of an embedding: little-endian float32 bytes."""
+    import base64
+    import struct
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+
+
 def accumulate(seq, hidden: torch.Tensor, start: int, final: bool) -> list[float] | None:
     """Add one chunk's hidden states ([n, hidden], the chunk starting at token `start`) to the sequence's
     pool; the embedding once the chunk is the prompt's last."""

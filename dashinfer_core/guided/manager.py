@@ -134,7 +134,7 @@ class GuidedManager:
             if seq.is_finished:
                 return
         if state.only_eos_allowed():
-            if getattr(seq, "guided_triggered", False):  # the call is complete: free text again
+            if seq.guided_triggered:  # the call is complete: free text again
                 seq.guided, seq.guided_triggered = None, False
             else:
                 output_processor.finish(seq, "stop")

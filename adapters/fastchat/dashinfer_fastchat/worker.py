@@ -218,10 +218,9 @@ class DashInferWorker(BaseModelWorker):
         except EngineDeadError as exc:
             return {"text": str(exc), "error_code": int(ErrorCode.INTERNAL_ERROR)}
         vectors = [out.embedding for out in outs]
-        if encoding == "base64":  # OpenAI's: little-endian float32 bytes, base64
-            import base64
-            import struct
-            vectors = [base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode() for v in vectors]
+        if encoding == "base64":
+            from dashinfer_core.pooling import to_base64
+            vectors = [to_base64(v) for v in vectors]
         return {"embedding": vectors, "token_num": sum(len(out.prompt_token_ids) for out in outs), "error_code": 0}
 
     def _fastchat_logprobs(self, completion, decoded: list[str]) -> dict:

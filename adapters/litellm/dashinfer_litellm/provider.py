@@ -527,7 +527,7 @@ class DashInferLLM(CustomLLM):
                          api_key=None, api_base=None, timeout=None, litellm_params=None, client=None):
         """Embeddings from the same engine as the model's completions (batched with them): the final
         hidden states pooled (`pooling`: last, the default, or mean) and L2-normalised (`normalize`)."""
-        from dashinfer_core.pooling import PoolingParams
+        from dashinfer_core.pooling import PoolingParams, to_base64
         params = dict(optional_params or {})
         lora_spec = params.pop("lora", None)
         engine_opts, rest = split_params(params, model)
@@ -564,11 +564,7 @@ class DashInferLLM(CustomLLM):
         from litellm.types.utils import Usage
         data = []
         for i, out in enumerate(outs):
-            vector = out.embedding
-            if encoding == "base64":
-                import base64
-                import struct
-                vector = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+            vector = out.embedding if encoding == "float" else to_base64(out.embedding)
             data.append({"object": "embedding", "index": i, "embedding": vector})
         tokens = sum(len(out.prompt_token_ids) for out in outs)
         model_response.data = data
