@@ -1,6 +1,7 @@
 """EngineConfig: every knob of the engine in one validated dataclass; every knob has a default."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, fields
 
 from .errors import InvalidParameterError
@@ -12,10 +13,11 @@ QUANTIZATION_MODES = ("iq-int8", "iq-int4", "a8w8", "gguf")
 KV_CACHE_DTYPES = ("auto", "int8", "uint4")
 
 
-def option(default, help: str, choices: tuple | None = None, flag: bool = True):
+def option(default, help: str, choices: tuple | None = None, flag: bool = True, parse=None):
     """An EngineConfig field: its default, the help text and choices that the CLI and the FastChat
-    worker turn into flags (engine_args.py). flag=False: not offered on the command line."""
-    return field(default=default, metadata={"help": help, "choices": choices, "flag": flag})
+    worker turn into flags (engine_args.py). flag=False: not offered on the command line; parse: how the
+    flag's text becomes the value (default: the field's type)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "flag": flag, "parse": parse})
 
 
 @dataclass
@@ -86,6 +88,11 @@ class EngineConfig:
     limit_images_per_prompt: int = option(4, "vision-language models: images one request may carry")
     max_image_pixels: int = option(4096 * 4096, "vision-language models: width x height of one image at most")
     max_image_bytes: int = option(20 << 20, "vision-language models: encoded size of one image at most")
+    speculative: dict | None = option(None, "speculative decoding, as JSON on the command line: {\"method\": "
+                                      "\"ngram\", \"num_speculative_tokens\": 4, \"prompt_lookup_max\": 4, "
+                                      "\"prompt_lookup_min\": 2} or {\"method\": \"draft\", \"model\": PATH, "
+                                      "\"num_speculative_tokens\": 4}; also \"disable_by_batch_size\" (speculate "
+                                      "only while at most this many sequences decode, default 4)", parse=json.loads)
     allowed_image_domains: str | None = option(None, "comma-separated hosts whose http(s) image URLs the engine may "
                                                "fetch; unset = no server-side fetches (data: URLs, files, PIL only)")
 
@@ -142,6 +149,9 @@ class EngineConfig:
         for name in ("limit_images_per_prompt", "max_image_pixels", "max_image_bytes"):
             _check(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name,
                    f"must be an integer >= 1, got {getattr(self, name)!r}")
+        if self.speculative is not None:
+            from .speculative.config import SpeculativeConfig
+            self.speculative = SpeculativeConfig.parse(self.speculative)
         if self.cpu_threads_bind is not None:
             from .distributed.launcher import parse_cpu_bind
             groups = parse_cpu_bind(self.cpu_threads_bind)

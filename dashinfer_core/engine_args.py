@@ -37,7 +37,7 @@ def add_engine_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (),
                                help=f"{help_text} (default: {'on' if default else 'off'})")
             continue
         args = [a for a in typing.get_args(hints[f.name]) if a is not type(None)] or [hints[f.name]]
-        kind = _TYPES[args[0]]
+        kind = f.metadata.get("parse") or _TYPES[args[0]]
         choices = f.metadata.get("choices")
         shown = "unset" if default is None else repr(default)
         group.add_argument(_flag(f.name), dest=f.name, type=kind, default=default,

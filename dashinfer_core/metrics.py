@@ -4,6 +4,7 @@
     dashinfer:kv_cache_usage_perc                     gauge, share of KV blocks in use (0-1)
     dashinfer:prefix_cache_hit_rate                   gauge, share of queried prompt tokens served from cache
     dashinfer:num_preemptions_total                   counter, read from the engine
+    dashinfer:spec_decode_num_draft_tokens_total / _num_accepted_tokens_total   counters, read from the engine
     dashinfer:prompt_tokens_total / generation_tokens_total   counters
     dashinfer:request_success_total{finished_reason}  counter
     dashinfer:time_to_first_token_seconds             histogram
@@ -44,6 +45,10 @@ class _StatsCollector:
                                  "from the prefix cache", labels=["model_name"])
         preempt = CounterMetricFamily(PREFIX + "num_preemptions", "Sequences preempted for lack of KV blocks",
                                       labels=["model_name"])
+        drafts = CounterMetricFamily(PREFIX + "spec_decode_num_draft_tokens", "Speculative decoding: tokens "
+                                     "proposed", labels=["model_name"])
+        accepted = CounterMetricFamily(PREFIX + "spec_decode_num_accepted_tokens", "Speculative decoding: "
+                                       "proposed tokens accepted", labels=["model_name"])
         for name, engine in list(self.engines.items()):
             try:
                 stats = engine.get_stats()
@@ -54,7 +59,9 @@ class _StatsCollector:
             kv.add_metric([name], 1.0 - stats.num_free_blocks / stats.num_blocks if stats.num_blocks else 0.0)
             hits.add_metric([name], stats.prefix_hit_rate)
             preempt.add_metric([name], stats.num_preemptions)
-        yield from (running, waiting, kv, hits, preempt)
+            drafts.add_metric([name], stats.spec_draft_tokens)
+            accepted.add_metric([name], stats.spec_accepted_tokens)
+        yield from (running, waiting, kv, hits, preempt, drafts, accepted)
 
 
 class Metrics:

@@ -43,6 +43,13 @@ class RequestOutput:
     embedding: list[float] | None = None  # an embedding request's pooled vector, once finished
     first_token_time: float | None = None
     finished_time: float | None = None
+    # Speculative decoding: drafts proposed for this request and how many of them were accepted
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
 
     # Shortcuts to the first completion (the only one when n == 1).
     @property

@@ -146,6 +146,13 @@ class BlockManager:
             seq.block_table.append(self._take(ops))
         return True
 
+    def trim(self, seq: Sequence, num_tokens: int) -> None:
+        """Give back the blocks past those holding seq's first `num_tokens` tokens (slots taken for drafts
+        that were rejected). They are never cached: only full, computed blocks are."""
+        keep = -(-num_tokens // self.block_size)
+        while len(seq.block_table) > keep:
+            self._release(seq.block_table.pop())
+
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """The child shares every block of the parent."""
         for block in parent.block_table:

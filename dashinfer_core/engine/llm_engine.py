@@ -49,6 +49,10 @@ class EngineStats:
     lora_host_copies: int = 0
     lora_slot_loads: int = 0
     lora_disk_loads: int = 0
+    # Speculative decoding: drafts proposed and accepted, and the share accepted
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
+    spec_acceptance_rate: float = 0.0
 
 
 class LLMEngine:
@@ -96,6 +100,10 @@ class LLMEngine:
                                     self.eos_token_ids[0] if self.eos_token_ids else None,
                                     self.config.guided_compile_timeout, self.config.guided_compile_workers)
         self.guided.precompile_json_object()  # on a compile thread: the first json_object request finds it ready
+        self.speculator = None
+        if self.config.speculative is not None:
+            from ..speculative.speculator import make_speculator
+            self.speculator = make_speculator(self.config.speculative, self)
 
     # ---- requests ------------------------------------------------------------------------------
     def build_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
@@ -240,7 +248,7 @@ class LLMEngine:
         for seq in request.sequences:
             if not seq.is_finished:
                 self.output_processor.finish(seq, reason)
-            self.scheduler.remove(seq)
+            self._remove(seq)
         self.requests.pop(request.request_id, None)
         return self.output_processor.make_output(request)
 
@@ -332,7 +340,11 @@ class LLMEngine:
             fast_paths={name: str(choice) for name, choice in self.runner.fast_paths.items()},
             **(dict(lora_adapters=len(self.lora.known), lora_host_copies=len(self.lora.pool),
                     lora_slot_loads=self.lora.num_slot_loads, lora_disk_loads=self.lora.num_disk_loads)
-               if self.lora is not None else {}))
+               if self.lora is not None else {}),
+            **(dict(spec_draft_tokens=self.speculator.stats.num_draft_tokens,
+                    spec_accepted_tokens=self.speculator.stats.num_accepted_tokens,
+                    spec_acceptance_rate=self.speculator.stats.acceptance_rate)
+               if self.speculator is not None else {}))
 
     # ---- the step ------------------------------------------------------------------------------
     def step(self, final_only: bool = False) -> list[RequestOutput]:
@@ -344,26 +356,22 @@ class LLMEngine:
         if batch.is_empty:
             return outputs
         self.num_steps += 1
-        rows: list[SampleRow] = []
-        pool: list[int] = []  # batch entries of embedding requests: pooled, not sampled
-        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
-            if seq.request.pooling is not None:
-                pool.append(i)
-                continue
-            if seq.num_computed_tokens + n < seq.num_tokens:
-                continue  # a prefill chunk that does not reach the end yet
-            rows.append(SampleRow(seq, i))
-            if seq.request.needs_fork:
-                rows.extend(SampleRow(child, i) for child in self._fork(seq, n))
         try:
+            if self.speculator is not None:
+                drafts = self.speculator.propose(batch)
+                if drafts:
+                    self.scheduler.add_drafts(batch, drafts)
+            rows, pool = self._sample_rows(batch)
             sampled, pooled = self.runner.execute(batch, rows, pool)
             self._consecutive_failures = 0
         except EngineDeadError:  # a tensor-parallel rank died: nothing can run any more
             raise
         except Exception as exc:
             return outputs + self._fail_batch(batch, exc)
+        finally:
+            for seq in batch.seqs:
+                seq.spec_tokens = []
         starts = [(batch.seqs[i].num_computed_tokens, batch.num_new_tokens[i]) for i in pool]
-        self.scheduler.finish_step(batch)
         touched: dict[str, Request] = {}
         failed: dict[str, str] = {}
         now = time.monotonic()
@@ -374,40 +382,83 @@ class LLMEngine:
                 request.embedding, request.first_token_time = vector, now
                 self.output_processor.finish(seq, "stop")
                 touched[request.request_id] = request
+        # Speculative entries: tokens counted as computed (the last one and the accepted drafts), and the
+        # entries whose run ended (a draft rejected, the sequence finished, its pattern changed state).
+        verified: dict[int, int] = {}
+        run_ended: set[int] = set()
         for k, row in enumerate(rows):
             seq, request = row.seq, row.seq.request
             touched[request.request_id] = request
-            if request.request_id in failed:
+            if request.request_id in failed or row.batch_index in run_ended:
                 continue
             if request.first_token_time is None:
                 request.first_token_time = now
+            if row.offset is not None:
+                verified[row.batch_index] = row.offset + 1
+                if row.offset == 0:
+                    self.speculator.count(seq, batch.num_new_tokens[row.batch_index] - 1, 0)
             try:
                 token = sampled.token_ids[k]
                 if token < 0:
                     raise FloatingPointError("the model produced non-finite logits (NaN or inf) for this request")
-                text_before = len(seq.text)
+                text_before, num_before, guide_before = len(seq.text), seq.num_tokens, seq.guided
                 self.output_processor.append_token(seq, token, sampled.logprobs_of_row(k, seq.params.logprobs))
                 if seq.guided is not None:
                     self.guided.after_token(seq, token, self.output_processor)
                 elif seq.params.triggered_spec is not None and seq.request.trigger_future is not None \
                         and not seq.is_finished:
                     self.guided.check_trigger(seq, text_before)
+                if row.offset is not None:
+                    if token == row.draft:
+                        self.speculator.count(seq, 0, 1)
+                    # the next row assumed this draft, and nothing but it, was appended
+                    if token != row.draft or seq.is_finished or seq.guided is not guide_before or \
+                            seq.num_tokens != num_before + 1:
+                        run_ended.add(row.batch_index)
             except Exception as exc:  # one request's failure must not stop the others
                 logger.exception("request %s failed while processing its output", request.request_id)
                 failed[request.request_id] = f"{type(exc).__name__}: {exc}"
+        self.scheduler.finish_step(batch, num_verified=verified)
         for request in touched.values():
             if request.request_id in failed:
                 outputs.append(self._end_request(request, "error", failed[request.request_id]))
                 continue
             for seq in request.sequences:
                 if seq.is_finished:
-                    self.scheduler.remove(seq)
+                    self._remove(seq)
             if final_only and not request.finished:
                 continue
             outputs.append(self.output_processor.make_output(request))
             if outputs[-1].finished:
                 self.requests.pop(request.request_id, None)
         return outputs
+
+    def _sample_rows(self, batch) -> tuple[list[SampleRow], list[int]]:
+        """The tokens to draw this step (forking the completions of n > 1 requests whose prompt this step
+        completes), and the batch entries of embedding requests (pooled, not sampled)."""
+        rows: list[SampleRow] = []
+        pool: list[int] = []
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+            if seq.request.pooling is not None:
+                pool.append(i)
+                continue
+            if seq.spec_tokens:  # one row per draft and one after them
+                drafts = seq.spec_tokens
+                rows.extend(SampleRow(seq, i, j, drafts[j] if j < len(drafts) else None, view)
+                            for j, view in enumerate(self.speculator.views(seq, drafts)))
+                continue
+            if seq.num_computed_tokens + n < seq.num_tokens:
+                continue  # a prefill chunk that does not reach the end yet
+            rows.append(SampleRow(seq, i))
+            if seq.request.needs_fork:
+                rows.extend(SampleRow(child, i) for child in self._fork(seq, n))
+        return rows, pool
+
+    def _remove(self, seq: Sequence) -> None:
+        """A finished or aborted sequence leaves the queues; its blocks (and its proposer's state) go back."""
+        self.scheduler.remove(seq)
+        if self.speculator is not None:
+            self.speculator.release(seq)
 
     def _fail_batch(self, batch, exc: Exception) -> list[RequestOutput]:
         """The forward or sampling raised: end every request of this batch with the error (freeing its

@@ -119,6 +119,8 @@ class OutputProcessor:
             embedding=request.embedding,
             first_token_time=request.first_token_time,
             finished_time=time.monotonic() if finished else None,
+            num_draft_tokens=sum(s.num_draft_tokens for s in request.sequences),
+            num_accepted_tokens=sum(s.num_accepted_tokens for s in request.sequences),
         )
 
 

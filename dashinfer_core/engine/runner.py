@@ -105,9 +105,13 @@ class StepPlan:
 
 @dataclass
 class SampleRow:
-    """One token to draw: for `seq`, from the logits of the last token of batch entry `batch_index`."""
+    """One token to draw: for `seq`, from the logits of the last token of batch entry `batch_index`, or with
+    speculative decoding of its token `offset` (the last computed token is 0, draft j is j + 1)."""
     seq: Sequence
     batch_index: int
+    offset: int | None = None
+    draft: int | None = None  # the draft this row verifies (None: the row after the last draft)
+    view: object = None  # what the sampler reads instead of seq (speculative.DraftView)
 
 
 class ModelRunner:
@@ -231,7 +235,8 @@ class ModelRunner:
         """Forward the batch; draw a token for each row. Returns host lists (the step's one sync), and the
         final hidden states of the tokens of each batch entry in `pool` (embedding requests)."""
         query_end = np.cumsum(batch.num_new_tokens)
-        logit_rows = [int(query_end[r.batch_index]) - 1 for r in rows]
+        logit_rows = [int(query_end[r.batch_index]) - 1 if r.offset is None else
+                      int(query_end[r.batch_index]) - batch.num_new_tokens[r.batch_index] + r.offset for r in rows]
         if self.bucket_shapes and logit_rows:  # the LM head's GEMM too sees only a few row counts
             logit_rows += logit_rows[-1:] * (padded_count(len(logit_rows)) - len(logit_rows))
         logits = self._run(self._plan(batch, logit_rows))
@@ -240,7 +245,8 @@ class ModelRunner:
         if not rows:
             return None, pooled
         with torch.inference_mode():
-            return self.sampler(logits[:len(rows)], self.sampler.prepare([r.seq for r in rows])).to_host(), pooled
+            return self.sampler(logits[:len(rows)], self.sampler.prepare(
+                [r.seq if r.view is None else r.view for r in rows])).to_host(), pooled
 
     def score(self, batch: ScheduledBatch, targets: list[int]) -> list[float]:
         """Forward a one-sequence batch and return the log-probability of targets[i] after its token i
@@ -306,12 +312,14 @@ class ModelRunner:
             start, table = seq.num_computed_tokens, seq.block_table
             block_tables[i, :len(table)] = table
             seq_lens.append(start + n)
-            if n == 1:  # a decode: plain ints (numpy's per-call cost is most of a step's planning at batch 64)
-                ids.append(seq.token_ids[start])
+            if n == 1 and start < len(seq.token_ids):  # a decode: plain ints (numpy's per-call cost is most
+                ids.append(seq.token_ids[start])     # of a step's planning at batch 64)
                 positions.append(start)
                 slots.append(table[start // bs] * bs + start % bs)
                 continue
             ids.extend(seq.token_ids[start:start + n])
+            if start + n > len(seq.token_ids):  # speculative decoding: the drafts follow the tokens
+                ids.extend(seq.spec_tokens[max(0, start - len(seq.token_ids)):start + n - len(seq.token_ids)])
             chunk = np.arange(start, start + n, dtype=np.int64)
             positions.extend(chunk.tolist())
             slots.extend((np.asarray(table, dtype=np.int64)[chunk // bs] * bs + chunk % bs).tolist())

@@ -75,13 +75,35 @@ class Scheduler:
         child.num_computed_tokens = parent.num_computed_tokens + num_new
         self.add_running(child)
 
-    def finish_step(self, batch: ScheduledBatch, cache_prefixes: bool = True) -> None:
+    def add_drafts(self, batch: ScheduledBatch, drafts: dict[int, list[int]]) -> None:
+        """Speculative decoding: batch entries that decode one token also compute the drafts proposed for
+        them (`drafts`: {batch index: tokens}), as far as the step's token budget and free blocks allow (a
+        draft never preempts anyone). Sets each such sequence's spec_tokens."""
+        budget = self.max_num_batched_tokens - batch.num_tokens
+        for i, tokens in drafts.items():
+            seq = batch.seqs[i]
+            tokens = tokens[:budget]
+            if not tokens or not self.block_manager.allocate(seq, seq.num_computed_tokens + 1 + len(tokens),
+                                                             batch.ops):
+                continue
+            seq.spec_tokens = tokens
+            batch.num_new_tokens[i] = 1 + len(tokens)
+            budget -= len(tokens)
+        self._order_decodes_first(batch)
+
+    def finish_step(self, batch: ScheduledBatch, cache_prefixes: bool = True,
+                    num_verified: dict[int, int] | None = None) -> None:
         """The batch's forward ran: its new tokens have K/V in the cache now; full blocks join the
-        prefix cache (unless cache_prefixes is False: scoring)."""
-        for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
-            seq.num_computed_tokens += num_new
+        prefix cache (unless cache_prefixes is False: scoring). num_verified: {batch index: tokens} for
+        entries that verified drafts: only the last token and the accepted drafts count as computed, and the
+        blocks taken for rejected drafts go back."""
+        for i, (seq, num_new) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+            verified = num_verified.get(i) if num_verified else None
+            seq.num_computed_tokens += num_new if verified is None else verified
             if cache_prefixes:
                 self.block_manager.register_computed(seq)
+            if verified is not None:
+                self.block_manager.trim(seq, seq.num_tokens)
 
     def schedule_one(self, seq: Sequence, num_new: int) -> ScheduledBatch | None:
         """A batch of one sequence outside the queues (LLMEngine.score): slots for its next

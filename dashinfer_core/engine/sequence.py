@@ -105,6 +105,11 @@ class Sequence:
     guided: object = None  # GuidedState for guided requests
     guided_triggered: bool = False  # `guided` holds a triggered pattern (tool call in auto mode)
     pool_sum: object = None  # mean pooling: the sum of the hidden states computed so far
+    # Speculative decoding: the drafts this step verifies after the last token (computed with it, never in
+    # token_ids), and how many were proposed and accepted over the sequence's life.
+    spec_tokens: list[int] = field(default_factory=list)
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
 
     @property
     def params(self) -> SamplingParams:
