@@ -6,6 +6,8 @@ import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The machine is offline: LiteLLM must read its bundled cost map, not retry a download on import.
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 # Without a GPU, Triton kernels run under the interpreter; it must be on before they are defined.
 if os.environ.get("DASHINFER_TEST_DEVICE", "cpu") == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")

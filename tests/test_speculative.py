@@ -381,3 +381,19 @@ def test_the_command_line_takes_json():
     config = engine_config_from_args(args)
     assert config.speculative.method == "ngram" and config.speculative.num_speculative_tokens == 3
     assert engine_config_from_args(parser.parse_args([])).speculative is None
+
+
+def test_the_fastchat_worker_and_the_litellm_provider_take_it():
+    config_json = json.dumps({"method": "draft", "model": "default", "quantization": "gguf",
+                              "num_speculative_tokens": 3})
+    worker = pytest.importorskip("dashinfer_fastchat.worker")
+    args = worker.build_parser().parse_args(["--model-path", "default", "--speculative", config_json])
+    config = worker.worker_engine_config(args)
+    assert (config.speculative.method, config.speculative.model, config.speculative.num_speculative_tokens) == \
+        ("draft", "default", 3)
+    provider = pytest.importorskip("dashinfer_litellm.provider")
+    engine_options, sampling = provider.split_params(
+        {"speculative": {"method": "ngram", "num_speculative_tokens": 2}, "temperature": 0.0}, "default")
+    assert engine_options == {"speculative": {"method": "ngram", "num_speculative_tokens": 2}}
+    assert EngineConfig(**engine_options).speculative.num_speculative_tokens == 2
+    assert "speculative" not in sampling
