@@ -93,6 +93,13 @@ class EngineConfig:
                                       "\"prompt_lookup_min\": 2} or {\"method\": \"draft\", \"model\": PATH, "
                                       "\"num_speculative_tokens\": 4}; also \"disable_by_batch_size\" (speculate "
                                       "only while at most this many sequences decode, default 4)", parse=json.loads)
+    disk_cache_dir: str | None = option(None, "prefix cache disk tier: a directory keeping KV blocks across restarts "
+                                        "(blocks leaving the CPU tier, and computed blocks when "
+                                        "disk_cache_write_behind); several engines may share it; unset = off")
+    disk_cache_bytes: int = option(16 << 30, "the disk tier's byte budget for disk_cache_dir (least recently "
+                                   "used files deleted first)")
+    disk_cache_write_behind: bool = option(True, "write every full computed block to the disk tier as it "
+                                           "completes (off: only blocks evicted from memory go to disk)")
     allowed_image_domains: str | None = option(None, "comma-separated hosts whose http(s) image URLs the engine may "
                                                "fetch; unset = no server-side fetches (data: URLs, files, PIL only)")
 
@@ -149,6 +156,15 @@ class EngineConfig:
         for name in ("limit_images_per_prompt", "max_image_pixels", "max_image_bytes"):
             _check(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name,
                    f"must be an integer >= 1, got {getattr(self, name)!r}")
+        _check(isinstance(self.disk_cache_bytes, int) and self.disk_cache_bytes > 0, "disk_cache_bytes",
+               f"must be an integer > 0 bytes, got {self.disk_cache_bytes!r}")
+        if self.disk_cache_dir is not None:
+            _check(isinstance(self.disk_cache_dir, str) and bool(self.disk_cache_dir), "disk_cache_dir",
+                   f"must be a directory path, got {self.disk_cache_dir!r}")
+            _check(self.enable_prefix_caching, "disk_cache_dir", "the disk tier is part of the prefix cache: "
+                   "it needs enable_prefix_caching")
+            _check(self.tensor_parallel_size == 1, "disk_cache_dir", "the disk tier runs with "
+                   f"tensor_parallel_size 1 only, got {self.tensor_parallel_size}")
         if self.speculative is not None:
             from .speculative.config import SpeculativeConfig
             self.speculative = SpeculativeConfig.parse(self.speculative)

@@ -35,6 +35,7 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (device + CPU tier)
     num_cpu_cached_tokens: int = 0  # of which from the CPU tier
+    num_disk_cached_tokens: int = 0  # of which read back from the disk tier for this request
     error: str | None = None
     # True when the error is the request's own (e.g. a guided pattern too complex to compile in time),
     # so servers answer 4xx; False for engine failures (5xx).

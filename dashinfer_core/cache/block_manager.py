@@ -43,6 +43,10 @@ class BlockManager:
         self.evictable: OrderedDict[int, None] = OrderedDict()  # unused but cached, oldest first
         self.cache = PrefixCache(num_cpu_slots=num_cpu_blocks if enable_prefix_caching else 0, ttl=ttl,
                                  clock=clock)
+        # The disk tier (when there is one) reads the blocks registered since it last looked:
+        # (sequence, block index, entry).
+        self.record_new_blocks = False
+        self.new_blocks: list = []
         # Blocks are handed out in id order at first, so ids below this one have been used before.
         self.num_blocks_used_ever = 0
 
@@ -121,6 +125,8 @@ class BlockManager:
             block = seq.block_table[i]
             if entry is None:
                 entry = self.cache.register(key, block)
+                if self.record_new_blocks:
+                    self.new_blocks.append((seq, i, entry))
             elif entry.device_block is None:  # cached only on the CPU: this block is its device copy now
                 entry.device_block = block
                 self.cache.by_block[block] = entry
@@ -152,6 +158,25 @@ class BlockManager:
         keep = -(-num_tokens // self.block_size)
         while len(seq.block_table) > keep:
             self._release(seq.block_table.pop())
+
+    def install_cached(self, parent_uid: int | None, blocks_tokens: list[tuple], extra_key,
+                       ops: BlockOps) -> list[tuple[CacheEntry, int]]:
+        """Blocks read back from the disk tier join the prefix cache as device blocks no one uses yet: the
+        chain of `blocks_tokens` after the entry `parent_uid` (None: from the start), as far as free or
+        evictable blocks allow. The caller fills the blocks after performing `ops`. Returns the (entry,
+        device block) pairs placed, in order."""
+        placed = []
+        for tokens in blocks_tokens:
+            key = self.cache.make_key(parent_uid, tokens, extra_key)
+            if key in self.cache.entries or not self.num_free_blocks:
+                break
+            block = self._take(ops)  # held until all are placed: none of them is evicted for another
+            entry = self.cache.register(key, block)
+            placed.append((entry, block))
+            parent_uid = entry.uid
+        for _, block in placed:
+            self._release(block)
+        return placed
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """The child shares every block of the parent."""

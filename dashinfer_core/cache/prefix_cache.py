@@ -25,6 +25,7 @@ class CacheEntry:
     device_block: int | None = None
     cpu_slot: int | None = None
     last_used: float = 0.0
+    digest: str | None = None  # its chain digest, when a disk tier keeps blocks (disk_tier.py)
 
 
 @dataclass
@@ -53,6 +54,9 @@ class PrefixCache:
     by_block: dict = field(default_factory=dict)  # device block -> CacheEntry
     cpu_lru: OrderedDict = field(default_factory=OrderedDict)  # cpu slot -> CacheEntry, oldest first
     stats: PrefixCacheStats = field(default_factory=PrefixCacheStats)
+    # Called with (entry, "device", block) or (entry, "cpu", slot) when an entry is evicted from the last
+    # tier that held it, while that copy is still intact (the disk tier writes it out).
+    on_evict: object = None
 
     def __post_init__(self):
         self._uids = itertools.count(1)
@@ -99,10 +103,12 @@ class PrefixCache:
         if entry.cpu_slot is not None:  # already has a CPU copy (it was swapped in before)
             return None
         if self.num_cpu_slots == 0 or self.is_expired(entry):
+            self._evicted(entry, "device", block)
             self.drop(entry)
             return None
         slot = self._take_cpu_slot(pinned_slots)
         if slot is None:
+            self._evicted(entry, "device", block)
             self.drop(entry)
             return None
         entry.cpu_slot = slot
@@ -124,7 +130,12 @@ class PrefixCache:
             self.cpu_lru.pop(slot)
             victim.cpu_slot = None
             if victim.device_block is None:
+                self._evicted(victim, "cpu", slot)
                 self.entries.pop(victim.key, None)
             self.stats.cpu_evictions += 1
             return slot
         return None
+
+    def _evicted(self, entry: CacheEntry, where: str, index: int) -> None:
+        if self.on_evict is not None and not self.is_expired(entry):
+            self.on_evict(entry, where, index)

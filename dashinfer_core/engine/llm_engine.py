@@ -53,6 +53,15 @@ class EngineStats:
     spec_draft_tokens: int = 0
     spec_accepted_tokens: int = 0
     spec_acceptance_rate: float = 0.0
+    # Disk tier (disk_cache_dir): on or turned off by an error, prompt tokens read back, file traffic
+    disk_enabled: bool = False
+    disk_hit_tokens: int = 0
+    disk_writes: int = 0
+    disk_write_bytes: int = 0
+    disk_writes_dropped: int = 0
+    disk_reads: int = 0
+    disk_corrupted: int = 0
+    disk_evictions: int = 0
 
 
 class LLMEngine:
@@ -100,6 +109,10 @@ class LLMEngine:
                                     self.eos_token_ids[0] if self.eos_token_ids else None,
                                     self.config.guided_compile_timeout, self.config.guided_compile_workers)
         self.guided.precompile_json_object()  # on a compile thread: the first json_object request finds it ready
+        self.disk = None
+        if self.config.disk_cache_dir is not None:
+            from ..cache.disk_tier import DiskTier
+            self.disk = DiskTier(self.config, self.runner, block_manager)
         self.speculator = None
         if self.config.speculative is not None:
             from ..speculative.speculator import make_speculator
@@ -198,6 +211,8 @@ class LLMEngine:
             if not self.lora.prepare(request):
                 return  # back through _admit_parked once loaded
             request.lora_uid = self.lora.uid_of(request.lora)
+        elif self.disk is not None and self.disk.park(request):
+            return  # its cached blocks are being read from disk: back through _admit_parked
         self.scheduler.add(request.sequences[0])
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
@@ -241,6 +256,8 @@ class LLMEngine:
         self.guided.remove(request)
         if self.lora is not None:
             self.lora.remove_parked(request)
+        if self.disk is not None:
+            self.disk.remove(request)
         if error is not None:
             request.error, request.error_is_client = error, error_is_client
         while request.needs_fork:
@@ -258,14 +275,15 @@ class LLMEngine:
     def has_runnable_work(self) -> bool:
         """False when every unfinished request is only waiting for its guided pattern to compile."""
         return self.scheduler.has_unfinished() or self.guided.has_news() or self.runner.broken or \
-            (self.lora is not None and self.lora.has_news())
+            (self.lora is not None and self.lora.has_news()) or (self.disk is not None and self.disk.has_news())
 
     def wait_for_work(self, timeout: float | None = None) -> bool:
         """Block while every unfinished request only waits for its guided pattern to compile: until
         a compile ends, the nearest compile deadline, or `timeout`. True if a step has work now."""
         if not self.has_runnable_work():
             waits = [t for t in (self.seconds_to_next_deadline(), timeout) if t is not None]
-            futures = self.guided.futures() + (self.lora.futures() if self.lora is not None else [])
+            futures = self.guided.futures() + (self.lora.futures() if self.lora is not None else []) + \
+                (self.disk.futures() if self.disk is not None else [])
             if futures:
                 from concurrent.futures import FIRST_COMPLETED
                 from concurrent.futures import wait as wait_futures
@@ -282,6 +300,8 @@ class LLMEngine:
         self.guided.on_ready = callback
         if self.lora is not None:
             self.lora.on_ready = callback
+        if self.disk is not None:
+            self.disk.on_ready = callback
         self.runner.on_failure(callback)
 
     def shutdown(self) -> None:
@@ -289,6 +309,8 @@ class LLMEngine:
         self.guided.shutdown()
         if self.lora is not None:
             self.lora.shutdown()
+        if self.disk is not None:
+            self.disk.shutdown()  # after its queued writes are on disk
         self.runner.shutdown()
 
     def get_request_status(self, request_id: str) -> str | None:
@@ -344,7 +366,12 @@ class LLMEngine:
             **(dict(spec_draft_tokens=self.speculator.stats.num_draft_tokens,
                     spec_accepted_tokens=self.speculator.stats.num_accepted_tokens,
                     spec_acceptance_rate=self.speculator.stats.acceptance_rate)
-               if self.speculator is not None else {}))
+               if self.speculator is not None else {}),
+            **(dict(disk_enabled=self.disk.enabled, disk_hit_tokens=self.disk.stats.hit_tokens,
+                    disk_writes=self.disk.stats.writes, disk_write_bytes=self.disk.stats.write_bytes,
+                    disk_writes_dropped=self.disk.stats.writes_dropped, disk_reads=self.disk.stats.reads,
+                    disk_corrupted=self.disk.stats.corrupted, disk_evictions=self.disk.stats.evictions)
+               if self.disk is not None else {}))
 
     # ---- the step ------------------------------------------------------------------------------
     def step(self, final_only: bool = False) -> list[RequestOutput]:
@@ -419,6 +446,8 @@ class LLMEngine:
                 logger.exception("request %s failed while processing its output", request.request_id)
                 failed[request.request_id] = f"{type(exc).__name__}: {exc}"
         self.scheduler.finish_step(batch, num_verified=verified)
+        if self.disk is not None:
+            self.disk.after_step()
         for request in touched.values():
             if request.request_id in failed:
                 outputs.append(self._end_request(request, "error", failed[request.request_id]))
@@ -485,6 +514,9 @@ class LLMEngine:
                 request.lora_uid = self.lora.uid_of(request.lora)
                 self.scheduler.add(request.sequences[0])
             failed += lora_failed
+        if self.disk is not None and self.disk.parked:
+            for request in self.disk.poll():
+                self.scheduler.add(request.sequences[0])
         return [self._end_request(request, "error", message, error_is_client=True) for request, message in failed]
 
     def _fork(self, parent: Sequence, num_new: int) -> list[Sequence]:

@@ -113,6 +113,7 @@ class OutputProcessor:
             finished=finished,
             num_cached_tokens=first.num_cached_tokens if first else 0,
             num_cpu_cached_tokens=first.num_cpu_cached_tokens if first else 0,
+            num_disk_cached_tokens=first.num_disk_cached_tokens if first else 0,
             error=request.error,
             error_is_client=request.error_is_client,
             arrival_time=request.arrival_time,

@@ -93,6 +93,9 @@ class Sequence:
     # Prompt tokens whose K/V came from the prefix cache at admission (device tier, CPU tier).
     num_cached_tokens: int = 0
     num_cpu_cached_tokens: int = 0
+    num_disk_cached_tokens: int = 0  # of those, read back from the disk tier for this request
+    # Disk tier: chain digests of the leading full blocks, computed as needed (a function of the tokens).
+    disk_digests: list[str] = field(default_factory=list)
     num_preemptions: int = 0
     # Output text state (see output_processor): text decoded so far, and how much was sent out.
     text: str = ""
