@@ -127,7 +127,7 @@ def test_corrupted_truncated_and_foreign_files_are_skipped_and_deleted(tiny_mode
     # The first block of three of the unrelated prompts: each request reads its run from there.
     victims = []
     for prompt in prompts()[4:7]:
-        seq = SimpleNamespace(disk_digests=[], token_ids=prompt, request=SimpleNamespace(cache_salt=None, mm=None))
+        seq = SimpleNamespace(disk_digests=[], token_ids=prompt, request=SimpleNamespace(cache_salt=None, mm=None, lora=None))
         victims.append(Path(tier.store.path_of(tier.digests(seq, 1)[0])))
     assert all(v.exists() for v in victims)
     data = bytearray(victims[0].read_bytes())
@@ -293,3 +293,30 @@ def test_the_command_line_the_worker_and_litellm_take_it(tmp_path):
                                                       "temperature": 0.0}, "default")
     assert engine_options == {"disk_cache_dir": str(tmp_path), "disk_cache_bytes": 10}
     assert "disk_cache_dir" not in sampling
+
+
+def test_lora_blocks_are_named_by_the_adapters_weights(tiny_models, tmp_path):
+    from dashinfer_core import LoRARequest
+    from helpers import make_adapter
+    base = tiny_models["llama"]
+    paths = [make_adapter(base, tmp_path / f"adapter-{seed}", seed, r=4, lora_alpha=8,
+                          target_modules=["k_proj", "v_proj"]) for seed in (1, 2)]
+    prompt = prompts()[0]
+    cache = tmp_path / "cache"
+
+    def serve(lora):
+        llm = make_llm(base, cache, enable_lora=True, max_lora_rank=8)
+        out = llm.generate([prompt], PARAMS, lora_request=lora)[0]
+        llm.shutdown()
+        return out
+    reference = {i: LLM(str(base), dtype="float32", device="cpu", block_size=BS, enable_prefix_caching=False,
+                        enable_lora=True, max_lora_rank=8).generate([prompt], PARAMS, lora_request=LoRARequest(
+                            "a", 1, str(p)))[0].outputs[0].token_ids for i, p in enumerate(paths)}
+    first = serve(LoRARequest("one", 1, str(paths[0])))
+    assert first.num_disk_cached_tokens == 0 and first.outputs[0].token_ids == reference[0]
+    # After a restart, the same weights under another name and id hit; another adapter and the base model miss.
+    again = serve(LoRARequest("renamed", 7, str(paths[0])))
+    assert again.num_disk_cached_tokens == full_block_tokens(prompt) and again.outputs[0].token_ids == reference[0]
+    other = serve(LoRARequest("two", 2, str(paths[1])))
+    assert other.num_disk_cached_tokens == 0 and other.outputs[0].token_ids == reference[1]
+    assert serve(None).num_disk_cached_tokens == 0

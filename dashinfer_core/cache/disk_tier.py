@@ -9,8 +9,8 @@ prefix cache, and the request is queued and hits them there.
 Names on disk must mean the same thing after a restart, so they are not the in-memory keys (whose parent
 uids are this process's counters) but chain digests: a block's digest hashes its parent's digest, the
 request's cache salt and image digests, and its token ids. What else shapes K and V goes into the
-fingerprint (kv_fingerprint). Requests with a LoRA adapter do not use the disk tier: an adapter's id is
-the caller's name for it, not its contents.
+fingerprint (kv_fingerprint). A LoRA adapter enters a request's chain by the digest of its weights (its id
+and name are only the caller's names for it).
 """
 from __future__ import annotations
 
@@ -125,14 +125,15 @@ class DiskTier:
     # ---- names ---------------------------------------------------------------------------------
     @staticmethod
     def eligible(request) -> bool:
-        return request.lora is None
+        return request.lora is None or request.lora_adapter is not None
 
     def digests(self, seq, count: int) -> list[str]:
         """Chain digests of seq's first `count` full blocks (kept on the sequence: tokens never change)."""
         done, bs, tokens = seq.disk_digests, self.block_size, seq.token_ids
         if len(done) < count:
             request = seq.request
-            extra = json.dumps([request.cache_salt, list(request.mm.digests) if request.mm is not None else None])
+            extra = json.dumps([request.cache_salt, list(request.mm.digests) if request.mm is not None else None,
+                                request.lora_adapter.digest if request.lora is not None else None])
             for i in range(len(done), count):
                 h = hashlib.blake2b(digest_size=20)
                 h.update(bytes.fromhex(done[-1]) if done else b"root")

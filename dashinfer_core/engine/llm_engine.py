@@ -211,7 +211,10 @@ class LLMEngine:
             if not self.lora.prepare(request):
                 return  # back through _admit_parked once loaded
             request.lora_uid = self.lora.uid_of(request.lora)
-        elif self.disk is not None and self.disk.park(request):
+        self._queue_ready(request)
+
+    def _queue_ready(self, request: Request) -> None:
+        if self.disk is not None and self.disk.park(request):
             return  # its cached blocks are being read from disk: back through _admit_parked
         self.scheduler.add(request.sequences[0])
 
@@ -512,7 +515,7 @@ class LLMEngine:
             ready, lora_failed = self.lora.poll()
             for request in ready:
                 request.lora_uid = self.lora.uid_of(request.lora)
-                self.scheduler.add(request.sequences[0])
+                self._queue_ready(request)
             failed += lora_failed
         if self.disk is not None and self.disk.parked:
             for request in self.disk.poll():

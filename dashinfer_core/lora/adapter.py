@@ -3,10 +3,11 @@ tensors, checked against the base model before anything is kept: a bad adapter r
 InvalidParameterError naming the field, and nothing of it stays loaded."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -35,6 +36,20 @@ class LoRAAdapter:
     scaling: float  # lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora
     # (layer index, HF projection name) -> (A [r, in], B [out, r] with the scaling folded in), fp32
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+    _digest: str | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def digest(self) -> str:
+        """Of the weights as applied (scaling folded in): what the KV computed with this adapter depends on.
+        The prefix cache's disk tier names blocks by it; an adapter's id and name are only the caller's."""
+        if self._digest is None:
+            h = hashlib.sha256()
+            for (layer, module), (a, b) in sorted(self.weights.items()):
+                h.update(f"{layer}.{module}".encode())
+                h.update(a.contiguous().numpy().tobytes())
+                h.update(b.contiguous().numpy().tobytes())
+            self._digest = h.hexdigest()
+        return self._digest
 
     @property
     def num_bytes(self) -> int:
@@ -63,10 +78,10 @@ def load_adapter(request: LoRARequest, cfg: ModelConfig, max_lora_rank: int) -> 
         raise _bad("adapter_config.json", request, f"unreadable: {exc}") from exc
     if config.get("peft_type", "LORA") != "LORA":
         raise _bad("peft_type", request, f"only LORA adapters are supported, got {config.get('peft_type')!r}")
-    for field, unused in _UNSUPPORTED.items():
-        value = config.get(field, unused)
+    for name, unused in _UNSUPPORTED.items():
+        value = config.get(name, unused)
         if value not in (unused, None, False, [], {}):
-            raise _bad(field, request, f"{value!r} is not supported (only {unused!r})")
+            raise _bad(name, request, f"{value!r} is not supported (only {unused!r})")
     base_class = (config.get("auto_mapping") or {}).get("base_model_class")
     if base_class and base_class != cfg.architecture:
         raise _bad("auto_mapping.base_model_class", request,
@@ -90,7 +105,9 @@ def load_adapter(request: LoRARequest, cfg: ModelConfig, max_lora_rank: int) -> 
         tensors = load_file(str(weights_file))
     except (SafetensorError, OSError) as exc:
         raise _bad("adapter_model.safetensors", request, f"unreadable: {exc}") from exc
-    return LoRAAdapter(request, rank, scaling, _check_weights(request, tensors, cfg, rank, scaling))
+    adapter = LoRAAdapter(request, rank, scaling, _check_weights(request, tensors, cfg, rank, scaling))
+    adapter.digest  # computed here, on the loading thread, not on the step loop
+    return adapter
 
 
 def _check_weights(request: LoRARequest, tensors: dict[str, torch.Tensor], cfg: ModelConfig, rank: int,
