@@ -132,3 +132,19 @@ def test_row_max_is_torch_max_on_large_vocabularies():
         assert torch.equal(got_values.nan_to_num(), want_values.nan_to_num())
     y = torch.randn(4, 4096).bfloat16()
     assert torch.equal(row_max(y)[1], y.argmax(dim=-1))
+
+
+def test_greedy_tokens_on_either_route_is_torch_max_with_faults_marked():
+    from dashinfer_core.layers import sampler
+    torch.manual_seed(1)
+    for rows in (1, 5, sampler.NUMPY_ARGMAX_ROWS + 3):  # the numpy route, and past it the torch route
+        x = torch.randn(rows, 49152 + 17)
+        x[0, 3] = x[0, 49152 + 5] = 40.0  # a tie across the partial last block: the first index wins
+        if rows > 1:
+            x[1, 9] = float("nan")
+            x[2, :] = float("-inf")  # every token ruled out
+            x[3, 77] = float("inf")
+        want = torch.where(torch.isfinite(x.max(dim=-1).values), x.max(dim=-1).indices, -1)
+        got = sampler.greedy_tokens(x)
+        assert got.dtype == torch.int64 and torch.equal(got, want), rows
+        assert got[0] == 3 and (rows == 1 or got[1:4].tolist() == [-1, -1, -1])

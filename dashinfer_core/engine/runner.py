@@ -301,7 +301,11 @@ class ModelRunner:
         self.last_hidden = hidden  # read by execute for pooling rows, right after
         if not plan.logit_rows:
             return None
-        return self.model.compute_logits(hidden[torch.tensor(plan.logit_rows, device=self.device)])
+        rows = plan.logit_rows
+        if len(rows) == hidden.shape[0] and rows[0] == 0 and rows[-1] == len(rows) - 1 and \
+                rows == list(range(len(rows))):  # decodes only: every row, in order (no gather)
+            return self.model.compute_logits(hidden)
+        return self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
 
     def _plan(self, batch: ScheduledBatch, logit_rows: list[int]) -> StepPlan:
         bs = self.block_size

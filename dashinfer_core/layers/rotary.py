@@ -68,7 +68,7 @@ class RotaryEmbedding(nn.Module):
             cos = self.cos_cache[positions].gather(0, pick)[0]  # [T, D/2]: row mrope_rows[i] for frequency i
             sin = self.sin_cache[positions].gather(0, pick)[0]
             return cos.unsqueeze(1), sin.unsqueeze(1)
-        return self.cos_cache[positions].unsqueeze(1), self.sin_cache[positions].unsqueeze(1)
+        return self.cos_cache.index_select(0, positions).unsqueeze(1), self.sin_cache.index_select(0, positions).unsqueeze(1)
 
     def rotate(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
                cos_sin: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
