@@ -5,6 +5,7 @@
     dashinfer:prefix_cache_hit_rate                   gauge, share of queried prompt tokens served from cache
     dashinfer:num_preemptions_total                   counter, read from the engine
     dashinfer:spec_decode_num_draft_tokens_total / _num_accepted_tokens_total   counters, read from the engine
+    dashinfer:prefix_cache_disk_hit_tokens_total      counter, prompt tokens read back from the disk tier
     dashinfer:prompt_tokens_total / generation_tokens_total   counters
     dashinfer:request_success_total{finished_reason}  counter
     dashinfer:time_to_first_token_seconds             histogram
@@ -49,6 +50,8 @@ class _StatsCollector:
                                      "proposed", labels=["model_name"])
         accepted = CounterMetricFamily(PREFIX + "spec_decode_num_accepted_tokens", "Speculative decoding: "
                                        "proposed tokens accepted", labels=["model_name"])
+        disk = CounterMetricFamily(PREFIX + "prefix_cache_disk_hit_tokens", "Prompt tokens whose KV was read "
+                                   "back from the prefix cache's disk tier", labels=["model_name"])
         for name, engine in list(self.engines.items()):
             try:
                 stats = engine.get_stats()
@@ -61,7 +64,8 @@ class _StatsCollector:
             preempt.add_metric([name], stats.num_preemptions)
             drafts.add_metric([name], stats.spec_draft_tokens)
             accepted.add_metric([name], stats.spec_accepted_tokens)
-        yield from (running, waiting, kv, hits, preempt, drafts, accepted)
+            disk.add_metric([name], stats.disk_hit_tokens)
+        yield from (running, waiting, kv, hits, preempt, drafts, accepted, disk)
 
 
 class Metrics:

@@ -236,8 +236,12 @@ def test_a_request_aborted_while_its_blocks_are_read(tiny_models, tmp_path):
 
 def test_async_engine_streams_a_disk_hit(tiny_models, reference, tmp_path):
     filled_directory(tiny_models, tmp_path)
+    from dashinfer_core.metrics import Metrics
+    from test_openai_fields import metric_samples
     engine = AsyncEngine(model=str(tiny_models["llama"]), dtype="float32", device="cpu", block_size=BS,
                          kv_cache_memory=200 * BLOCK_BYTES, disk_cache_dir=str(tmp_path))
+    metrics = Metrics()
+    metrics.attach(engine, "tiny")
 
     async def run():
         last = None
@@ -248,6 +252,8 @@ def test_async_engine_streams_a_disk_hit(tiny_models, reference, tmp_path):
         last = asyncio.run(run())
         assert last.outputs[0].token_ids == reference[0]
         assert last.num_disk_cached_tokens == full_block_tokens(prompts()[0])
+        got = metric_samples(metrics.exposition()[0].decode(), "tiny")
+        assert got["dashinfer:prefix_cache_disk_hit_tokens_total"] == full_block_tokens(prompts()[0])
     finally:
         engine.shutdown()
 
