@@ -83,6 +83,30 @@ def test_a_restarted_engine_hits_the_disk_and_gives_identical_tokens(tiny_models
     llm.shutdown()
 
 
+@pytest.mark.parametrize("options", [dict(kv_cache_dtype="int8"), dict(kv_cache_dtype="uint4"),
+                                     dict(dtype="bfloat16"), dict(speculative={"method": "ngram",
+                                                                             "num_speculative_tokens": 3})],
+                         ids=["kv-int8", "kv-uint4", "bf16", "speculative"])
+def test_restart_hits_with_quantized_kv_bf16_and_speculation(tiny_models, tmp_path, options):
+    # The reference: the same settings without the disk tier, every full block hit in memory (quantized KV
+    # and bf16 change the tokens; in bf16 a prefix hit may too, as the GEMMs then see other shapes).
+    kw = {k: v for k, v in options.items() if k != "speculative"}
+    memory = LLM(str(tiny_models["llama"]), device="cpu", block_size=BS, **{"dtype": "float32", **kw})
+    memory.generate(prompts(), PARAMS)
+    reference = [o.token_ids for o in memory.generate(prompts(), PARAMS)]
+    first = make_llm(tiny_models["llama"], tmp_path, **options)
+    first.generate(prompts(), PARAMS)
+    first.shutdown()
+    llm = make_llm(tiny_models["llama"], tmp_path, **options)
+    outs = llm.generate(prompts(), PARAMS)
+    assert [o.token_ids for o in outs] == reference
+    assert [o.num_cached_tokens for o in outs] == [full_block_tokens(p) for p in prompts()]
+    stats = llm.engine.stats()
+    assert stats.disk_hit_tokens > 0 and stats.disk_corrupted == 0
+    assert_no_leak(llm)
+    llm.shutdown()
+
+
 def test_blocks_evicted_from_memory_go_to_disk_without_write_behind(tiny_models, reference, tmp_path):
     # 12 device blocks and a 4-block CPU tier for 8 prompts of up to 7 blocks: evictions from both tiers.
     llm = make_llm(tiny_models["llama"], tmp_path, blocks=12, cpu_cache_memory=4 * BLOCK_BYTES,
