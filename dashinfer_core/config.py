@@ -163,8 +163,6 @@ class EngineConfig:
                    f"must be a directory path, got {self.disk_cache_dir!r}")
             _check(self.enable_prefix_caching, "disk_cache_dir", "the disk tier is part of the prefix cache: "
                    "it needs enable_prefix_caching")
-            _check(self.tensor_parallel_size == 1, "disk_cache_dir", "the disk tier runs with "
-                   f"tensor_parallel_size 1 only, got {self.tensor_parallel_size}")
         if self.speculative is not None:
             from .speculative.config import SpeculativeConfig
             self.speculative = SpeculativeConfig.parse(self.speculative)

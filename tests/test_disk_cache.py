@@ -300,8 +300,6 @@ def test_bad_settings_name_the_field(tiny_models, tmp_path):
         EngineConfig(disk_cache_dir=str(tmp_path), disk_cache_bytes=0)
     with pytest.raises(InvalidParameterError, match="disk_cache_dir.*enable_prefix_caching"):
         EngineConfig(disk_cache_dir=str(tmp_path), enable_prefix_caching=False)
-    with pytest.raises(InvalidParameterError, match="disk_cache_dir.*tensor_parallel_size"):
-        EngineConfig(disk_cache_dir=str(tmp_path), tensor_parallel_size=2)
 
 
 def test_the_command_line_the_worker_and_litellm_take_it(tmp_path):
@@ -350,3 +348,52 @@ def test_lora_blocks_are_named_by_the_adapters_weights(tiny_models, tmp_path):
     other = serve(LoRARequest("two", 2, str(paths[1])))
     assert other.num_disk_cached_tokens == 0 and other.outputs[0].token_ids == reference[1]
     assert serve(None).num_disk_cached_tokens == 0
+
+
+def test_tensor_parallel_ranks_keep_their_own_shards(tiny_models, tmp_path):
+    common = dict(dtype="float32", device="cpu", block_size=BS, disk_cache_dir=str(tmp_path), tensor_parallel_size=2)
+    model = str(tiny_models["llama"])
+    first = LLM(model, **common)
+    try:
+        first.generate(prompts(), PARAMS)
+        reference = [o.token_ids for o in first.generate(prompts(), PARAMS)]  # every full block hit in memory
+        own = first.engine.disk.store.name_prefix
+    finally:
+        first.shutdown()
+    by_rank: dict[str, list[Path]] = {}
+    for f in files(tmp_path):
+        by_rank.setdefault(f.name.split("-")[0], []).append(f)
+    assert set(by_rank) >= {own} and len(by_rank) == 2  # rank 1 names its files by its own fingerprint
+    other = next(p for p in by_rank if p != own)
+    assert len(by_rank[own]) == len(by_rank[other])
+
+    second = LLM(model, **common)
+    try:
+        outs = second.generate(prompts(), PARAMS)
+        assert [o.token_ids for o in outs] == reference
+        assert second.engine.stats().disk_hit_tokens == sum(o.num_disk_cached_tokens for o in outs) > 0
+    finally:
+        second.shutdown()
+
+    for f in by_rank[other]:  # rank 1's copies are all truncated: rank 0's alone must not be served
+        f.write_bytes(f.read_bytes()[:-64])
+    third = LLM(model, **common)
+    try:
+        outs = third.generate(prompts(), PARAMS)
+        assert [o.token_ids for o in outs] == reference
+        stats = third.engine.stats()
+        assert stats.disk_hit_tokens == 0 and stats.disk_corrupted == 0  # rank 0's files were fine
+        assert stats.num_free_blocks == stats.num_blocks and not third.engine.disk.parked
+        tier = third.engine.disk
+        wanted = set()
+        for prompt in [prompts()[0]] + prompts()[4:]:  # those read (the others' tails were never looked at)
+            seq = SimpleNamespace(disk_digests=[], token_ids=prompt,
+                                  request=SimpleNamespace(cache_salt=None, mm=None, lora=None))
+            wanted.update(tier.digests(seq, (len(prompt) - 1) // BS))
+    finally:
+        third.shutdown()
+    # Both ranks dropped the prompt blocks they could not agree on and, computing them again, wrote them again
+    # (the same size on both: the headers differ only in the rank).
+    for digest in wanted:
+        mine, theirs = (tmp_path / f"{p}-{digest}{SUFFIX}" for p in (own, other))
+        assert theirs.stat().st_size == mine.stat().st_size

@@ -178,6 +178,14 @@ class BlockManager:
             self._release(block)
         return placed
 
+    def uninstall(self, placed: list[tuple[CacheEntry, int]]) -> None:
+        """Undo install_cached (the blocks could not be filled): forget the entries, free the blocks."""
+        for entry, block in placed:
+            if self.ref_counts[block] == 0 and block in self.evictable:
+                del self.evictable[block]
+                self.cache.drop(entry)
+                self.free_blocks.append(block)
+
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """The child shares every block of the parent."""
         for block in parent.block_table:

@@ -288,6 +288,12 @@ class DiskStore:
             offset += size
         return BlockFile(digest=digest, token_ids=tuple(tokens), arrays=arrays)
 
+    def discard(self, digest: str) -> None:
+        """Delete the file of `digest` (its copy on another rank was lost)."""
+        with self._lock:
+            self._known.discard(digest)
+        self._unlink(self.path_of(digest))
+
     # ---- off and shutdown ----------------------------------------------------------------------
     def _turn_off(self, reason: str) -> None:
         with self._lock:

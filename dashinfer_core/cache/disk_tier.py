@@ -15,11 +15,12 @@ and name are only the caller's names for it).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
 from array import array
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -37,8 +38,19 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 class DiskLoad:
     request: object
     first: int  # index of the first block read (the blocks before it were in memory when it was parked)
-    future: object
+    future: object  # rank 0's read (or, for a follower, the read it waits on)
     digests: tuple[str, ...] = ()  # what it reads; () for a request waiting on another's read of its blocks
+    load_id: int = 0
+
+
+@dataclass
+class DiskMessage:
+    """Rank 0 to every rank (tensor parallel): each rank writes and reads its own shard's files.
+    kind: "write" (items: (pool "device" | "cpu", block or slot, digest, token ids)), "read" (items: (digests,
+    token ids)), "install" (items: (index in the read, device block)) or "drop"."""
+    kind: str
+    load_id: int = 0
+    items: list = field(default_factory=list)
 
 
 def _file_digest(path: Path) -> str:
@@ -91,13 +103,15 @@ def kv_fingerprint(config, runner, weights: str) -> str:
     }, sort_keys=True)
 
 
-class DiskTier:
-    def __init__(self, config, runner, block_manager: BlockManager):
+class DiskIO:
+    """One rank's side of the disk tier: its store (files named by its own fingerprint, which holds its
+    rank), the copies between its KV cache and the files, and its reads in flight. Rank 0's engine drives
+    it directly and, under tensor parallel, sends the other ranks the same calls as DiskMessages."""
+
+    def __init__(self, config, runner):
         from ..loader.hf_loader import gguf_source
-        self.block_manager = block_manager
         self.kv = runner.kv_cache
-        self.block_size = config.block_size
-        self.write_behind = config.disk_cache_write_behind
+        self.tp = runner.tp
         try:
             weights = weights_identity(runner.model_dir, gguf_source(config.model, config.quantization),
                                        config.disk_cache_dir)
@@ -108,19 +122,88 @@ class DiskTier:
         self.store = DiskStore(config.disk_cache_dir, config.disk_cache_bytes, self.fingerprint, name)
         # Each array of a block as the files hold it: [layers, 2, kv heads, block_size, width]
         self.expected = [(p.dtype, (p.shape[0], p.shape[1], *p.shape[3:])) for p in self.kv.pools]
+        self.reads: dict[int, tuple] = {}  # load id -> (future of the BlockFiles read, their digests)
+
+    def handle(self, message: DiskMessage):
+        if message.kind == "write":
+            return self.write(message.items)
+        if message.kind == "read":
+            return self.read(message.load_id, *message.items)
+        if message.kind == "install":
+            return self.install(message.load_id, message.items)
+        self.reads.pop(message.load_id, None)
+
+    def write(self, items: list[tuple]) -> None:
+        """Copy the blocks off the cache now (they may be reused right after) and queue their files."""
+        if not self.store.enabled:
+            return
+        for where, index, digest, tokens in items:
+            pools = self.kv.pools if where == "device" else self.kv.cpu_pools
+            arrays = [p[:, :, index].clone(memory_format=torch.contiguous_format).cpu() for p in pools]
+            self.store.write_async(BlockFile(digest=digest, token_ids=tokens, arrays=arrays))
+
+    def read(self, load_id: int, digests: list[str], tokens: list[tuple]):
+        future = self.store.read_async(digests, tokens, self.expected)
+        self.reads[load_id] = (future, digests)
+        return future
+
+    def install(self, load_id: int, placements: list[tuple[int, int]]) -> bool:
+        """Copy blocks of read `load_id` into device blocks ((index in the read, block) pairs), if every rank
+        read them intact (agreed with the other ranks); False: nothing was copied anywhere."""
+        future, digests = self.reads.pop(load_id, (None, []))
+        try:
+            blocks = future.result() if future is not None else []
+        except Exception:
+            logger.exception("disk tier: reading blocks back failed")
+            blocks = []
+        ok = all(i < len(blocks) for i, _ in placements)
+        if self.tp.min_int(int(ok)) == 0:
+            # Another rank's copy is gone or bad: delete this rank's too, so that the blocks, computed again,
+            # are written again by every rank (rank 0 only writes what it does not hold).
+            for i, _ in placements:
+                self.store.discard(digests[i])
+            return False
+        for i, device_block in placements:
+            for pool, data in zip(self.kv.pools, blocks[i].arrays):
+                pool[:, :, device_block].copy_(data)
+        return True
+
+    def shutdown(self) -> None:
+        self.reads.clear()
+        self.store.shutdown()
+
+
+class DiskTier:
+    """Rank 0's side: which requests wait for which blocks, names for them, what goes to disk and when."""
+
+    def __init__(self, config, runner, block_manager: BlockManager):
+        self.block_manager = block_manager
+        self.runner = runner
+        self.io: DiskIO = runner.disk_io
+        self.kv = runner.kv_cache
+        self.block_size = config.block_size
+        self.write_behind = config.disk_cache_write_behind
         self.parked: dict[str, DiskLoad] = {}
         self.reading: dict[str, object] = {}  # digest -> the read bringing it in
+        self.pending_writes: list[tuple] = []  # evicted blocks to copy out before the step reuses them
         self.on_ready = None  # AsyncEngine's wake-up, called from the reader thread
+        self._load_ids = itertools.count(1)
         block_manager.record_new_blocks = True
-        block_manager.cache.on_evict = self._write_evicted
+        block_manager.cache.on_evict = self._evicted
+
+    @property
+    def store(self) -> DiskStore:
+        return self.io.store
 
     @property
     def stats(self):
         return self.store.stats
 
-    @property
-    def enabled(self) -> bool:
-        return self.store.enabled
+    def _send(self, message: DiskMessage):
+        """Every rank does it on its own shard (this one last: an install waits on the others' verdicts)."""
+        if self.runner.ranks is not None:
+            self.runner.ranks.send(message)
+        return self.io.handle(message)
 
     # ---- names ---------------------------------------------------------------------------------
     @staticmethod
@@ -165,9 +248,11 @@ class DiskTier:
         if count == 0:
             return False
         bs = self.block_size
+        wanted = list(digests[first:first + count])
         tokens = [tuple(seq.token_ids[i * bs:(i + 1) * bs]) for i in range(first, first + count)]
-        load = DiskLoad(request, first, self.store.read_async(digests[first:first + count], tokens, self.expected),
-                        tuple(digests[first:first + count]))
+        load_id = next(self._load_ids)
+        future = self._send(DiskMessage("read", load_id, [wanted, tokens]))
+        load = DiskLoad(request, first, future, tuple(wanted), load_id)
         self.reading.update(dict.fromkeys(load.digests, load.future))
         self._add(load)
         return True
@@ -185,42 +270,49 @@ class DiskTier:
             if not load.future.done():
                 continue
             del self.parked[request_id]
-            for digest in load.digests:
-                self.reading.pop(digest, None)
             if not load.digests:
                 if not self.park(load.request):  # parked again if more of its blocks are on disk
                     ready.append(load.request)
                 continue
-            try:
-                blocks = load.future.result()
-            except Exception:
-                logger.exception("disk tier: reading blocks back failed")
-                blocks = []
-            if blocks and not self._install(load.request.sequences[0], load.first, blocks):
+            for digest in load.digests:
+                self.reading.pop(digest, None)
+            if not self._install(load):
                 self.parked[request_id] = load  # every block is in use: try again after the next step
+                for digest in load.digests:
+                    self.reading[digest] = load.future
                 continue
             ready.append(load.request)
         return ready
 
-    def _install(self, seq, first: int, blocks: list[BlockFile]) -> bool:
-        """Copy the blocks read into device blocks; False when no block is free now (the request could not
-        be admitted either: running sequences hold every block)."""
+    def _install(self, load: DiskLoad) -> bool:
+        """Place the blocks read into device blocks; False when no block is free now (the request could not
+        be admitted either: running sequences hold every block). The read is finished with otherwise."""
+        seq = load.request.sequences[0]
+        try:
+            blocks = load.future.result()
+        except Exception:
+            blocks = []
         hits = self.block_manager.match_prefix(seq)
-        if len(hits) < first:
-            return True  # blocks before the read ones left memory meanwhile: the chain is broken
-        blocks = blocks[len(hits) - first:]  # some may have been computed meanwhile
-        if not blocks:
-            return True
-        if not self.block_manager.num_free_blocks:
+        skip = len(hits) - load.first  # blocks computed meanwhile (< 0: ones before the read left memory)
+        if blocks and skip >= 0 and len(blocks) > skip and not self.block_manager.num_free_blocks:
             return False
-        ops = BlockOps()
-        placed = self.block_manager.install_cached(hits[-1].uid if hits else None, [b.token_ids for b in blocks],
-                                                   seq.request.prefix_key, ops)
-        self.kv.apply(ops)  # evictions to the CPU tier and zeroing first: then the blocks' contents
-        for (entry, device_block), block in zip(placed, blocks):
+        placed = []
+        if blocks and 0 <= skip < len(blocks):
+            ops = BlockOps()
+            placed = self.block_manager.install_cached(hits[-1].uid if hits else None,
+                                                       [b.token_ids for b in blocks[skip:]],
+                                                       seq.request.prefix_key, ops)
+            self.flush_writes()  # blocks evicted for these places go out before they are overwritten
+            self.kv.apply(ops)  # evictions to the CPU tier and zeroing first: then the blocks' contents
+        if not placed:
+            self._send(DiskMessage("drop", load.load_id))
+            return True
+        if not self._send(DiskMessage("install", load.load_id,
+                                      [(skip + j, block) for j, (_, block) in enumerate(placed)])):
+            self.block_manager.uninstall(placed)  # some rank's file was bad: nobody keeps them
+            return True
+        for (entry, _), block in zip(placed, blocks[skip:]):
             entry.digest = block.digest
-            for pool, data in zip(self.kv.pools, block.arrays):
-                pool[:, :, device_block].copy_(data)
         if seq.num_preemptions == 0:
             seq.num_disk_cached_tokens = len(placed) * self.block_size
             self.stats.hit_tokens += seq.num_disk_cached_tokens
@@ -232,7 +324,7 @@ class DiskTier:
         if load is not None and load.digests:
             for digest in load.digests:
                 self.reading.pop(digest, None)
-            load.future.cancel()
+            self._send(DiskMessage("drop", load.load_id))
 
     def futures(self) -> list:
         return [load.future for load in self.parked.values()]
@@ -251,18 +343,21 @@ class DiskTier:
                 continue
             entry.digest = self.digests(seq, index + 1)[index]
             if self.write_behind and not self.store.contains(entry.digest):
-                self._write(entry, self.kv.pools, entry.device_block)
+                self.pending_writes.append(("device", entry.device_block, entry.digest, entry.key[1]))
+        self.flush_writes()
 
-    def _write_evicted(self, entry, where: str, index: int) -> None:
-        # Called while the evicted copy is intact (before the step reuses its block or slot).
+    def _evicted(self, entry, where: str, index: int) -> None:
+        # Called while the evicted copy is intact; copied out by flush_writes before the step reuses it.
         if entry.digest is not None and self.store.enabled and not self.store.contains(entry.digest):
-            self._write(entry, self.kv.pools if where == "device" else self.kv.cpu_pools, index)
+            self.pending_writes.append((where, index, entry.digest, entry.key[1]))
 
-    def _write(self, entry, pools: list[torch.Tensor], index: int) -> None:
-        arrays = [p[:, :, index].clone(memory_format=torch.contiguous_format).cpu() for p in pools]
-        self.store.write_async(BlockFile(digest=entry.digest, token_ids=entry.key[1], arrays=arrays))
+    def flush_writes(self) -> None:
+        """Copy out the blocks waiting to be written (every rank its shard). Called before any cache
+        operation or forward that could overwrite them."""
+        if self.pending_writes:
+            writes, self.pending_writes = self.pending_writes, []
+            self._send(DiskMessage("write", 0, writes))
 
     def shutdown(self) -> None:
-        for load in self.parked.values():
-            load.future.cancel()
-        self.store.shutdown()
+        self.flush_writes()
+        self.parked.clear()

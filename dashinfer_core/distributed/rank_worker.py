@@ -35,11 +35,17 @@ def run_rank(rank: int, config: EngineConfig, host: str, port: int) -> None:
         set_rank_threads(config, rank)
     group = join_group(rank, config.tensor_parallel_size, backend_for(device), host, port, config.distributed_timeout)
     runner = ModelRunner(config, rank=rank, group=group)
+    from ..cache.disk_tier import DiskMessage
     while True:
         plan = group.broadcast_object()
         if plan is None:
             break
+        if isinstance(plan, DiskMessage):  # the prefix cache's disk tier: this rank's shard of the blocks
+            runner.disk_io.handle(plan)
+            continue
         runner.run_plan(plan)
+    if runner.disk_io is not None:
+        runner.disk_io.shutdown()  # its queued writes reach the disk before the rank exits
 
 
 def main(argv=None) -> int:

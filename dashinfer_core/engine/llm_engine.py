@@ -313,8 +313,9 @@ class LLMEngine:
         if self.lora is not None:
             self.lora.shutdown()
         if self.disk is not None:
-            self.disk.shutdown()  # after its queued writes are on disk
-        self.runner.shutdown()
+            self.disk.shutdown()  # the writes it still holds go to every rank's queue
+            self.runner.disk_io.shutdown()  # this rank's queued writes reach the disk
+        self.runner.shutdown()  # the other ranks finish theirs before they exit
 
     def get_request_status(self, request_id: str) -> str | None:
         request = self.requests.get(request_id)
@@ -345,6 +346,8 @@ class LLMEngine:
                 batch = self.scheduler.schedule_one(seq, num_new)
                 if batch is None:
                     raise RuntimeError("score(): the KV cache cannot hold this text")
+                if self.disk is not None:
+                    self.disk.flush_writes()
                 scores += self.runner.score(batch, token_ids[start + 1:start + num_new + 1])
                 self.scheduler.finish_step(batch, cache_prefixes=False)
         finally:
@@ -370,7 +373,7 @@ class LLMEngine:
                     spec_accepted_tokens=self.speculator.stats.num_accepted_tokens,
                     spec_acceptance_rate=self.speculator.stats.acceptance_rate)
                if self.speculator is not None else {}),
-            **(dict(disk_enabled=self.disk.enabled, disk_hit_tokens=self.disk.stats.hit_tokens,
+            **(dict(disk_enabled=self.disk.store.enabled, disk_hit_tokens=self.disk.stats.hit_tokens,
                     disk_writes=self.disk.stats.writes, disk_write_bytes=self.disk.stats.write_bytes,
                     disk_writes_dropped=self.disk.stats.writes_dropped, disk_reads=self.disk.stats.reads,
                     disk_corrupted=self.disk.stats.corrupted, disk_evictions=self.disk.stats.evictions)
@@ -392,6 +395,8 @@ class LLMEngine:
                 if drafts:
                     self.scheduler.add_drafts(batch, drafts)
             rows, pool = self._sample_rows(batch)
+            if self.disk is not None:
+                self.disk.flush_writes()  # blocks evicted for this step go out before it overwrites them
             sampled, pooled = self.runner.execute(batch, rows, pool)
             self._consecutive_failures = 0
         except EngineDeadError:  # a tensor-parallel rank died: nothing can run any more

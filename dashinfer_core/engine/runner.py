@@ -181,6 +181,10 @@ class ModelRunner:
                 self.lora_slots is None:
             self.model.compiled_parts = CompiledLayerParts()
         self.sampler = Sampler(self.vocab_size, self.model_cfg.eos_token_ids, self.device)
+        self.disk_io = None  # the prefix cache's disk tier: this rank's files (cache/disk_tier.py)
+        if config.disk_cache_dir is not None and config.enable_prefix_caching:
+            from ..cache.disk_tier import DiskIO
+            self.disk_io = DiskIO(config, self)
         # CPU: steps see a few token counts, not every count up to the budget (see padded_count).
         self.bucket_shapes = self.device.type == "cpu" and config.bucket_batch_shapes
         self.graphs = None
