@@ -1,4 +1,5 @@
-"""The disk tier of the prefix cache, as the engine sees it (EngineConfig.disk_cache_dir).
+"""The disk tier of the prefix cache (EngineConfig.disk_cache_dir): DiskTier decides (rank 0, with the
+scheduler's block manager), DiskIO moves blocks between a rank's KV cache and its files.
 
 Blocks go to disk when they are computed (write-behind, `disk_cache_write_behind`) and when they leave the
 last memory tier that held them (the device, or the CPU tier when there is one). A new request whose
@@ -11,6 +12,10 @@ uids are this process's counters) but chain digests: a block's digest hashes its
 request's cache salt and image digests, and its token ids. What else shapes K and V goes into the
 fingerprint (kv_fingerprint). A LoRA adapter enters a request's chain by the digest of its weights (its id
 and name are only the caller's names for it).
+
+Under tensor parallel every rank keeps its own shard's files (its fingerprint holds its rank); rank 0 sends
+the others each write, read and install as a DiskMessage between steps, and a read is copied in only when
+every rank read its copy intact.
 """
 from __future__ import annotations
 

@@ -34,7 +34,7 @@ class DraftProposer:
             target_config, model=spec.model, quantization=spec.quantization, dtype=spec.dtype, group_size=None,
             kv_cache_dtype="auto", tokenizer=None, tensor_parallel_size=1, distributed_init_method=None,
             cpu_threads_bind=None, enable_lora=False, enable_prefix_caching=False, cpu_cache_memory=0,
-            speculative=None, max_model_len=target_runner.max_model_len, kv_cache_memory=1)
+            speculative=None, disk_cache_dir=None, max_model_len=target_runner.max_model_len, kv_cache_memory=1)
         model_dir = resolve_model_dir(config.model)
         model_cfg = load_model_config(model_dir)
         if model_cfg.vocab_size != target_runner.vocab_size:
