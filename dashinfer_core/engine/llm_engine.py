@@ -3,6 +3,7 @@ sample -> append/stop -> outputs -> free). Not thread-safe: AsyncEngine drives i
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import threading
@@ -53,15 +54,16 @@ class EngineStats:
     spec_draft_tokens: int = 0
     spec_accepted_tokens: int = 0
     spec_acceptance_rate: float = 0.0
-    # Disk tier (disk_cache_dir): on or turned off by an error, prompt tokens read back, file traffic
+    # Disk tier (disk_cache_dir): on or turned off by an error, then cache/disk_store.DiskStats as disk_<field>
     disk_enabled: bool = False
-    disk_hit_tokens: int = 0
     disk_writes: int = 0
     disk_write_bytes: int = 0
     disk_writes_dropped: int = 0
     disk_reads: int = 0
+    disk_read_misses: int = 0
     disk_corrupted: int = 0
     disk_evictions: int = 0
+    disk_hit_tokens: int = 0
 
 
 class LLMEngine:
@@ -373,10 +375,8 @@ class LLMEngine:
                     spec_accepted_tokens=self.speculator.stats.num_accepted_tokens,
                     spec_acceptance_rate=self.speculator.stats.acceptance_rate)
                if self.speculator is not None else {}),
-            **(dict(disk_enabled=self.disk.store.enabled, disk_hit_tokens=self.disk.stats.hit_tokens,
-                    disk_writes=self.disk.stats.writes, disk_write_bytes=self.disk.stats.write_bytes,
-                    disk_writes_dropped=self.disk.stats.writes_dropped, disk_reads=self.disk.stats.reads,
-                    disk_corrupted=self.disk.stats.corrupted, disk_evictions=self.disk.stats.evictions)
+            **(dict(disk_enabled=self.disk.store.enabled,
+                    **{f"disk_{name}": value for name, value in dataclasses.asdict(self.disk.stats).items()})
                if self.disk is not None else {}))
 
     # ---- the step ------------------------------------------------------------------------------
