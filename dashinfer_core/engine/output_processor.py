@@ -16,6 +16,9 @@ class OutputProcessor:
         self.tokenizer = tokenizer
         self.tokenizer_lock = tokenizer_lock
         self.decode = token_decoder(tokenizer) if tokenizer is not None else None
+        # The Rust tokenizer's own incremental decoder where it decodes as `self.decode` does: one decode
+        # per token in Rust instead of two through Python (64 sequences: ~190 -> ~55 us a step).
+        self.stream_backend = stream_backend(tokenizer, self.decode)
         self.eos_token_ids = set(eos_token_ids)
         self.max_model_len = max_model_len
 
@@ -47,9 +50,26 @@ class OutputProcessor:
     # ---- text ----------------------------------------------------------------------------------
     def _detokenize(self, seq: Sequence) -> None:
         """Decode only a small window of recent tokens: text up to read_offset is final, and the
-        window from prefix_offset gives the tokenizer enough context to space words correctly."""
+        window from prefix_offset gives the tokenizer enough context to space words correctly.
+        With a stream decoder (DecodeStream runs this same windowed algorithm in Rust) the offsets are
+        kept in step with it, so a sequence can leave it for the window here at any token."""
         if self.tokenizer is None:
             return
+        stream = seq.detok_stream
+        if stream is None and self.stream_backend is not None:
+            stream = seq.detok_stream = self._new_stream(seq)
+        if stream is not None and stream is not False:
+            try:
+                with self.tokenizer_lock:
+                    piece = stream.step(self.stream_backend, seq.token_ids[-1])
+            except Exception:  # e.g. a window whose text does not extend the last one: the Python window
+                seq.detok_stream = False
+            else:
+                if piece is not None:
+                    seq.text += piece
+                    seq.detok_prefix_offset = seq.detok_read_offset
+                    seq.detok_read_offset = seq.num_output_tokens
+                return
         out = seq.output_token_ids
         skip = seq.params.skip_special_tokens
         with self.tokenizer_lock:
@@ -60,6 +80,15 @@ class OutputProcessor:
             seq.text += full[len(prefix):]
             seq.detok_prefix_offset = seq.detok_read_offset
             seq.detok_read_offset = len(out)
+
+    @staticmethod
+    def _new_stream(seq: Sequence):
+        """A stream decoder for the sequence, or False: a stream starts from an empty window, so only at its
+        first output token (the only time the window here is empty before the new token)."""
+        if not seq.detok_prefix_offset == seq.detok_read_offset == seq.num_output_tokens - 1:
+            return False
+        from tokenizers.decoders import DecodeStream
+        return DecodeStream(skip_special_tokens=seq.params.skip_special_tokens)
 
     def _check_stop_strings(self, seq: Sequence, checked_len: int) -> bool:
         params = seq.params
@@ -92,7 +121,10 @@ class OutputProcessor:
     # ---- outputs -------------------------------------------------------------------------------
     def make_output(self, request: Request) -> RequestOutput:
         completions = []
+        num_draft = num_accepted = 0
         for seq in request.sequences:
+            num_draft += seq.num_draft_tokens
+            num_accepted += seq.num_accepted_tokens
             text = seq.text
             sendable = max(self._sendable_text_len(seq) if seq.params.stop else len(text), seq.num_text_sent)
             out_ids = seq.output_token_ids  # a new list: the caller may keep it
@@ -120,9 +152,22 @@ class OutputProcessor:
             embedding=request.embedding,
             first_token_time=request.first_token_time,
             finished_time=time.monotonic() if finished else None,
-            num_draft_tokens=sum(s.num_draft_tokens for s in request.sequences),
-            num_accepted_tokens=sum(s.num_accepted_tokens for s in request.sequences),
+            num_draft_tokens=num_draft,
+            num_accepted_tokens=num_accepted,
         )
+
+
+def stream_backend(tokenizer, decode):
+    """The Rust Tokenizer to step DecodeStreams with, or None: where tokenizers has no DecodeStream (before
+    0.21), or `decode` is the HF wrapper's (it cleans up spaces, which a stream would not)."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is None or decode != getattr(backend, "decode", None):  # (bound methods: ==, not is)
+        return None
+    try:
+        from tokenizers.decoders import DecodeStream  # noqa: F401
+    except ImportError:
+        return None
+    return backend
 
 
 def token_decoder(tokenizer):

@@ -103,6 +103,7 @@ class Sequence:
     num_tokens_sent: int = 0
     detok_prefix_offset: int = 0
     detok_read_offset: int = 0
+    detok_stream: object = None  # the tokenizer's DecodeStream; False where the Python window decodes
     logprobs: list[dict[int, float]] = field(default_factory=list)
     cumulative_logprob: float = 0.0
     guided: object = None  # GuidedState for guided requests
