@@ -1,0 +1,180 @@
+"""Why int4 in groups of 128 keeps integer zero points: perplexity of the embedded model (HF transformers, fp32,
+the text of benchmarks/quant.py) with every linear layer's weight replaced by its int4 group-128 round trip,
+for several ways of choosing each group's grid. Not a test; the figures go into the README.
+
+    python benchmarks/int4_fit.py [--group 128] [--threads 2]
+
+Rows:
+  integer zero    min/max over a range holding 0, zero point rounded (what iq-int4 does for groups > 32)
+  float zero      the same scale, zero point not rounded (0.0 falls between two levels)
+  half step off   the integer-zero grid shifted by half a step
+  hqq p=0.7       zero point searched to minimise sum |error|^0.7 (half-quadratic updates, as HQQ does)
+  hadamard 64     weights rotated by a random-sign 64-wide Hadamard transform, quantized, rotated back
+  act-weighted    least-squares fit weighted by each input channel's mean square on 256 random tokens
+                  (a calibration on random data: what weighting alone can recover)
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+
+import torch
+
+TEXT = Path(__file__).resolve().parent.parent / "tests" / "data" / "public_domain_prose.txt"
+QMAX = 15
+
+
+def grouped(w: torch.Tensor, group: int) -> torch.Tensor:
+    """[N, K] -> [N, G, group], the last group padded by repeating its last column (min/max unchanged)."""
+    n, k = w.shape
+    groups = -(-k // group)
+    return torch.nn.functional.pad(w.float()[None], (0, groups * group - k), mode="replicate")[0].view(n, groups, group)
+
+
+def ungrouped(g: torch.Tensor, k: int) -> torch.Tensor:
+    return g.reshape(g.shape[0], -1)[:, :k]
+
+
+def min_max(w, group, zero_rounding: bool, shift: float = 0.0):
+    g = grouped(w, group)
+    lo, hi = g.amin(-1, keepdim=True).clamp(max=0), g.amax(-1, keepdim=True).clamp(min=0)
+    scale = ((hi - lo) / QMAX).clamp(min=1e-8)
+    zero = -lo / scale
+    zero = (torch.round(zero) if zero_rounding else zero) + shift
+    q = torch.clamp(torch.round(g / scale + zero), 0, QMAX)
+    return ungrouped((q - zero) * scale, w.shape[1])
+
+
+def hqq(w, group, p: float = 0.7, iters: int = 20, beta: float = 10.0, kappa: float = 1.01):
+    g = grouped(w, group)
+    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    scale = ((hi - lo) / QMAX).clamp(min=1e-8)
+    zero = torch.round(-lo / scale)
+    best_err, best_zero = None, zero
+    for _ in range(iters):
+        q = torch.clamp(torch.round(g / scale + zero), 0, QMAX)
+        err = g - (q - zero) * scale
+        total = err.abs().pow(p).sum(-1, keepdim=True)
+        better = torch.ones_like(total, dtype=torch.bool) if best_err is None else total < best_err
+        best_err = total if best_err is None else torch.where(better, total, best_err)
+        best_zero = torch.where(better, zero, best_zero)
+        shrunk = torch.sign(err) * torch.relu(err.abs() - err.abs().clamp(min=1e-12).pow(p - 1) / beta)
+        zero = (q - (g - shrunk) / scale).mean(-1, keepdim=True)
+        beta *= kappa
+    q = torch.clamp(torch.round(g / scale + best_zero), 0, QMAX)
+    return ungrouped((q - best_zero) * scale, w.shape[1])
+
+
+def hadamard(w, group, width: int = 64):
+    n, k = w.shape
+    h = torch.ones(1, 1)
+    while h.shape[0] < width:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    h = h / width ** 0.5
+    sign = (torch.randint(0, 2, (k,), generator=torch.Generator().manual_seed(0)) * 2 - 1).float()
+    rotated = ((w * sign).view(n, k // width, width) @ h).view(n, k)
+    back = (min_max(rotated, group, True).view(n, k // width, width) @ h.T).view(n, k)
+    return back * sign
+
+
+def weighted_fit(w, group, weight: torch.Tensor, iters: int = 2):
+    """Per group: for each candidate range (narrower centred ones, coarser ones anchored at the minimum), the
+    integers it gives, then scale and minimum refit to them by weighted least squares; the smallest weighted
+    squared error wins."""
+    g = grouped(w, group)
+    wt = grouped(weight[None].expand(w.shape[0], -1), group)
+    lo, hi = g.amin(-1), g.amax(-1)
+    width = (hi - lo).clamp(min=1e-8)
+    count = wt.sum(-1)
+
+    def error(s, m):
+        q = torch.clamp(torch.round((g - m[..., None]) / s[..., None]), 0, QMAX)
+        return (((q * s[..., None] + m[..., None] - g) ** 2) * wt).sum(-1), q
+
+    candidates = [(f / QMAX, True) for f in (1.0, 0.95, 0.9, 0.85, 0.8)] + [(1 / n, False) for n in (14, 13, 12)]
+    best = None
+    for fraction, centred in candidates:
+        s = width * fraction
+        m = lo + (width - s * QMAX) / 2 if centred else lo
+        fits = [(s, m)]
+        for _ in range(iters):
+            _, q = error(s, m)
+            qw = q * wt
+            sq, sqq, sw, sqw = qw.sum(-1), (q * qw).sum(-1), (g * wt).sum(-1), (g * qw).sum(-1)
+            det = count * sqq - sq * sq
+            ok = det > 1e-6 * count * count
+            s_new = torch.where(ok, (count * sqw - sq * sw) / torch.where(ok, det, 1.0), s)
+            ok = ok & (s_new > 1e-8)
+            s, m = torch.where(ok, s_new, s), torch.where(ok, (sw - s_new * sq) / count, m)
+            fits.append((s, m))
+        for s_, m_ in fits:
+            err, _ = error(s_, m_)
+            if best is None:
+                best = [err, s_, m_]
+            else:
+                take = err < best[0]
+                best = [torch.where(take, err, best[0]), torch.where(take, s_, best[1]), torch.where(take, m_, best[2])]
+    _, s, m = best
+    q = torch.clamp(torch.round((g - m[..., None]) / s[..., None]), 0, QMAX)
+    return ungrouped(q * s[..., None] + m[..., None], w.shape[1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--group", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dashinfer_core.loader import default_model_dir
+    model_dir = default_model_dir()
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    ids = torch.tensor([tokenizer.encode(TEXT.read_text())])
+    linears = {name: m for name, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head")}
+    original = {name: m.weight.detach().clone() for name, m in linears.items()}
+
+    @torch.no_grad()
+    def perplexity() -> float:
+        return math.exp(model(ids, labels=ids).loss.item())
+
+    # Input mean squares per linear layer on random tokens (for the act-weighted row only).
+    mean_sq = {}
+    hooks = [m.register_forward_hook(lambda mod, inp, out, name=name: mean_sq.__setitem__(
+        name, inp[0].detach().pow(2).mean((0, 1)))) for name, m in linears.items()]
+    with torch.no_grad():
+        model(torch.randint(0, len(tokenizer), (1, 256), generator=torch.Generator().manual_seed(0)))
+    for hook in hooks:
+        hook.remove()
+
+    base = perplexity()
+    group = args.group
+    methods = [
+        ("integer zero", lambda name, w: min_max(w, group, True)),
+        ("float zero", lambda name, w: min_max(w, group, False)),
+        ("half step off", lambda name, w: min_max(w, group, True, 0.5)),
+        ("hqq p=0.7", lambda name, w: hqq(w, group)),
+        ("hadamard 64", lambda name, w: hadamard(w, group)),
+        ("act-weighted", lambda name, w: weighted_fit(w, group, mean_sq[name])),
+    ]
+    print(f"SmolLM2-135M-Instruct (embedded), {ids.shape[1]} tokens, int4 groups of {group}; fp32 perplexity "
+          f"{base:.3f}\n\n| grid | perplexity | vs fp32 |\n|---|---|---|")
+    for label, method in methods:
+        start = time.perf_counter()
+        with torch.no_grad():
+            for name, m in linears.items():
+                m.weight.copy_(method(name, original[name]))
+        ppl = perplexity()
+        print(f"| {label} | {ppl:.3f} | {100 * (ppl / base - 1):+.1f} % |  ({time.perf_counter() - start:.0f} s)",
+              flush=True)
+        with torch.no_grad():
+            for name, m in linears.items():
+                m.weight.copy_(original[name])
+
+
+if __name__ == "__main__":
+    main()
