@@ -32,8 +32,11 @@ def gathered_decode_attention(q: torch.Tensor, kv: torch.Tensor, chunks: torch.T
     keys = kv[0][chunks].view(n, num_kv_heads, 1, length, head_dim).float()
     values = kv[1][chunks].view(n, num_kv_heads, 1, length, head_dim).float()
     scores = (q.float()[:, :, :, None, :] * keys).sum(-1) * scale + bias.float()[:, None, None, :]
-    probs = torch.softmax(scores, dim=-1)
-    return (probs[..., None] * values).sum(-2).to(q.dtype)
+    # Softmax with its division after the sum over values: inside the values loop inductor would divide
+    # each weight again for every 16-wide slice of head_dim and every query head of the group
+    # (64 sequences of 300-500 tokens, fp32: 4.6 -> 3.2 ms per layer on the dev machine).
+    weights = torch.exp(scores - scores.amax(dim=-1, keepdim=True))
+    return ((weights[..., None] * values).sum(-2) / weights.sum(-1, keepdim=True)).to(q.dtype)
 
 
 def _matmul_path(*args) -> None:
@@ -59,10 +62,14 @@ def fused_decode(q, kv, chunks, bias, scale) -> torch.Tensor | None:
                                       and len(_compiled_variants) >= MAX_COMPILED_VARIANTS):
         return None
     _compiled_variants.add(variant)
-    for tensor, dims in ((q, (0,)), (kv, (1,)), (chunks, (0, 2)), (bias, (0, 1))):
+    # The queries go in as fp32: converted inside, a bf16 query row is converted again for every key it
+    # meets (bf16, 64 sequences of 300-500 tokens: 3.45 -> 3.09 ms per layer, the same output).
+    query = q.float()
+    for tensor, dims in ((query, (0,)), (kv, (1,)), (chunks, (0, 2)), (bias, (0, 1))):
         for dim in dims:
             torch._dynamo.maybe_mark_dynamic(tensor, dim)
-    return compiled_decode(q, kv, chunks, bias, scale)
+    out = compiled_decode(query, kv, chunks, bias, scale)
+    return out if out is None else out.to(q.dtype)
 
 
 @dataclass
