@@ -75,6 +75,33 @@ def test_a_failing_onednn_call_falls_back_to_f_linear(monkeypatch):
     assert torch.float32 in capabilities._dropped and not capabilities.onednn_linear_on(torch.float32)
 
 
+def test_single_row_gemv_route_is_timed_once_per_shape(monkeypatch):
+    """One fp32 row: MKL or oneDNN, picked by timing both once per weight shape (the weight evicted from
+    the caches before each timed call); later calls reuse the pick; either route gives F.linear's answer."""
+    from dashinfer_core.layers import linear as linear_mod
+    monkeypatch.setattr(linear_mod, "_gemv_choice", {})
+    monkeypatch.setattr(capabilities, "onednn_linear_dtypes", lambda: frozenset({torch.float32}))
+    monkeypatch.setattr(capabilities, "_dropped", set())
+    monkeypatch.setattr(linear_mod, "EVICT_BYTES", 1 << 20)
+    calls = {"onednn": 0}
+    real = linear_mod._ONEDNN_LINEAR
+
+    def counted(*args):
+        calls["onednn"] += 1
+        return real(*args)
+    monkeypatch.setattr(linear_mod, "_ONEDNN_LINEAR", counted)
+    x, w = torch.randn(1, 64), torch.randn(96, 64)
+    torch.testing.assert_close(linear_mod.linear(x, w), F.linear(x, w))
+    assert list(linear_mod._gemv_choice) == [((96, 64), False)]
+    timed = calls["onednn"]
+    assert timed >= 6  # the primitive build, five timed calls (and the call itself when picked)
+    for pick in (True, False):  # each route, forced, answers the same
+        linear_mod._gemv_choice[((96, 64), False)] = pick
+        before = calls["onednn"]
+        torch.testing.assert_close(linear_mod.linear(x, w), F.linear(x, w))
+        assert calls["onednn"] - before == int(pick)  # no new timing, only the chosen route runs
+
+
 def test_engine_stats_and_env_command_report_paths(tiny_models, capsys):
     from dashinfer_core import LLM
     from dashinfer_core.cli import main
