@@ -10,8 +10,9 @@ Rows:
   half step off   the integer-zero grid shifted by half a step
   hqq p=0.7       zero point searched to minimise sum |error|^0.7 (half-quadratic updates, as HQQ does)
   hadamard 64     weights rotated by a random-sign 64-wide Hadamard transform, quantized, rotated back
-  act-weighted    least-squares fit weighted by each input channel's mean square on 256 random tokens
-                  (a calibration on random data: what weighting alone can recover)
+  act-weighted    iq-int4's group-32 search (quant/weights.py) with each error weighted by its input
+                  channel's mean square on 256 random tokens (a calibration on random data: what weighting
+                  alone can recover)
 """
 from __future__ import annotations
 
@@ -79,46 +80,17 @@ def hadamard(w, group, width: int = 64):
     return back * sign
 
 
-def weighted_fit(w, group, weight: torch.Tensor, iters: int = 2):
-    """Per group: for each candidate range (narrower centred ones, coarser ones anchored at the minimum), the
-    integers it gives, then scale and minimum refit to them by weighted least squares; the smallest weighted
-    squared error wins."""
+def weighted_fit(w, group, weight: torch.Tensor):
+    """iq-int4's own search for groups of up to 32 (quant/weights.py: candidate ranges, each refit by least
+    squares, the smallest squared error wins), with each element's squared error weighted by `weight` [K]."""
+    from dashinfer_core.quant.weights import SEARCH_STEPS, _fit_groups
     g = grouped(w, group)
-    wt = grouped(weight[None].expand(w.shape[0], -1), group)
-    lo, hi = g.amin(-1), g.amax(-1)
-    width = (hi - lo).clamp(min=1e-8)
-    count = wt.sum(-1)
-
-    def error(s, m):
-        q = torch.clamp(torch.round((g - m[..., None]) / s[..., None]), 0, QMAX)
-        return (((q * s[..., None] + m[..., None] - g) ** 2) * wt).sum(-1), q
-
-    candidates = [(f / QMAX, True) for f in (1.0, 0.95, 0.9, 0.85, 0.8)] + [(1 / n, False) for n in (14, 13, 12)]
-    best = None
-    for fraction, centred in candidates:
-        s = width * fraction
-        m = lo + (width - s * QMAX) / 2 if centred else lo
-        fits = [(s, m)]
-        for _ in range(iters):
-            _, q = error(s, m)
-            qw = q * wt
-            sq, sqq, sw, sqw = qw.sum(-1), (q * qw).sum(-1), (g * wt).sum(-1), (g * qw).sum(-1)
-            det = count * sqq - sq * sq
-            ok = det > 1e-6 * count * count
-            s_new = torch.where(ok, (count * sqw - sq * sw) / torch.where(ok, det, 1.0), s)
-            ok = ok & (s_new > 1e-8)
-            s, m = torch.where(ok, s_new, s), torch.where(ok, (sw - s_new * sq) / count, m)
-            fits.append((s, m))
-        for s_, m_ in fits:
-            err, _ = error(s_, m_)
-            if best is None:
-                best = [err, s_, m_]
-            else:
-                take = err < best[0]
-                best = [torch.where(take, err, best[0]), torch.where(take, s_, best[1]), torch.where(take, m_, best[2])]
-    _, s, m = best
-    q = torch.clamp(torch.round((g - m[..., None]) / s[..., None]), 0, QMAX)
-    return ungrouped(q * s[..., None] + m[..., None], w.shape[1])
+    wt = grouped(weight[None], group)[0]
+    # the padded tail of the last group weighs nothing
+    wt = wt * (torch.arange(wt.numel()).view(wt.shape) < w.shape[1])
+    scale, minimum = _fit_groups(g, wt, g.amin(-1), g.amax(-1), QMAX, SEARCH_STEPS)
+    q = torch.clamp(torch.round((g - minimum[..., None]) / scale[..., None]), 0, QMAX)
+    return ungrouped(q * scale[..., None] + minimum[..., None], w.shape[1])
 
 
 def main() -> None:
