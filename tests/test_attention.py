@@ -61,3 +61,20 @@ def test_compiled_decode_attention_matches_a_loop_reference(dtype, tol):
     cache, meta, q, k, v = decode_case([2, 7, 40], dtype, seed=1)
     fused, fused_cache = run(TorchAttention(fused=True), cache, meta, q, k, v, scale)
     assert torch.allclose(fused.double(), loop_reference(fused_cache, meta, q, scale), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_one_bucket_of_decodes_is_answered_in_place(fused):
+    """Decodes whose contexts are within a bucket's growth of each other (most steps) are one bucket read and
+    written in step order, without an index: same answer as the loop, K/V stored in their slots."""
+    for lens in ([20, 22, 25], [9]):
+        cache, meta, q, k, v = decode_case(lens, torch.float32, seed=2)
+        backend = TorchAttention(fused=fused)
+        got, stored = run(backend, cache, meta, q, k, v, D ** -0.5)
+        (bucket,) = meta.backend_state.buckets
+        assert bucket.token_idx is None and meta.backend_state.token_idx is None
+        assert torch.allclose(got.double(), loop_reference(stored, meta, q, D ** -0.5), atol=2e-5, rtol=2e-5)
+        for i, n in enumerate(lens):  # the new token's K/V went to its slot
+            block, offset = meta.block_tables[i, (n - 1) // BS].item(), (n - 1) % BS
+            assert torch.equal(stored.data[0, block, :, offset], k[i]) and torch.equal(stored.data[1, block, :, offset],
+                                                                                        v[i])

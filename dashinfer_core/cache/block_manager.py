@@ -137,6 +137,10 @@ class BlockManager:
     def allocate(self, seq: Sequence, num_tokens: int, ops: BlockOps) -> bool:
         """Give `seq` slots for its first `num_tokens` tokens; False (and no change) if there is not
         enough room."""
+        table = seq.block_table
+        if seq.num_computed_tokens < num_tokens <= len(table) * self.block_size and \
+                self.ref_counts[table[seq.num_computed_tokens // self.block_size]] == 1:
+            return True  # a decode into a slot of its own last block (most calls): nothing to do
         shared_write = self._write_block_is_shared(seq, num_tokens)
         needed = max(0, -(-num_tokens // self.block_size) - len(seq.block_table)) + int(shared_write)
         if needed > self.num_free_blocks:

@@ -421,9 +421,24 @@ class LLMEngine:
         # entries whose run ended (a draft rejected, the sequence finished, its pattern changed state).
         verified: dict[int, int] = {}
         run_ended: set[int] = set()
+        append_token = self.output_processor.append_token
+        token_ids = sampled.token_ids if sampled is not None else []  # None: no row samples this step
+        with_logprobs = sampled is not None and sampled.logprobs is not None
         for k, row in enumerate(rows):
-            seq, request = row.seq, row.seq.request
+            seq = row.seq
+            request = seq.request
             touched[request.request_id] = request
+            token = token_ids[k]
+            if token >= 0 and row.offset is None and seq.guided is None and not failed and not with_logprobs \
+                    and request.trigger_future is None:
+                if request.first_token_time is None:
+                    request.first_token_time = now
+                try:  # a plain row (most of them): no guide, draft, trigger or logprobs to look after
+                    append_token(seq, token)
+                except Exception as exc:
+                    logger.exception("request %s failed while processing its output", request.request_id)
+                    failed[request.request_id] = f"{type(exc).__name__}: {exc}"
+                continue
             if request.request_id in failed or row.batch_index in run_ended:
                 continue
             if request.first_token_time is None:
@@ -433,7 +448,6 @@ class LLMEngine:
                 if row.offset == 0:
                     self.speculator.count(seq, batch.num_new_tokens[row.batch_index] - 1, 0)
             try:
-                token = sampled.token_ids[k]
                 if token < 0:
                     raise FloatingPointError("the model produced non-finite logits (NaN or inf) for this request")
                 text_before, num_before, guide_before = len(seq.text), seq.num_tokens, seq.guided

@@ -4,6 +4,7 @@ token of every sequence that completed its tokens.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass
 
@@ -238,13 +239,13 @@ class ModelRunner:
                 ) -> tuple[SamplerOutput | None, list[torch.Tensor]]:
         """Forward the batch; draw a token for each row. Returns host lists (the step's one sync), and the
         final hidden states of the tokens of each batch entry in `pool` (embedding requests)."""
-        query_end = np.cumsum(batch.num_new_tokens)
-        logit_rows = [int(query_end[r.batch_index]) - 1 if r.offset is None else
-                      int(query_end[r.batch_index]) - batch.num_new_tokens[r.batch_index] + r.offset for r in rows]
+        query_end = list(itertools.accumulate(batch.num_new_tokens))  # plain ints: numpy scalars cost per use
+        logit_rows = [query_end[r.batch_index] - 1 if r.offset is None else
+                      query_end[r.batch_index] - batch.num_new_tokens[r.batch_index] + r.offset for r in rows]
         if self.bucket_shapes and logit_rows:  # the LM head's GEMM too sees only a few row counts
             logit_rows += logit_rows[-1:] * (padded_count(len(logit_rows)) - len(logit_rows))
         logits = self._run(self._plan(batch, logit_rows))
-        pooled = [self.last_hidden[int(query_end[i]) - batch.num_new_tokens[i]:int(query_end[i])] for i in pool]
+        pooled = [self.last_hidden[query_end[i] - batch.num_new_tokens[i]:query_end[i]] for i in pool]
         self.last_hidden = None
         if not rows:
             return None, pooled
@@ -383,7 +384,9 @@ class ModelRunner:
         return np.concatenate(rows, axis=1), np.concatenate(index), torch.cat(embeds)
 
     def _to_device(self, plan: StepPlan) -> tuple[torch.Tensor, ForwardContext]:
-        to_dev = lambda a, dt: torch.from_numpy(np.asarray(a)).to(device=self.device, dtype=dt)  # noqa: E731
+        def to_dev(a, dtype):  # host lists and arrays; on the CPU without a second copy where the dtype matches
+            t = torch.from_numpy(a) if isinstance(a, np.ndarray) else torch.tensor(a, dtype=dtype)
+            return t if t.dtype == dtype and t.device == self.device else t.to(device=self.device, dtype=dtype)
         ctx = forward_context(
             positions=to_dev(plan.positions, torch.int64), slot_mapping=to_dev(plan.slot_mapping, torch.int64),
             query_start_loc=to_dev(plan.query_start, torch.int32), seq_lens=to_dev(plan.seq_lens, torch.int32),

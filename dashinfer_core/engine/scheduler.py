@@ -125,8 +125,13 @@ class Scheduler:
         batch = ScheduledBatch(seqs=[], num_new_tokens=[], num_decodes=0)
         scheduled: set[int] = set()
 
-        decodes = [s for s in self.running if s.num_uncomputed_tokens == 1]
-        prefills = [s for s in self.running if s.num_uncomputed_tokens > 1]
+        decodes, prefills = [], []
+        for seq in self.running:
+            uncomputed = len(seq.token_ids) - seq.num_computed_tokens
+            if uncomputed == 1:
+                decodes.append(seq)
+            elif uncomputed > 1:
+                prefills.append(seq)
         for seq in decodes + prefills:
             if budget == 0 or len(batch.seqs) >= self.max_num_seqs:
                 break
@@ -217,6 +222,11 @@ class Scheduler:
 
     @staticmethod
     def _order_decodes_first(batch: ScheduledBatch) -> None:
+        counts = batch.num_new_tokens
+        num_decodes = counts.count(1)
+        if counts[:num_decodes].count(1) == num_decodes:  # already in order (most steps)
+            batch.num_decodes = num_decodes
+            return
         pairs = sorted(zip(batch.seqs, batch.num_new_tokens), key=lambda p: p[1] != 1)
         batch.seqs = [p[0] for p in pairs]
         batch.num_new_tokens = [p[1] for p in pairs]

@@ -95,7 +95,10 @@ class Sampler:
             per_step = any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty or p.min_tokens
                            or p.triggered_spec is not None for p in params) or any(s.guided is not None for s in seqs)
             self._fixed = (key, self._fixed_tensors(seqs), per_step)
-        t = dataclasses.replace(self._fixed[1], steps=[s.num_output_tokens for s in seqs])
+        fixed = self._fixed[1]
+        if not self._fixed[2] and fixed.all_greedy:  # nothing moves with the tokens: the fixed tensors as they are
+            return fixed
+        t = dataclasses.replace(fixed, steps=[s.num_output_tokens for s in seqs])
         if not self._fixed[2]:  # no penalties, guided rows or min_tokens among these rows
             return t
         params = [s.params for s in seqs]

@@ -75,7 +75,7 @@ def fused_decode(q, kv, chunks, bias, scale) -> torch.Tensor | None:
 @dataclass
 class DecodeBucket:
     """Queries answered together over contexts of similar length."""
-    token_idx: torch.Tensor  # [n]: the queries' rows in the step's tokens
+    token_idx: torch.Tensor | None  # [n]: the queries' rows in the step's tokens (None: rows 0..n-1)
     chunks: torch.Tensor  # [n, Hkv, nblk]: (block, head) chunk ids of each query's context
     bias: torch.Tensor  # [n, nblk * block_size]: 0 inside the context, -inf past it
 
@@ -109,21 +109,26 @@ class TorchAttention:
 
     def prepare(self, meta: AttentionMetadata, kv_layer: KVLayer) -> None:
         """Per-step precomputation shared by all layers (kv_layer: any layer's, for its shape), with numpy on
-        the step's host arrays: each of its ~20 small ops costs a microsecond or two, a torch op ~5."""
+        the step's host arrays: each of its small ops costs a microsecond or two, a torch op ~5, and ~3x that
+        after a forward has swept the caches (so a plain decode step takes the fewest ops)."""
         _, _, num_kv_heads, block_size, _ = kv_layer.shape
         tokens, table_rows, lens, long_prefills = self._split_queries(meta)
         slots = meta.slot_mapping_host if meta.slot_mapping_host is not None else meta.slot_mapping.cpu().numpy()
-        valid = slots >= 0
-        token_idx = None if valid.all() else np.flatnonzero(valid)
-        if token_idx is not None:
+        token_idx = None
+        if len(slots) and slots.min() < 0:  # padding tokens: not stored
+            token_idx = np.flatnonzero(slots >= 0)
             slots = slots[token_idx]
-        blocks, offsets = slots // block_size, slots % block_size
-        store_rows = (blocks[:, None] * num_kv_heads + np.arange(num_kv_heads)[None, :]) * block_size + offsets[:, None]
+        if num_kv_heads == 1:  # the cache viewed as [-1, head_dim] has one row per slot
+            store_rows = slots
+        else:
+            blocks, offsets = slots // block_size, slots % block_size
+            store_rows = ((blocks[:, None] * num_kv_heads + np.arange(num_kv_heads)[None, :]) * block_size
+                          + offsets[:, None]).reshape(-1)
         device = meta.slot_mapping.device
         meta.backend_state = TorchStepState(
             buckets=self._decode_buckets(meta, tokens, table_rows, lens, num_kv_heads, block_size),
-            long_prefills=long_prefills, token_idx=None if token_idx is None else torch.from_numpy(token_idx).to(device),
-            store_rows=torch.from_numpy(store_rows.reshape(-1)).to(device))
+            long_prefills=long_prefills, token_idx=None if token_idx is None else _tensor(token_idx, device),
+            store_rows=_tensor(store_rows, device))
 
     def _split_queries(self, meta: AttentionMetadata) -> tuple[list[int], list[int], list[int], list[int]]:
         """(token index, block-table row, context length) of every query answered on the batched
@@ -149,6 +154,15 @@ class TorchAttention:
                         num_kv_heads: int, block_size: int) -> list[DecodeBucket]:
         if not tokens:
             return []
+        tables = meta.block_tables_host if meta.block_tables_host is not None else meta.block_tables.cpu().numpy()
+        device = meta.seq_lens.device
+        if max(lens) <= self.BUCKET_GROWTH * min(lens):
+            # One bucket (most decode steps): the queries in step order; when they are the step's first rows
+            # (decodes only) the layers read and write them in place, without an index.
+            in_place = tokens[-1] == len(tokens) - 1 and table_rows[-1] == len(table_rows) - 1
+            rows = slice(0, len(tokens)) if in_place else table_rows
+            return [self._bucket(None if in_place else _tensor(np.array(tokens), device), tables[rows],
+                                 np.array(lens), num_kv_heads, block_size, device)]
         order = sorted(range(len(tokens)), key=lens.__getitem__)
         groups, current = [], [order[0]]
         for i in order[1:]:
@@ -157,20 +171,22 @@ class TorchAttention:
                 current = []
             current.append(i)
         groups.append(current)
-        device = meta.seq_lens.device
-        tables = meta.block_tables_host if meta.block_tables_host is not None else meta.block_tables.cpu().numpy()
-        buckets = []
-        for group in groups:
-            num_blocks = -(-max(lens[i] for i in group) // block_size)
-            group_lens = np.array([lens[i] for i in group])
-            blocks = tables[[table_rows[i] for i in group], :num_blocks].astype(np.int64)
-            # (block, head) chunk ids in [query, head, block] order.
-            chunks = blocks[:, None, :] * num_kv_heads + np.arange(num_kv_heads)[None, :, None]
-            outside = np.arange(num_blocks * block_size)[None, :] >= group_lens[:, None]
-            bias = np.where(outside, np.float32(-np.inf), np.float32(0.0))
-            buckets.append(DecodeBucket(torch.tensor([tokens[i] for i in group], device=device),
-                                        torch.from_numpy(chunks).to(device), torch.from_numpy(bias).to(device)))
-        return buckets
+        return [self._bucket(_tensor(np.array([tokens[i] for i in group]), device),
+                             tables[[table_rows[i] for i in group]], np.array([lens[i] for i in group]),
+                             num_kv_heads, block_size, device) for group in groups]
+
+    @staticmethod
+    def _bucket(token_idx: torch.Tensor | None, tables: np.ndarray, lens: np.ndarray, num_kv_heads: int,
+                block_size: int, device: torch.device) -> DecodeBucket:
+        """tables: the block-table rows of the bucket's queries; lens: their context lengths."""
+        num_blocks = -(-int(lens.max()) // block_size)
+        blocks = tables[:, :num_blocks].astype(np.int64)
+        # (block, head) chunk ids in [query, head, block] order.
+        chunks = blocks[:, None, :] if num_kv_heads == 1 else \
+            blocks[:, None, :] * num_kv_heads + np.arange(num_kv_heads)[None, :, None]
+        bias = np.where(np.arange(num_blocks * block_size)[None, :] >= lens[:, None], np.float32(-np.inf),
+                        np.float32(0.0))
+        return DecodeBucket(token_idx, _tensor(chunks, device), _tensor(bias, device))
 
     def _gather(self, kv_layer: KVLayer, chunks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """[2, num_chunks, block_size, head_dim] of the listed (block, head) chunks of K and V
@@ -201,32 +217,44 @@ class TorchAttention:
         return dequantize_kv(kv_layer.data[:, blocks], kv_layer.scales[:, blocks], kv_layer.zeros[:, blocks],
                              kv_layer.bits, dtype)
 
+    def _bucket_output(self, q: torch.Tensor, bucket: DecodeBucket, kv_layer: KVLayer, scale: float,
+                       fused: bool) -> torch.Tensor:
+        """[n, Hkv, group, D]: the attention of the bucket's queries over their contexts."""
+        chunks, bias = bucket.chunks, bucket.bias
+        n, length = bias.shape
+        num_kv_heads, head_dim = chunks.shape[1], q.shape[-1]
+        # The query heads of one KV head attend together: [n, Hkv, group, D] x [n, Hkv, D, L].
+        rows = q[:n] if bucket.token_idx is None else q.index_select(0, bucket.token_idx)
+        queries = rows.view(n, num_kv_heads, q.shape[1] // num_kv_heads, head_dim)
+        if fused:
+            o = fused_decode(queries, kv_layer.data.view(2, -1, kv_layer.shape[3], head_dim), chunks, bias, scale)
+            if o is not None:
+                return o
+        kv = self._gather(kv_layer, chunks.reshape(-1), q.dtype)
+        keys = kv[0].view(n, num_kv_heads, length, head_dim)
+        values = kv[1].view(n, num_kv_heads, length, head_dim)
+        scores = torch.matmul(queries, keys.transpose(-1, -2)).mul_(scale).add_(bias[:, None, None, :])
+        return torch.matmul(torch.softmax(scores, dim=-1), values)
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: KVLayer,
                 meta: AttentionMetadata, scale: float) -> torch.Tensor:
         """q: [T, Hq, D], k/v: [T, Hkv, D], kv_layer: one layer's KVLayer -> [T, Hq, D]."""
         state: TorchStepState = meta.backend_state
         store_kv(k, v, kv_layer, state)
-        out = torch.empty_like(q)
-        out[meta.query_start_loc_host[-1]:].zero_()  # padding tokens (runner's shape buckets) belong to no sequence
-        num_kv_heads, head_dim = k.shape[1], k.shape[2]
-        group = q.shape[1] // num_kv_heads
+        head_dim = k.shape[2]
         fused = self.fused and kv_layer.bits is None and q.device.type == "cpu"
-        for bucket in state.buckets:
-            rows, chunks, bias = bucket.token_idx, bucket.chunks, bucket.bias
-            n, length = bias.shape
-            # The query heads of one KV head attend together: [n, Hkv, group, D] x [n, Hkv, D, L].
-            queries = q.index_select(0, rows).view(n, num_kv_heads, group, head_dim)
-            o = None
-            if fused:
-                kv = kv_layer.data.view(2, -1, kv_layer.shape[3], head_dim)
-                o = fused_decode(queries, kv, chunks, bias, scale)
-            if o is None:
-                kv = self._gather(kv_layer, chunks.reshape(-1), q.dtype)
-                keys = kv[0].view(n, num_kv_heads, length, head_dim)
-                values = kv[1].view(n, num_kv_heads, length, head_dim)
-                scores = torch.matmul(queries, keys.transpose(-1, -2)).mul_(scale).add_(bias[:, None, None, :])
-                o = torch.matmul(torch.softmax(scores, dim=-1), values)
-            out.index_copy_(0, rows, o.view(n, -1, head_dim))
+        buckets = state.buckets
+        if len(buckets) == 1 and buckets[0].token_idx is None and buckets[0].bias.shape[0] == q.shape[0]:
+            return self._bucket_output(q, buckets[0], kv_layer, scale, fused).reshape(q.shape)  # decodes only
+        out = torch.empty_like(q)
+        if meta.query_start_loc_host[-1] < q.shape[0]:  # padding tokens (runner's shape buckets): in no sequence
+            out[meta.query_start_loc_host[-1]:].zero_()
+        for bucket in buckets:
+            o = self._bucket_output(q, bucket, kv_layer, scale, fused)
+            if bucket.token_idx is None:
+                out[:o.shape[0]] = o.view(o.shape[0], -1, head_dim)
+            else:
+                out.index_copy_(0, bucket.token_idx, o.view(o.shape[0], -1, head_dim))
         block_size = kv_layer.shape[3]
         starts, lens = meta.query_start_loc_host, meta.seq_lens_host
         for i in state.long_prefills:  # the other sequences were answered with the decodes above
@@ -258,6 +286,11 @@ class TorchAttention:
                                                 is_causal=causal, scale=scale, enable_gqa=True)
             out[start:end] = oi[0, :, -num_new:].transpose(0, 1)
         return out
+
+
+def _tensor(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    t = torch.from_numpy(a)
+    return t if device.type == "cpu" else t.to(device)
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, kv_layer: KVLayer, state: TorchStepState) -> None:
