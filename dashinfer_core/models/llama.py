@@ -120,13 +120,27 @@ class DecoderLayer(nn.Module):
             h = self.post_mlp_layernorm(h)
         return h, residual
 
-    def forward(self, x, residual, ctx: ForwardContext, parts=None):
-        """parts: a CompiledLayerParts (models/compiled.py) or None for eager."""
-        pre, post = (parts.pre, parts.post) if parts is not None else (DecoderLayer.pre_attention,
-                                                                        DecoderLayer.post_attention)
-        q, k, v, residual = pre(self, x, residual, ctx.positions, ctx.cos_sin, ctx.rotary)
+    def forward(self, x, residual, ctx: ForwardContext):
+        q, k, v, residual = self.pre_attention(x, residual, ctx.positions, ctx.cos_sin, ctx.rotary)
         out = ctx.backend.forward(q, k, v, ctx.kv_layers[self.layer_index], ctx.attn_meta, self.self_attn.scale)
-        return post(self, out, residual)
+        return self.post_attention(out, residual)
+
+
+def run_layers(layers, norm: RMSNorm, x: torch.Tensor, ctx: ForwardContext, parts=None) -> torch.Tensor:
+    """The decoder stack and the final norm over embeddings x. parts: a CompiledLayerParts (models/compiled.py),
+    whose graphs join each layer's work after attention with the next layer's before it, or None: eager."""
+    if parts is None:
+        residual = None
+        for layer in layers:
+            x, residual = layer(x, residual, ctx)
+        return norm(x, residual)[0]
+    q, k, v, residual = parts.pre(layers[0], x, None, ctx.positions, ctx.cos_sin, ctx.rotary)
+    for i, layer in enumerate(layers):
+        out = ctx.backend.forward(q, k, v, ctx.kv_layers[layer.layer_index], ctx.attn_meta, layer.self_attn.scale)
+        if i + 1 == len(layers):
+            return parts.last(layer, norm, out, residual)
+        q, k, v, residual = parts.between(layer, layers[i + 1], out, residual, ctx.positions, ctx.cos_sin,
+                                          ctx.rotary)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -164,12 +178,7 @@ class LlamaForCausalLM(nn.Module):
         return self.tp.all_reduce(x)
 
     def forward(self, input_ids, ctx: ForwardContext):
-        x = self.embed(input_ids)
-        residual = None
-        for layer in self.layers:
-            x, residual = layer(x, residual, ctx, self.compiled_parts)
-        x, _ = self.norm(x, residual)
-        return x
+        return run_layers(self.layers, self.norm, self.embed(input_ids), ctx, self.compiled_parts)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.logits_quant is not None:

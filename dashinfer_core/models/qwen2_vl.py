@@ -9,7 +9,7 @@ from collections.abc import Iterable
 import torch
 
 from ..distributed.parallel_state import SINGLE, TPGroup
-from .llama import LlamaForCausalLM
+from .llama import LlamaForCausalLM, run_layers
 from .model_config import ModelConfig
 from .vision import VisionConfig, VisionTower
 
@@ -63,11 +63,7 @@ class Qwen2VLForConditionalGeneration(LlamaForCausalLM):
         if ctx.mm_embeds is not None:  # the image tokens of this step take their image's embeddings
             index, rows = ctx.mm_embeds
             x[index] = rows.to(x.dtype)
-        residual = None
-        for layer in self.layers:
-            x, residual = layer(x, residual, ctx, self.compiled_parts)
-        x, _ = self.norm(x, residual)
-        return x
+        return run_layers(self.layers, self.norm, x, ctx, self.compiled_parts)
 
 
 class Qwen2_5_VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
