@@ -1,5 +1,5 @@
-"""CPU half precision runs each decoder layer's non-attention work as torch.compile'd graphs
-(models/compiled.py); fp32 and enforce_eager stay eager. The compiled layers must give what the
+"""CPU half precision runs the decoder layers' work around attention (and, in decode-only steps, the
+attention too) as torch.compile'd graphs (models/compiled.py); fp32 and enforce_eager stay eager. The compiled layers must give what the
 eager ones give, on a real model (the embedded one), in prefill (score) and in decode (generate)."""
 from __future__ import annotations
 
@@ -33,6 +33,36 @@ def test_bf16_compiled_layers_match_eager(default_model_dir):
     assert [o.text for o in outs] == [o.text for o in eager.chat(questions, params)]
     stats = compiled.engine.stats()
     assert stats.num_free_blocks == stats.num_blocks
+
+
+def test_decode_steps_with_attention_in_the_graphs_match_the_steps_without(monkeypatch):
+    """A step of decodes only (one attention bucket) runs its attention inside the compiled graphs. At batch 1
+    its tokens are those of the same steps with the attention outside them; at batch 3 the two routes are
+    different bf16 graphs (inductor sums the norms in another order), so a sequence may part ways, but only
+    where the two best tokens were a near tie for the route that parted."""
+    import dashinfer_core.models.compiled as compiled_module
+    llm = LLM(dtype="bfloat16", device="cpu")
+    parts = llm.engine.runner.model.compiled_parts
+    in_graph_steps = []
+    bucket_of = compiled_module.decode_bucket
+    monkeypatch.setattr(compiled_module, "decode_bucket", lambda ctx: in_graph_steps.append(bucket_of(ctx)) or
+                        in_graph_steps[-1])
+    prompts = ["The old lighthouse keeper", "Water boils at", PROSE[:600]]
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, logprobs=2)
+    got = {}
+    for in_graph in (True, False):
+        parts.decode_in_graph = in_graph
+        got[in_graph] = [llm.generate(p, params) for p in (prompts[:1], prompts)]
+    assert any(b is not None for b in in_graph_steps) and not parts.failed
+    assert got[True][0][0].outputs[0].token_ids == got[False][0][0].outputs[0].token_ids
+    for a, b in zip(got[True][1], got[False][1]):
+        a, b = a.outputs[0], b.outputs[0]
+        part = next((j for j, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y), None)
+        if part is not None:
+            for out, other in ((a, b), (b, a)):
+                top = out.logprobs[part]
+                gap = top[out.token_ids[part]] - top.get(other.token_ids[part], float("-inf"))
+                assert gap < 0.2, (part, gap, top)
 
 
 def test_fp32_stays_eager(default_model_dir):

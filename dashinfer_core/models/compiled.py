@@ -14,6 +14,9 @@ from __future__ import annotations
 import torch
 
 from ..compiling import compile_or_eager
+from ..layers.attention.torch_backend import (DecodeBucket, TorchAttention, TorchStepState, compiled_decode,
+                                              gathered_decode_attention, store_kv)
+from ..layers.context import ForwardContext
 from .llama import DecoderLayer
 
 # One compiled function per part for the whole process (dynamo caches by code object anyway);
@@ -43,16 +46,89 @@ compiled_last = compile_or_eager(after_last_attention, name="compiled decoder la
                                  dynamic=True)
 
 
-class CompiledLayerParts:
-    """What the decoder stack calls instead of its eager parts (llama.run_layers)."""
 
-    pre = staticmethod(compiled_pre)
-    between = staticmethod(compiled_between)
-    last = staticmethod(compiled_last)
+
+# A step of decodes only (most steps) takes the attention into the graphs too: from layer i's attention
+# to layer i + 1's, read from the paged cache as torch_backend.fused_decode does, the new K/V stored before
+# each graph. Compiled like fused_decode: static head shapes (so the inner loops vectorize), the batch and
+# context sizes marked dynamic on each call.
+def decode_attention(layer: DecoderLayer, q, kv, chunks, bias):
+    """q: [n, Hq, D] (one query per sequence); kv: the layer's KVLayer.data [2, blocks, Hkv, block_size, D];
+    chunks, bias: the step's one DecodeBucket's -> [n, Hq, D] in q's dtype."""
+    n, num_heads, head_dim = q.shape
+    num_kv_heads = chunks.shape[1]
+    queries = q.float().view(n, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    pool = kv.view(2, -1, kv.shape[3], head_dim)
+    return gathered_decode_attention(queries, pool, chunks, bias, layer.self_attn.scale).to(q.dtype).view(
+        n, num_heads, head_dim)
+
+
+def decode_between(layer: DecoderLayer, next_layer: DecoderLayer, q, kv, chunks, bias, residual, positions,
+                   cos_sin, rotary):
+    return between_attentions(layer, next_layer, decode_attention(layer, q, kv, chunks, bias), residual, positions,
+                              cos_sin, rotary)
+
+
+def decode_last(layer: DecoderLayer, norm, q, kv, chunks, bias, residual):
+    return after_last_attention(layer, norm, decode_attention(layer, q, kv, chunks, bias), residual)
+
+
+compiled_decode_between = compile_or_eager(decode_between, name="compiled decode layers (between attentions)",
+                                           dynamic=False)
+compiled_decode_last = compile_or_eager(decode_last, name="compiled decode layers (after the last attention)",
+                                        dynamic=False)
+
+
+def decode_bucket(ctx: ForwardContext) -> DecodeBucket | None:
+    """The step's one bucket when every token is a decode answered in place by the compiled decode attention
+    (TorchAttention's fused path, unquantized cache), else None."""
+    state = ctx.attn_meta.backend_state
+    if not isinstance(ctx.backend, TorchAttention) or not ctx.backend.fused or not isinstance(state, TorchStepState) \
+            or len(state.buckets) != 1 or state.long_prefills or ctx.kv_layers[0].bits is not None \
+            or not compiled_decode.active:
+        return None
+    bucket = state.buckets[0]
+    return bucket if bucket.token_idx is None and bucket.bias.shape[0] == ctx.positions.shape[0] else None
+
+
+def _mark_dynamic(*dims_of: tuple[torch.Tensor, tuple[int, ...]]) -> None:
+    for tensor, dims in dims_of:
+        for dim in dims:
+            torch._dynamo.maybe_mark_dynamic(tensor, dim)
+
+
+class CompiledLayerParts:
+    """What the decoder stack runs instead of its eager layers (llama.run_layers)."""
+
+    decode_in_graph = True  # False: every step's attention outside the graphs (tests compare both routes)
 
     @property
     def failed(self) -> bool:
-        return any(part.failed for part in (compiled_pre, compiled_between, compiled_last))
+        return any(part.failed for part in (compiled_pre, compiled_between, compiled_last, compiled_decode_between,
+                                            compiled_decode_last))
+
+    def run(self, layers, norm, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        positions, cos_sin, rotary = ctx.positions, ctx.cos_sin, ctx.rotary
+        bucket = decode_bucket(ctx) if self.decode_in_graph and cos_sin is not None else None
+        if bucket is not None:
+            _mark_dynamic((bucket.chunks, (0, 2)), (bucket.bias, (0, 1)), (positions, (0,)), (cos_sin[0], (0,)),
+                          (cos_sin[1], (0,)))
+        q, k, v, residual = compiled_pre(layers[0], x, None, positions, cos_sin, rotary)
+        for i, layer in enumerate(layers):
+            kv_layer = ctx.kv_layers[layer.layer_index]
+            last = i + 1 == len(layers)
+            if bucket is None:
+                out = ctx.backend.forward(q, k, v, kv_layer, ctx.attn_meta, layer.self_attn.scale)
+                if last:
+                    return compiled_last(layer, norm, out, residual)
+                q, k, v, residual = compiled_between(layer, layers[i + 1], out, residual, positions, cos_sin, rotary)
+                continue
+            store_kv(k, v, kv_layer, ctx.attn_meta.backend_state)
+            _mark_dynamic((q, (0,)), (residual, (0,)), (kv_layer.data, (1,)))
+            if last:
+                return compiled_decode_last(layer, norm, q, kv_layer.data, bucket.chunks, bucket.bias, residual)
+            q, k, v, residual = compiled_decode_between(layer, layers[i + 1], q, kv_layer.data, bucket.chunks,
+                                                        bucket.bias, residual, positions, cos_sin, rotary)
 
 
 def wants_compiled_layers(device: torch.device, dtype: torch.dtype, enabled: bool) -> bool:

@@ -128,19 +128,13 @@ class DecoderLayer(nn.Module):
 
 def run_layers(layers, norm: RMSNorm, x: torch.Tensor, ctx: ForwardContext, parts=None) -> torch.Tensor:
     """The decoder stack and the final norm over embeddings x. parts: a CompiledLayerParts (models/compiled.py),
-    whose graphs join each layer's work after attention with the next layer's before it, or None: eager."""
-    if parts is None:
-        residual = None
-        for layer in layers:
-            x, residual = layer(x, residual, ctx)
-        return norm(x, residual)[0]
-    q, k, v, residual = parts.pre(layers[0], x, None, ctx.positions, ctx.cos_sin, ctx.rotary)
-    for i, layer in enumerate(layers):
-        out = ctx.backend.forward(q, k, v, ctx.kv_layers[layer.layer_index], ctx.attn_meta, layer.self_attn.scale)
-        if i + 1 == len(layers):
-            return parts.last(layer, norm, out, residual)
-        q, k, v, residual = parts.between(layer, layers[i + 1], out, residual, ctx.positions, ctx.cos_sin,
-                                          ctx.rotary)
+    whose graphs run from each attention to the next, or None: eager."""
+    if parts is not None:
+        return parts.run(layers, norm, x, ctx)
+    residual = None
+    for layer in layers:
+        x, residual = layer(x, residual, ctx)
+    return norm(x, residual)[0]
 
 
 class LlamaForCausalLM(nn.Module):
