@@ -6,8 +6,9 @@ final norm. At batch 1 the step is dominated by that per-op dispatch: on the dev
 iq-int8 decode step went from 16.7 to 13.8 ms with a graph per part, fewer calls since.
 
 Not used in fp32, where the eager ops keep results bit-identical to HF transformers (inductor fuses
-the RMSNorm reductions in another order), nor with enforce_eager. Attention stays outside: it reads
-the paged cache through host-side metadata and has its own compiled kernel (layers/attention/torch_backend.py).
+the RMSNorm reductions in another order), nor with enforce_eager. In a step of decodes only whose
+contexts fit one attention bucket, the attention runs inside the graphs too (decode_between); other
+steps call the attention backend between the graphs.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 
 from ..compiling import compile_or_eager
 from ..layers.attention.torch_backend import (DecodeBucket, TorchAttention, TorchStepState, compiled_decode,
-                                              gathered_decode_attention, store_kv)
+                                              gathered_decode_attention, mark_dynamic, store_kv)
 from ..layers.context import ForwardContext
 from .llama import DecoderLayer
 
@@ -44,8 +45,6 @@ compiled_between = compile_or_eager(between_attentions, name="compiled decoder l
                                     dynamic=True)
 compiled_last = compile_or_eager(after_last_attention, name="compiled decoder layers (after the last attention)",
                                  dynamic=True)
-
-
 
 
 # A step of decodes only (most steps) takes the attention into the graphs too: from layer i's attention
@@ -91,12 +90,6 @@ def decode_bucket(ctx: ForwardContext) -> DecodeBucket | None:
     return bucket if bucket.token_idx is None and bucket.bias.shape[0] == ctx.positions.shape[0] else None
 
 
-def _mark_dynamic(*dims_of: tuple[torch.Tensor, tuple[int, ...]]) -> None:
-    for tensor, dims in dims_of:
-        for dim in dims:
-            torch._dynamo.maybe_mark_dynamic(tensor, dim)
-
-
 class CompiledLayerParts:
     """What the decoder stack runs instead of its eager layers (llama.run_layers)."""
 
@@ -111,7 +104,7 @@ class CompiledLayerParts:
         positions, cos_sin, rotary = ctx.positions, ctx.cos_sin, ctx.rotary
         bucket = decode_bucket(ctx) if self.decode_in_graph and cos_sin is not None else None
         if bucket is not None:
-            _mark_dynamic((bucket.chunks, (0, 2)), (bucket.bias, (0, 1)), (positions, (0,)), (cos_sin[0], (0,)),
+            mark_dynamic((bucket.chunks, (0, 2)), (bucket.bias, (0, 1)), (positions, (0,)), (cos_sin[0], (0,)),
                           (cos_sin[1], (0,)))
         q, k, v, residual = compiled_pre(layers[0], x, None, positions, cos_sin, rotary)
         for i, layer in enumerate(layers):
@@ -124,7 +117,7 @@ class CompiledLayerParts:
                 q, k, v, residual = compiled_between(layer, layers[i + 1], out, residual, positions, cos_sin, rotary)
                 continue
             store_kv(k, v, kv_layer, ctx.attn_meta.backend_state)
-            _mark_dynamic((q, (0,)), (residual, (0,)), (kv_layer.data, (1,)))
+            mark_dynamic((q, (0,)), (residual, (0,)), (kv_layer.data, (1,)))
             if last:
                 return compiled_decode_last(layer, norm, q, kv_layer.data, bucket.chunks, bucket.bias, residual)
             q, k, v, residual = compiled_decode_between(layer, layers[i + 1], q, kv_layer.data, bucket.chunks,
