@@ -90,9 +90,9 @@ class QuantizedLinear(nn.Module):
             y = y.view(*x.shape[:-1], -1)
             return y if self.bias is None else y + self.bias
         if self.qweight is None:
-            y = compiled_int4pack_dequant_linear(x.reshape(-1, self.in_features), self.int4_packed0, self.scales,
-                                                 self.zeros, self.group_size,
-                                                 x.dtype == torch.bfloat16 and not native_bf16()).view(*x.shape[:-1], -1)
+            y = _int4pack_dequant_linear(x.reshape(-1, self.in_features), self.int4_packed0, self.scales,
+                                         self.zeros, self.group_size,
+                                         x.dtype == torch.bfloat16 and not native_bf16()).view(*x.shape[:-1], -1)
             return y if self.bias is None else y + self.bias
         if self.activations_int8:
             y = a8w8_linear(x, self.w_int8_t, self.w_scale)
@@ -127,7 +127,9 @@ def _dequant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
 def _int4pack_dequant_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                              group: int, fp32_gemm: bool = False) -> torch.Tensor:
     """x @ dequant(W)^T with W's integers read from the int4 kernel's packing (see unpack_int4pack).
-    fp32_gemm: multiply in fp32 (a CPU without bf16 arithmetic, where a bf16 GEMM is emulated)."""
+    fp32_gemm: multiply in fp32 (a CPU without bf16 arithmetic, where a bf16 GEMM is emulated). Run eager:
+    inductor's code for the packing's transposed unpack is 3-7x slower than these ops (3072x576 group 32,
+    300 rows, 2 threads: 34.1 against 9.4 ms on an AVX-512 bf16 EPYC; 63 against 34 ms with AVX2 only)."""
     n, k = scales.shape[0], x.shape[-1]
     q = unpack_int4pack(packed, n, k)
     w = ((q.view(n, k // group, group).float() - zeros[..., None]) * scales[..., None]).view(n, k)
@@ -163,10 +165,6 @@ compiled_dequant_linear = compile_or_eager(_dequant_linear, name="compiled dequa
                                            enabled=compiled_dequant_wanted, dynamic=True)
 
 
-compiled_int4pack_dequant_linear = compile_or_eager(_int4pack_dequant_linear, name="compiled int4pack dequant linear",
-                                                   enabled=compiled_dequant_wanted, dynamic=True)
-
-
 compiled_dequant_gemv = compile_or_eager(_dequant_gemv, name="compiled dequant GEMV", enabled=compiled_dequant_wanted,
                                          dynamic=True)
 # Up to this many rows the GEMV form wins (fp32, embedded model, AMX dev machine: the Q8_0 LM head 2.8
@@ -186,9 +184,11 @@ def cpu_dequant_linear(x, qweight, scales, zeros, bits, group, k):
 # Decode-sized batches: torch's int8-weight GEMV kernel reads 1 byte per weight (4x less than
 # dequantize-then-GEMM in fp32); past ~8-16 rows its per-row cost loses to the compiled dequant path.
 INT8PACK_MAX_ROWS = 8
-# torch's int4 kernel: 27 us against 1.6 ms for the compiled dequantizing matmul at 1 row of a
-# 1536x576 group-32 weight, 0.7 against 1.6 ms at 64 rows, 5.3 against 1.9 ms at 512 (dev machine).
-INT4PACK_MAX_ROWS = 128
+# torch's int4 kernel up to here, then dequantize-and-GEMM (its cost is mostly the fixed dequantization). A
+# 3072x576 group-32 weight, 2 threads, kernel against the dequantizing matmul: AVX-512 bf16 EPYC 2.9 / 5.8 ms at
+# 129 rows, 6.5 / 9.4 at 300, 10.9 / 11.0 at 512; AVX2 only (fp32 GEMM) 4.4 / 9.4 at 129, 12.4 / 12.5 at 300,
+# 34.8 / 24.3 at 1024.
+INT4PACK_MAX_ROWS = 512
 
 
 def unpack_int4pack(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
