@@ -118,27 +118,34 @@ def test_rows_with_nan_or_inf_logits_get_token_minus_one():
 
 
 def test_row_max_is_torch_max_on_large_vocabularies():
-    from dashinfer_core.layers.sampler import row_max
+    from dashinfer_core.layers import sampler
     torch.manual_seed(0)
-    for rows, vocab in ((1, 49152), (7, 5000), (3, 2048 + 100), (2, 100)):  # whole blocks, a partial one, tiny
-        x = torch.randn(rows, vocab)
-        x[0, vocab - 1] = 50.0  # the max in the partial last block
-        if rows > 2:
-            x[1, 10] = x[1, vocab - 3] = 60.0  # a tie: the first index wins
-            x[2, 200] = float("nan")  # NaN wins its row, as in torch.max
-        want_values, want_index = x.max(dim=-1)
-        got_values, got_index = row_max(x)
-        assert torch.equal(got_index, want_index), (rows, vocab)
-        assert torch.equal(got_values.nan_to_num(), want_values.nan_to_num())
+    past = sampler.NUMPY_ARGMAX_ROWS + 24  # the two-level route (below it: numpy's argmax of whole rows)
+    for rows, vocab in ((1, 49152), (7, 5000), (3, 2048 + 100), (2, 100), (past, 49152), (past, 4096 + 77)):
+        for layout in ("contiguous", "strided"):  # a strided view takes the torch route
+            x = torch.randn(rows, vocab) if layout == "contiguous" else torch.randn(vocab, rows).t()
+            x[0, vocab - 1] = 50.0  # the max in the last block (partial where vocab is not a multiple of 128)
+            if rows > 2:
+                x[1, 10] = x[1, vocab - 3] = 60.0  # a tie across blocks: the first index wins
+                x[2, 200] = float("nan")  # NaN wins its row, as in torch.max
+            if rows > 4:
+                x[3, 130] = x[3, 131] = 70.0  # a tie inside one block
+                x[4, 5] = x[4, 300] = 80.0
+                x[4, 301] = float("nan")  # a NaN after a larger value
+            want_values, want_index = x.max(dim=-1)
+            got_values, got_index = sampler.row_max(x)
+            assert torch.equal(got_index, want_index), (rows, vocab, layout)
+            assert torch.equal(got_values.nan_to_num(), want_values.nan_to_num()), (rows, vocab, layout)
     y = torch.randn(4, 4096).bfloat16()
-    assert torch.equal(row_max(y)[1], y.argmax(dim=-1))
+    assert torch.equal(sampler.row_max(y)[1], y.argmax(dim=-1))
 
 
 def test_greedy_tokens_on_either_route_is_torch_max_with_faults_marked():
     from dashinfer_core.layers import sampler
     torch.manual_seed(1)
-    for rows in (1, 5, sampler.NUMPY_ARGMAX_ROWS + 3):  # the numpy route, and past it the torch route
-        x = torch.randn(rows, 49152 + 17)
+    # whole rows in numpy, the two-level route past NUMPY_ARGMAX_ROWS, and torch's for a strided view
+    for rows, strided in ((1, False), (5, False), (sampler.NUMPY_ARGMAX_ROWS + 3, False), (40, True)):
+        x = torch.randn(49152 + 17, rows).t() if strided else torch.randn(rows, 49152 + 17)
         x[0, 3] = x[0, 49152 + 5] = 40.0  # a tie across the partial last block: the first index wins
         if rows > 1:
             x[1, 9] = float("nan")

@@ -260,38 +260,70 @@ def sample(logits: torch.Tensor, t: SamplingTensors, uniform: torch.Tensor) -> t
 
 
 ARGMAX_BLOCK = 128
-NUMPY_ARGMAX_ROWS = 32  # up to here numpy's one-thread SIMD argmax beats torch's ops (7 against 44 us at 1 row)
+NUMPY_ARGMAX_ROWS = 16  # up to here numpy's one-thread SIMD argmax of whole rows beats the two-level search
 
 
 def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
     """argmax of each row of fp32 logits (first index on ties), or -1 where the row's maximum is not finite
-    (a NaN wins its row, as in torch.max). On the CPU, few rows go through numpy: each torch op costs a
-    parallel-region start, and a batch-1 step would spend ~40 us on five of them."""
-    if logits.device.type == "cpu" and logits.shape[0] <= NUMPY_ARGMAX_ROWS and logits.dtype == torch.float32:
-        a = logits.numpy()
-        index = a.argmax(axis=1)
-        best = a[np.arange(a.shape[0]), index]
+    (a NaN wins its row, as in torch.max). On the CPU the small per-row steps run in numpy: each torch op
+    costs a parallel-region start (a batch-1 step would spend ~40 us on five of them), and at 64 rows the
+    finiteness check alone took ~100 us as torch ops."""
+    if _numpy_route(logits):
+        best, index = _cpu_row_max(logits)
         return torch.from_numpy(np.where(np.isfinite(best), index, -1))
     best, tokens = row_max(logits)
     return torch.where(torch.isfinite(best), tokens, -1)
 
 
 def row_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(max, argmax) of each row of a 2-D tensor, the first index on ties, as x.max(-1) gives. On the CPU
-    in two levels: the vectorized amax of blocks of 128, then the index within the winning block only;
-    torch's CPU argmax is scalar code, 8x slower at 64 rows of a 49,152-token vocabulary (12.3 against
-    1.5 ms). A NaN wins its row, as in torch.max."""
+    """(max, argmax) of each row of a 2-D tensor, the first index on ties, as x.max(-1) gives (a NaN wins its
+    row). torch's CPU argmax is scalar code, 8x slower at 64 rows of a 49,152-token vocabulary (12.3 against
+    1.5 ms): on the CPU it runs in two levels (see _cpu_row_max)."""
+    if _numpy_route(x):
+        best, index = _cpu_row_max(x)
+        return torch.from_numpy(best), torch.from_numpy(index)
     rows, vocab = x.shape
     full = vocab // ARGMAX_BLOCK * ARGMAX_BLOCK
     if x.device.type != "cpu" or full < 16 * ARGMAX_BLOCK:
         return x.max(dim=-1)
-    blocks = x[:, :full].reshape(rows, full // ARGMAX_BLOCK, ARGMAX_BLOCK)
+    blocks = x[:, :full].reshape(rows, full // ARGMAX_BLOCK, ARGMAX_BLOCK)  # (half precision on the CPU)
     best, block = blocks.amax(dim=-1).max(dim=-1)
     index = block * ARGMAX_BLOCK + blocks[torch.arange(rows), block].argmax(dim=-1)
     if full < vocab:  # the last partial block
         tail_best, tail_index = x[:, full:].max(dim=-1)
         take = (tail_best > best) | (torch.isnan(tail_best) & ~torch.isnan(best))
         best, index = torch.where(take, tail_best, best), torch.where(take, tail_index + full, index)
+    return best, index
+
+
+def _numpy_route(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2 and x.stride(-1) == 1 \
+        and not x.requires_grad
+
+
+def _cpu_row_max(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(max, argmax) of each row of fp32 CPU logits as numpy arrays. Few rows or a small vocabulary: numpy's
+    argmax of whole rows. Otherwise torch's vectorized amax of blocks of 128 on every thread (the one pass
+    over all the logits), then in numpy the first block holding the maximum and the index within it only
+    (64 x 49,152: ~430 against ~600 us with those small steps as torch ops). A NaN wins its block, then
+    its row, at its first index, as in torch.max."""
+    a = x.numpy()
+    rows, vocab = a.shape
+    r = np.arange(rows)
+    full = vocab // ARGMAX_BLOCK * ARGMAX_BLOCK
+    if rows <= NUMPY_ARGMAX_ROWS or full < 16 * ARGMAX_BLOCK:
+        index = a.argmax(axis=1)
+        return a[r, index], index
+    block_max = x[:, :full].view(rows, full // ARGMAX_BLOCK, ARGMAX_BLOCK).amax(dim=-1).numpy()
+    block = block_max.argmax(axis=1)
+    start = block * ARGMAX_BLOCK
+    index = start + a[r[:, None], start[:, None] + np.arange(ARGMAX_BLOCK)].argmax(axis=1)
+    best = block_max[r, block]
+    if full < vocab:  # the last partial block
+        tail_index = a[:, full:].argmax(axis=1) + full
+        tail_best = a[r, tail_index]
+        take = (tail_best > best) | (np.isnan(tail_best) & ~np.isnan(best))
+        best, index = np.where(take, tail_best, best), np.where(take, tail_index, index)
     return best, index
 
 
