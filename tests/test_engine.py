@@ -179,6 +179,27 @@ def test_presence_and_frequency_penalties_discourage_repeats(llm):
     assert most_repeated(penalized.token_ids) < most_repeated(plain.token_ids)
 
 
+def test_kept_logits_buffer_gives_the_same_tokens_and_is_reused(tiny_llm, monkeypatch):
+    """Decode logits past KEPT_LOGITS_MIN_BYTES go into one kept tensor (a fresh one that large is mapped and
+    unmapped every step); lowered to 0 here so every decode step takes that route: same greedy tokens."""
+    from dashinfer_core.engine import runner as runner_module
+    prompts = mixed_prompts(6, min_len=3, max_len=30, seed=7)
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    runner = tiny_llm.engine.runner
+    fresh = [o.token_ids for o in tiny_llm.generate(prompts, params)]
+    assert runner._logits_buffer is None  # tiny logits: below the threshold, fresh tensors
+    monkeypatch.setattr(runner_module, "KEPT_LOGITS_MIN_BYTES", 0)
+    kept = [o.token_ids for o in tiny_llm.generate(prompts, params)]
+    buffer = runner._logits_buffer
+    assert buffer is not None and buffer.shape[1] == tiny_llm.engine.vocab_size
+    assert kept == fresh
+    again = [o.token_ids for o in tiny_llm.generate(prompts, params)]
+    assert again == fresh and runner._logits_buffer is buffer  # the same tensor, not a new one per run
+    monkeypatch.undo()
+    runner._logits_buffer = None
+    assert_all_blocks_free(tiny_llm.engine)
+
+
 def test_priority_runs_first(tiny_llm):
     engine = tiny_llm.engine
     engine.scheduler.max_num_seqs, saved = 1, engine.scheduler.max_num_seqs

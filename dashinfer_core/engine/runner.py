@@ -26,6 +26,7 @@ from .sequence import Sequence
 logger = logging.getLogger(__name__)
 
 CPU_DEFAULT_KV_BYTES = 4 << 30
+KEPT_LOGITS_MIN_BYTES = 32 << 20  # glibc maps every allocation past this afresh (its largest mmap threshold)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -166,6 +167,7 @@ class ModelRunner:
             from ..quant.linear import quantize_model
             quantize_model(self.model, config.quantization, config.group_size, self.device)
         self.vocab_size = self.model_cfg.vocab_size
+        self._logits_buffer: torch.Tensor | None = None  # see _kept_logits
         self.block_size = config.block_size
         self.kv_cache = self._allocate_kv_cache()
         self.max_model_len = min(max_len, self.kv_cache.num_blocks * self.block_size)
@@ -307,10 +309,24 @@ class ModelRunner:
         if not plan.logit_rows:
             return None
         rows = plan.logit_rows
-        if len(rows) == hidden.shape[0] and rows[0] == 0 and rows[-1] == len(rows) - 1 and \
-                rows == list(range(len(rows))):  # decodes only: every row, in order (no gather)
-            return self.model.compute_logits(hidden)
-        return self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
+        if not (len(rows) == hidden.shape[0] and rows[0] == 0 and rows[-1] == len(rows) - 1 and
+                rows == list(range(len(rows)))):  # (decodes only: every row, in order, no gather)
+            hidden = hidden[torch.tensor(rows, device=self.device)]
+        return self.model.compute_logits(hidden, out=self._kept_logits(len(rows), hidden.dtype))
+
+    def _kept_logits(self, rows: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """A kept [rows, vocab] tensor for a step's logits where a fresh one would pass glibc's largest
+        mmap threshold (32 MiB): such a tensor is mapped afresh and unmapped every step (256 rows of a
+        49,152-token vocabulary in fp32, 2 threads: ~10 ms of page faults in the LM head and ~5 ms to unmap it
+        in a 35-38 ms step of the tiny model). None: a fresh tensor (small enough, or not on the CPU)."""
+        if self.device.type != "cpu" or self.config.tensor_parallel_size > 1 or \
+                rows * self.vocab_size * dtype.itemsize <= KEPT_LOGITS_MIN_BYTES or \
+                rows > padded_count(self.config.max_num_seqs):  # (not a long scored text: kept for good)
+            return None
+        kept = self._logits_buffer
+        if kept is None or kept.shape[0] < rows or kept.dtype != dtype:
+            kept = self._logits_buffer = torch.empty(rows, self.vocab_size, dtype=dtype)
+        return kept[:rows]
 
     def _plan(self, batch: ScheduledBatch, logit_rows: list[int]) -> StepPlan:
         bs = self.block_size

@@ -174,10 +174,13 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids, ctx: ForwardContext):
         return run_layers(self.layers, self.norm, self.embed(input_ids), ctx, self.compiled_parts)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """out: a [rows, vocab] tensor to write into (one rank, unquantized LM head; ignored otherwise)."""
         if self.logits_quant is not None:
             return self.logits_quant(hidden)
         weight = self.embed_tokens if self.lm_head is None else self.lm_head
+        if out is not None and self.tp.size == 1 and out.shape == (hidden.shape[0], weight.shape[0]):
+            return torch.mm(hidden, weight.t(), out=out)
         return self.tp.all_gather_last_dim(linear(hidden, weight))
 
     # ---- weights -------------------------------------------------------------------------------
