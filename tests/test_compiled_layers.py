@@ -38,8 +38,10 @@ def test_bf16_compiled_layers_match_eager(default_model_dir):
 def test_decode_steps_with_attention_in_the_graphs_match_the_steps_without(monkeypatch):
     """A step of decodes only (one attention bucket) runs its attention inside the compiled graphs. The two
     routes are different bf16 graphs (inductor sums the norms in another order; in a long test process either
-    may be past dynamo's recompile limit and run eagerly), so a sequence may part ways from the route with
-    the attention outside, but only where the two best tokens were a near tie for both routes (batch 1 and 3)."""
+    may be past dynamo's recompile limit and run eagerly). The first decode step reads the same prefilled
+    cache on both routes: its log-probabilities agree closely. Later each route reads the K/V it wrote itself,
+    so the rounding differences compound: a sequence may part ways, but only where the two best tokens were
+    close for both routes (batch 1 and 3)."""
     import dashinfer_core.models.compiled as compiled_module
     llm = LLM(dtype="bfloat16", device="cpu")
     parts = llm.engine.runner.model.compiled_parts
@@ -56,12 +58,16 @@ def test_decode_steps_with_attention_in_the_graphs_match_the_steps_without(monke
     assert any(b is not None for b in in_graph_steps) and not parts.failed
     for a, b in zip(got[True][0] + got[True][1], got[False][0] + got[False][1]):
         a, b = a.outputs[0], b.outputs[0]
+        assert a.token_ids[0] == b.token_ids[0]  # from the prefill, the same on both routes
+        if a.token_ids[1] == b.token_ids[1]:  # the first decode step, from the same cache
+            first = a.token_ids[1]
+            assert abs(a.logprobs[1][first] - b.logprobs[1][first]) < 0.15, (a.logprobs[1], b.logprobs[1])
         part = next((j for j, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y), None)
         if part is not None:
             for out, other in ((a, b), (b, a)):
                 top = out.logprobs[part]
                 gap = top[out.token_ids[part]] - top.get(other.token_ids[part], float("-inf"))
-                assert gap < 0.2, (part, gap, top)
+                assert gap < (0.2 if part == 1 else 0.5), (part, gap, top)
 
 
 def test_fp32_stays_eager(default_model_dir):

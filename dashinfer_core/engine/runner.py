@@ -312,7 +312,8 @@ class ModelRunner:
         if not (len(rows) == hidden.shape[0] and rows[0] == 0 and rows[-1] == len(rows) - 1 and
                 rows == list(range(len(rows)))):  # (decodes only: every row, in order, no gather)
             hidden = hidden[torch.tensor(rows, device=self.device)]
-        return self.model.compute_logits(hidden, out=self._kept_logits(len(rows), hidden.dtype))
+        kept = self._kept_logits(len(rows), hidden.dtype)
+        return self.model.compute_logits(hidden) if kept is None else self.model.compute_logits(hidden, out=kept)
 
     def _kept_logits(self, rows: int, dtype: torch.dtype) -> torch.Tensor | None:
         """A kept [rows, vocab] tensor for a step's logits where a fresh one would pass glibc's largest
