@@ -122,7 +122,7 @@ def test_row_max_is_torch_max_on_large_vocabularies():
     torch.manual_seed(0)
     past = sampler.NUMPY_ARGMAX_ROWS + 24  # the two-level route (below it: numpy's argmax of whole rows)
     for rows, vocab in ((1, 49152), (7, 5000), (3, 2048 + 100), (2, 100), (past, 49152), (past, 4096 + 77)):
-        for layout in ("contiguous", "strided"):  # a strided view takes the torch route
+        for layout in ("contiguous", "strided"):  # a strided view goes through an fp32 copy
             x = torch.randn(rows, vocab) if layout == "contiguous" else torch.randn(vocab, rows).t()
             x[0, vocab - 1] = 50.0  # the max in the last block (partial where vocab is not a multiple of 128)
             if rows > 2:
@@ -136,14 +136,16 @@ def test_row_max_is_torch_max_on_large_vocabularies():
             got_values, got_index = sampler.row_max(x)
             assert torch.equal(got_index, want_index), (rows, vocab, layout)
             assert torch.equal(got_values.nan_to_num(), want_values.nan_to_num()), (rows, vocab, layout)
-    y = torch.randn(4, 4096).bfloat16()
-    assert torch.equal(sampler.row_max(y)[1], y.argmax(dim=-1))
+    for rows in (4, 40):  # half precision: through an fp32 copy, the values back in bf16
+        y = torch.randn(rows, 4096).bfloat16()
+        values, index = sampler.row_max(y)
+        assert torch.equal(index, y.argmax(dim=-1)) and torch.equal(values, y.max(dim=-1).values)
 
 
 def test_greedy_tokens_on_either_route_is_torch_max_with_faults_marked():
     from dashinfer_core.layers import sampler
     torch.manual_seed(1)
-    # whole rows in numpy, the two-level route past NUMPY_ARGMAX_ROWS, and torch's for a strided view
+    # whole rows in numpy, the two-level route past NUMPY_ARGMAX_ROWS, and a strided view through a copy
     for rows, strided in ((1, False), (5, False), (sampler.NUMPY_ARGMAX_ROWS + 3, False), (40, True)):
         x = torch.randn(49152 + 17, rows).t() if strided else torch.randn(rows, 49152 + 17)
         x[0, 3] = x[0, 49152 + 5] = 40.0  # a tie across the partial last block: the first index wins

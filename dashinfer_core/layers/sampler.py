@@ -268,10 +268,10 @@ def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
     (a NaN wins its row, as in torch.max). On the CPU the small per-row steps run in numpy: each torch op
     costs a parallel-region start (a batch-1 step would spend ~40 us on five of them), and at 64 rows the
     finiteness check alone took ~100 us as torch ops."""
-    if _numpy_route(logits):
+    if logits.device.type == "cpu":
         best, index = _cpu_row_max(logits)
         return torch.from_numpy(np.where(np.isfinite(best), index, -1))
-    best, tokens = row_max(logits)
+    best, tokens = logits.max(dim=-1)
     return torch.where(torch.isfinite(best), tokens, -1)
 
 
@@ -279,34 +279,21 @@ def row_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(max, argmax) of each row of a 2-D tensor, the first index on ties, as x.max(-1) gives (a NaN wins its
     row). torch's CPU argmax is scalar code, 8x slower at 64 rows of a 49,152-token vocabulary (12.3 against
     1.5 ms): on the CPU it runs in two levels (see _cpu_row_max)."""
-    if _numpy_route(x):
-        best, index = _cpu_row_max(x)
-        return torch.from_numpy(best), torch.from_numpy(index)
-    rows, vocab = x.shape
-    full = vocab // ARGMAX_BLOCK * ARGMAX_BLOCK
-    if x.device.type != "cpu" or full < 16 * ARGMAX_BLOCK:
+    if x.device.type != "cpu":
         return x.max(dim=-1)
-    blocks = x[:, :full].reshape(rows, full // ARGMAX_BLOCK, ARGMAX_BLOCK)  # (half precision on the CPU)
-    best, block = blocks.amax(dim=-1).max(dim=-1)
-    index = block * ARGMAX_BLOCK + blocks[torch.arange(rows), block].argmax(dim=-1)
-    if full < vocab:  # the last partial block
-        tail_best, tail_index = x[:, full:].max(dim=-1)
-        take = (tail_best > best) | (torch.isnan(tail_best) & ~torch.isnan(best))
-        best, index = torch.where(take, tail_best, best), torch.where(take, tail_index + full, index)
-    return best, index
-
-
-def _numpy_route(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2 and x.stride(-1) == 1 \
-        and not x.requires_grad
+    best, index = _cpu_row_max(x)
+    return torch.from_numpy(best).to(x.dtype), torch.from_numpy(index)
 
 
 def _cpu_row_max(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """(max, argmax) of each row of fp32 CPU logits as numpy arrays. Few rows or a small vocabulary: numpy's
-    argmax of whole rows. Otherwise torch's vectorized amax of blocks of 128 on every thread (the one pass
-    over all the logits), then in numpy the first block holding the maximum and the index within it only
-    (64 x 49,152: ~430 against ~600 us with those small steps as torch ops). A NaN wins its block, then
-    its row, at its first index, as in torch.max."""
+    """(max, argmax) of each row of 2-D CPU logits as fp32 numpy arrays (other dtypes and strided views through
+    one fp32 copy). Few rows or a small vocabulary: numpy's argmax of whole rows. Otherwise torch's vectorized
+    amax of blocks of 128 on every thread (the one pass over all the logits), then in numpy the first block
+    holding the maximum and the index within it only (64 x 49,152: ~430 against ~600 us with those small steps
+    as torch ops). A NaN wins its block, then its row, at its first index, as in torch.max."""
+    x = x.detach()
+    if x.dtype != torch.float32 or x.stride(-1) != 1:
+        x = x.float().contiguous()
     a = x.numpy()
     rows, vocab = a.shape
     r = np.arange(rows)
