@@ -320,7 +320,9 @@ class ModelRunner:
         mmap threshold (32 MiB): such a tensor is mapped afresh and unmapped every step (256 rows of a
         49,152-token vocabulary in fp32, 2 threads: ~10 ms of page faults in the LM head and ~5 ms to unmap it
         in a 35-38 ms step of the tiny model). None: a fresh tensor (small enough, or not on the CPU)."""
+        # (a quantized LM head writes its own output: nothing to keep for it)
         if self.device.type != "cpu" or self.config.tensor_parallel_size > 1 or \
+                getattr(self.model, "logits_quant", None) is not None or \
                 rows * self.vocab_size * dtype.itemsize <= KEPT_LOGITS_MIN_BYTES or \
                 rows > padded_count(self.config.max_num_seqs):  # (not a long scored text: kept for good)
             return None
