@@ -71,18 +71,26 @@ def test_q4_1_groups_are_reproduced_exactly(span):
     torch.testing.assert_close(got, w, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("bits, group", [(8, None), (8, 32), (4, None), (4, 32)])
-def test_quantized_linear_equals_dequantize_then_matmul(bits, group):
-    # 1 row: the compiled GEMV form (4-bit integers one per byte in fp32); 5 rows: the matmul form
-    from dashinfer_core.quant.linear import DEQUANT_GEMV_MAX_ROWS
+@pytest.mark.parametrize("bits, group", [(8, None), (8, 32), (4, None), (4, 32), (8, 64), (4, 64)])
+def test_quantized_linear_equals_dequantize_then_matmul(bits, group, monkeypatch):
+    # 1 row: the compiled GEMV form (4-bit integers one per byte in fp32); 5 rows: the matmul form. Group 64
+    # of 96 inputs leaves a partial last group, which the GEMV form takes as a product of its own (it used to
+    # fall back to dequantizing the whole weight every token).
+    from dashinfer_core.quant import linear as qlinear
     torch.manual_seed(1)
     w, b = torch.randn(48, 96), torch.randn(48)
     qw = quantize(w, bits, group)
     layer = QuantizedLinear(qw, b, (48,), torch.float32)
     assert torch.equal(layer.quantized().qweight, qw.qweight)
-    for rows in (1, DEQUANT_GEMV_MAX_ROWS + 1):
+    matmul_rows = []
+    matmul_form = qlinear.compiled_dequant_linear
+    monkeypatch.setattr(qlinear, "compiled_dequant_linear",
+                        lambda x, *a: matmul_rows.append(x.shape[0]) or matmul_form(x, *a))
+    gemv_wanted = qlinear.compiled_dequant_gemv.active  # asked first: a failed compile still runs the GEMV form
+    for rows in (1, qlinear.DEQUANT_GEMV_MAX_ROWS + 1):
         x = torch.randn(rows, 96)
         torch.testing.assert_close(layer(x), x @ dequantize(qw).t() + b, atol=1e-4, rtol=1e-4)
+    assert matmul_rows == ([] if gemv_wanted else [1]) + [qlinear.DEQUANT_GEMV_MAX_ROWS + 1]
 
 
 @pytest.mark.parametrize("group", [32, 64])

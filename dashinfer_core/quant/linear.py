@@ -138,21 +138,40 @@ def _int4pack_dequant_linear(x: torch.Tensor, packed: torch.Tensor, scales: torc
     return torch.matmul(x, w.to(x.dtype).t())
 
 
+def _group_dots(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
+                group: int) -> torch.Tensor:
+    """sum over groups of s * (x_g . q_g - z * sum(x_g)) in fp32, for x [m, groups * group]."""
+    n, groups, m = qweight.shape[0], scales.shape[1], x.shape[0]
+    xg = x.float().view(m, 1, groups, group)
+    if bits == 4:  # even columns in the low nibbles, odd ones in the high: two dot products, no interleave
+        packed = qweight.reshape(1, n, groups, group // 2)
+        pairs = xg.view(m, 1, groups, group // 2, 2)
+        dots = (pairs[..., 0] * (packed & 0x0F).float()).sum(-1) + (pairs[..., 1] * (packed >> 4).float()).sum(-1)
+    else:
+        dots = (xg * qweight.reshape(1, n, groups, group).float()).sum(-1)  # [m, n, groups]
+    return ((dots - xg.sum(-1) * zeros[None]) * scales[None]).sum(-1)
+
+
 def _dequant_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
                   group: int, k: int) -> torch.Tensor:
     """The same product for a few rows, as per-group dot products: sum_g s * (x_g . q_g - z * sum(x_g)).
     Compiled, it is one pass over the quantized weight with no dequantized copy (a GEMV reads each byte
-    once; the matmul form writes and reads a full-precision weight first). Needs k % group == 0 (and
-    an even group for 4 bits)."""
-    n, groups, m = qweight.shape[0], scales.shape[1], x.shape[0]
-    xg = x.float().view(m, 1, groups, group)
-    if bits == 4:  # even columns in the low nibbles, odd ones in the high: two dot products, no interleave
-        packed = qweight[:, :k // 2].view(1, n, groups, group // 2)
-        pairs = xg.view(m, 1, groups, group // 2, 2)
-        dots = (pairs[..., 0] * (packed & 0x0F).float()).sum(-1) + (pairs[..., 1] * (packed >> 4).float()).sum(-1)
-    else:
-        dots = (xg * qweight.view(1, n, groups, group).float()).sum(-1)  # [m, n, groups]
-    return ((dots - xg.sum(-1) * zeros[None]) * scales[None]).sum(-1).to(x.dtype)
+    once; the matmul form writes and reads a full-precision weight first). A partial last group (k = 576
+    in groups of 128) is a second, one-group product over the tail columns. For 4 bits, group and k even
+    (gemv_serves)."""
+    full = k // group
+    head = full * group
+    per_byte = 2 if bits == 4 else 1
+    y = _group_dots(x[:, :head], qweight[:, :head // per_byte], scales[:, :full], zeros[:, :full], bits, group)
+    if head < k:
+        y = y + _group_dots(x[:, head:], qweight[:, head // per_byte:k // per_byte], scales[:, full:full + 1],
+                            zeros[:, full:full + 1], bits, k - head)
+    return y.to(x.dtype)
+
+
+def gemv_serves(bits: int, group: int, k: int) -> bool:
+    """The GEMV form's layout needs: whole bytes per group and per tail for 4-bit nibbles."""
+    return bits == 8 or (group % 2 == 0 and k % 2 == 0)
 
 
 def compiled_dequant_wanted() -> bool:
@@ -174,7 +193,7 @@ DEQUANT_GEMV_MAX_ROWS = 4
 
 def cpu_dequant_linear(x, qweight, scales, zeros, bits, group, k):
     flat = x.reshape(-1, k)
-    if flat.shape[0] <= DEQUANT_GEMV_MAX_ROWS and k % group == 0 and compiled_dequant_gemv.active:
+    if flat.shape[0] <= DEQUANT_GEMV_MAX_ROWS and gemv_serves(bits, group, k) and compiled_dequant_gemv.active:
         return compiled_dequant_gemv(flat, qweight, scales, zeros, bits, group, k).view(*x.shape[:-1], -1)
     fp32_gemm = x.dtype == torch.bfloat16 and not native_bf16()
     y = compiled_dequant_linear(flat, qweight, scales, zeros, bits, group, k, fp32_gemm)
