@@ -50,7 +50,7 @@ def test_decode_steps_with_attention_in_the_graphs_match_the_steps_without(monke
     monkeypatch.setattr(compiled_module, "decode_bucket", lambda ctx: in_graph_steps.append(bucket_of(ctx)) or
                         in_graph_steps[-1])
     prompts = ["The old lighthouse keeper", "Water boils at", PROSE[:600]]
-    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, logprobs=2)
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, logprobs=5)
     got = {}
     for in_graph in (True, False):
         parts.decode_in_graph = in_graph
