@@ -5,6 +5,9 @@ Each CPU fast path has a plain fallback that runs wherever torch runs:
 - onednn_linear: oneDNN's inner product (torch.ops.mkldnn._linear_pointwise) instead of F.linear,
   2-3x faster fp32 GEMMs on x86. In bf16 it needs avx512_bf16 or AMX: elsewhere oneDNN cannot build
   the primitive and raises mid-request. Fallback: F.linear (ATen's GEMM).
+- packed_linear: bf16 weights reordered once, at load, into oneDNN's blocked layout
+  (torch.ops.mkldnn._reorder_linear_weight): oneDNN otherwise reorders every weight on every call.
+  Fallback: the plain weight through onednn_linear or F.linear.
 - int8_gemv: torch._weight_int8pack_mm for per-channel iq-int8 weights at decode sizes, bf16 only.
   Fallback: the dequantizing matmul (quant/linear.py).
 - int4_gemv: torch's CPU int4 kernel (_weight_int4pack_mm_for_cpu) for iq-int4 weights in groups of
@@ -43,7 +46,7 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-FAST_PATHS = ("onednn_linear", "int8_gemv", "int4_gemv", "int8_gemm", "compiled_dequant", "compiled_layers", "compiled_attention")
+FAST_PATHS = ("onednn_linear", "packed_linear", "int8_gemv", "int4_gemv", "int8_gemm", "compiled_dequant", "compiled_layers", "compiled_attention")
 # /proc/cpuinfo flags that decide a path (x86) or say what the core has (aarch64 "Features").
 _INTERESTING_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16", "amx_int8",
                       "asimd", "bf16", "i8mm", "sve")
@@ -190,6 +193,23 @@ def onednn_linear_on(dtype: torch.dtype) -> bool:
 
 
 @functools.cache
+def packed_linear_works() -> bool:
+    """oneDNN prepacks a bf16 weight here and its inner product on the packed weight gives F.linear's answer."""
+    reorder = getattr(getattr(torch.ops, "mkldnn", None), "_reorder_linear_weight", None)
+    if "packed_linear" in disabled_paths() or reorder is None or torch.bfloat16 not in onednn_linear_dtypes():
+        return False
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 64, generator=gen).bfloat16()
+    w = torch.randn(24, 64, generator=gen).bfloat16()
+    try:
+        got = _ONEDNN_LINEAR(x, reorder(w), None, "none", [], "").float()
+    except Exception as exc:
+        log.info("oneDNN weight prepacking unavailable: %s", str(exc).splitlines()[0][:120])
+        return False
+    return bool(torch.allclose(got, F.linear(x, w).float(), atol=0.1, rtol=0.02))
+
+
+@functools.cache
 def int8_gemv_works() -> bool:
     if "int8_gemv" in disabled_paths() or not hasattr(torch, "_weight_int8pack_mm"):
         return False
@@ -301,6 +321,16 @@ def choose_cpu_paths(dtype: torch.dtype, quantization: str | None, group_size: i
     else:
         paths["onednn_linear"] = PathChoice(False, f"oneDNN cannot build a {_name(dtype)} inner product on "
                                                    f"this CPU ({detect().cpu_capability}); F.linear instead")
+
+    if dtype != torch.bfloat16:
+        paths["packed_linear"] = PathChoice(False, "only for bfloat16 weights (fp32 packed was no faster than "
+                                                   "the plain GEMMs)")
+    elif "packed_linear" in off:
+        paths["packed_linear"] = PathChoice(False, "disabled by DASHINFER_DISABLE")
+    elif not packed_linear_works():
+        paths["packed_linear"] = PathChoice(False, "oneDNN cannot prepack bfloat16 weights on this CPU")
+    else:
+        paths["packed_linear"] = PathChoice(True, "bfloat16 weights in oneDNN's blocked layout, reordered once")
 
     if quantization != "iq-int8" or group_size is not None or dtype != torch.bfloat16:
         paths["int8_gemv"] = PathChoice(False, "only for iq-int8 per-channel weights with bfloat16")

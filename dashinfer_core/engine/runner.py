@@ -166,6 +166,10 @@ class ModelRunner:
         if config.quantization and config.quantization != "gguf":  # GGUF weights came quantized
             from ..quant.linear import quantize_model
             quantize_model(self.model, config.quantization, config.group_size, self.device)
+        packed = self.fast_paths.get("packed_linear")
+        if packed is not None and packed.on and self.lora_slots is None and self.model_cfg.moe is None:
+            # after loading and quantizing: nothing writes the weights from here on
+            self.model.pack_weights()
         self.vocab_size = self.model_cfg.vocab_size
         self._logits_buffer: torch.Tensor | None = None  # see _kept_logits
         self.block_size = config.block_size

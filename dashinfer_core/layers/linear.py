@@ -3,6 +3,7 @@ matmul serves them; the loader fills each shard from its own HF tensor."""
 from __future__ import annotations
 
 import time
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +15,58 @@ from ..capabilities import drop_onednn_dtype, onednn_linear_on
 # AMD EPYC dev machine: 450 vs 210 GFLOP/s fp32 at 512 rows), for the same fp32 arithmetic. Which
 # dtypes it can run here is probed once (capabilities.py): bf16 needs avx512_bf16 or AMX.
 _ONEDNN_LINEAR = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
+
+
+# ---- prepacked bf16 weights (the packed_linear fast path) ------------------------------------------------
+# oneDNN computes on weights in its own blocked layout; handed a plain one it reorders it on every call
+# (~20 us a call for a small layer, about the GEMV itself for the LM head). pack_linears() reorders each
+# weight once; the layer then keeps only a placeholder (the shape, no data) and the packed tensor lives
+# here, keyed by the placeholder's address. Inside compiled graphs the product is an opaque custom op:
+# inductor can neither trace an oneDNN packed tensor nor run its own GEMM on one.
+_PACKED: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
+
+
+def placeholder_of(weight: torch.Tensor) -> torch.Tensor:
+    """A [N, K] tensor of one element (strides 0) standing for a packed weight: no memory, its own address."""
+    return torch.empty(1, dtype=weight.dtype, device=weight.device).expand(weight.shape)
+
+
+def pack_weight(key: torch.Tensor, weight: torch.Tensor) -> None:
+    """Keep oneDNN's packed copy of `weight` for the products whose weight argument is `key` (the
+    placeholder that replaces it, or the weight itself where it must stay, as a tied embedding)."""
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+    address = key.data_ptr()
+    _PACKED[address] = (weakref.ref(key), packed)
+    weakref.finalize(key, _PACKED.pop, address, None)
+
+
+def _packed_of(weight: torch.Tensor) -> torch.Tensor:
+    entry = _PACKED.get(weight.data_ptr())
+    owner = entry[0]() if entry is not None else None
+    if owner is None or owner.shape != weight.shape:
+        raise RuntimeError(f"no packed weight for a {tuple(weight.shape)} placeholder (was the layer copied?)")
+    return entry[1]
+
+
+def _run_packed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return _ONEDNN_LINEAR(x, _packed_of(weight), bias, "none", [], "")
+
+
+@torch.library.custom_op("dashinfer::packed_linear", mutates_args=())
+def _packed_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return _run_packed(x, weight, bias)
+
+
+@_packed_linear_op.register_fake
+def _(x, weight, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ W^T (+ bias) for a weight packed by pack_weight (`weight`: its key)."""
+    if torch.compiler.is_compiling():
+        return torch.ops.dashinfer.packed_linear(x, weight, bias)
+    return _run_packed(x, weight, bias)  # eagerly without the custom op's dispatch (~10 us a call)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -80,6 +133,7 @@ class Linear(nn.Module):
         self.first_rank = first_rank  # row-parallel: the rank that adds the bias
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
+        self.packed = False  # pack(): the weight is a placeholder, its packed copy in _PACKED
 
     def shard_range(self, shard: int) -> tuple[int, int]:
         start = sum(self.shard_sizes[:shard])
@@ -104,5 +158,14 @@ class Linear(nn.Module):
             raise ValueError(f"{name} shard {shard}: checkpoint shape {tuple(tensor.shape)} != {expected}")
         target.data[start:end].copy_(tensor)
 
+    def pack(self) -> None:
+        """Reorder the weight once into oneDNN's layout (CPU, bf16; see _PACKED); the plain copy is dropped."""
+        placeholder = nn.Parameter(placeholder_of(self.weight), requires_grad=False)
+        pack_weight(placeholder, self.weight)
+        self.weight = placeholder
+        self.packed = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed:
+            return packed_linear(x, self.weight, self.bias)
         return linear(x, self.weight, self.bias)

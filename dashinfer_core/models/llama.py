@@ -19,7 +19,7 @@ from ..distributed.parallel_state import SINGLE, TPGroup
 from ..errors import UnsupportedModelError
 from ..layers.activation import silu_and_mul
 from ..layers.context import ForwardContext
-from ..layers.linear import Linear, linear
+from ..layers.linear import Linear, linear, pack_weight, packed_linear, placeholder_of
 from ..layers.norm import RMSNorm
 from ..layers.rotary import RotaryEmbedding
 from ..quant.gptq import GPTQ_PARTS, check_gptq_config, install_gptq
@@ -160,6 +160,20 @@ class LlamaForCausalLM(nn.Module):
         # as they are: rows dequantized on lookup, the logits from the quantized matmul.
         self.embed_quant = None
         self.logits_quant = None
+        self.packed_head = False  # pack_weights(): the LM head's product reads a packed copy
+
+    def pack_weights(self) -> None:
+        """CPU, bf16 (the packed_linear fast path): every plain projection's weight, and the LM head's, reordered
+        once into oneDNN's layout (layers/linear.py); the plain copies are dropped. A tied LM head stays as it is:
+        the embedding lookup needs its rows, and a packed copy beside them would raise the peak memory."""
+        for module in self.modules():
+            if isinstance(module, Linear) and not module.packed:
+                module.pack()
+        if self.logits_quant is None and self.lm_head is not None and not self.packed_head:
+            placeholder = nn.Parameter(placeholder_of(self.lm_head), requires_grad=False)
+            pack_weight(placeholder, self.lm_head)
+            self.lm_head = placeholder
+            self.packed_head = True
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.embed_quant is not None:
@@ -179,6 +193,8 @@ class LlamaForCausalLM(nn.Module):
         if self.logits_quant is not None:
             return self.logits_quant(hidden)
         weight = self.embed_tokens if self.lm_head is None else self.lm_head
+        if self.packed_head:
+            return self.tp.all_gather_last_dim(packed_linear(hidden, weight))
         if out is not None and self.tp.size == 1 and out.shape == (hidden.shape[0], weight.shape[0]):
             return torch.mm(hidden, weight.t(), out=out)
         return self.tp.all_gather_last_dim(linear(hidden, weight))

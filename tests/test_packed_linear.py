@@ -1,0 +1,83 @@
+"""bf16 weights packed once into oneDNN's layout (the packed_linear fast path): the same products as the plain
+weights, eagerly and inside compiled graphs, with no plain copy left behind. Machines where oneDNN cannot
+prepack bf16 (AVX2-only) run the plain route, which every other bf16 test covers; the AVX2 run in
+test_capabilities checks that the path is off there."""
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dashinfer_core import capabilities
+from dashinfer_core.layers import linear as linear_mod
+from dashinfer_core.layers.linear import Linear
+
+needs_packing = pytest.mark.skipif(not capabilities.packed_linear_works(),
+                                   reason="oneDNN cannot prepack bf16 weights on this CPU (plain route: other tests)")
+
+
+def _layer(bias: bool) -> Linear:
+    layer = Linear(64, 96, bias=bias, dtype=torch.bfloat16)
+    gen = torch.Generator().manual_seed(0)
+    layer.weight.data.copy_(torch.randn(96, 64, generator=gen) * 0.2)
+    if bias:
+        layer.bias.data.copy_(torch.randn(96, generator=gen))
+    return layer
+
+
+@needs_packing
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_layer_gives_the_plain_product_and_keeps_no_plain_copy(bias):
+    layer = _layer(bias)
+    plain_weight = layer.weight.detach().clone()
+    inputs = [torch.randn(rows, 64, generator=torch.Generator().manual_seed(rows)).bfloat16() for rows in (1, 5, 64)]
+    want = [F.linear(x.float(), plain_weight.float(), None if layer.bias is None else layer.bias.float())
+            for x in inputs]
+    layer.pack()
+    assert layer.packed and layer.weight.stride() == (0, 0) and layer.weight.shape == (96, 64)
+    assert layer.weight.untyped_storage().nbytes() <= 2  # the placeholder: one element
+    for x, w in zip(inputs, want):
+        torch.testing.assert_close(layer(x).float(), w, atol=0.05, rtol=0.02)
+
+    # Inside a compiled graph the product is the opaque custom op, on the same packed weight.
+    compiled = torch.compile(lambda x: layer(x) * 2.0, dynamic=True)
+    for x in inputs[1:]:
+        torch.testing.assert_close(compiled(x), layer(x) * 2.0)
+
+
+@needs_packing
+def test_a_placeholder_without_its_packed_weight_raises_and_entries_go_with_their_layer():
+    layer = _layer(False)
+    layer.pack()
+    x = torch.randn(3, 64).bfloat16()
+    stray = linear_mod.placeholder_of(layer.weight)  # a placeholder nothing was packed for
+    with pytest.raises(RuntimeError, match="no packed weight"):
+        linear_mod.packed_linear(x, stray)
+    before = len(linear_mod._PACKED)
+    del layer
+    gc.collect()
+    assert len(linear_mod._PACKED) == before - 1
+
+
+@needs_packing
+def test_engine_packs_its_bf16_projections_and_untied_head(tiny_models, monkeypatch):
+    """A bf16 engine packs every projection and the untied LM head and scores text as the plain route does
+    (bf16 rounding apart); with the path disabled nothing is packed."""
+    from dashinfer_core import LLM
+    ids = list(range(5, 69))
+    runs = {}
+    for disable in ("", "packed_linear"):
+        monkeypatch.setenv("DASHINFER_DISABLE", disable)
+        llm = LLM(str(tiny_models["llama"]), dtype="bfloat16", device="cpu", kv_cache_memory=8 << 20)
+        model = llm.engine.runner.model
+        linears = [m for m in model.modules() if isinstance(m, Linear)]
+        runs[disable] = llm.score(ids, chunk_tokens=24), [m.packed for m in linears], model.packed_head, \
+            llm.engine.stats().fast_paths["packed_linear"]
+    (packed_scores, packed_flags, packed_head, on), (plain_scores, plain_flags, plain_head, off) = runs.values()
+    assert on.startswith("on") and off.startswith("off") and "DASHINFER_DISABLE" in off
+    assert packed_flags and all(packed_flags) and packed_head
+    assert not any(plain_flags) and not plain_head
+    diff = (torch.tensor(packed_scores) - torch.tensor(plain_scores)).abs()
+    assert float(diff.mean()) < 0.02 and float(diff.max()) < 0.2, diff
