@@ -72,7 +72,8 @@ def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     # Inside torch.compile (models/compiled.py) inductor cannot lower the oneDNN op; F.linear there.
     if not torch.compiler.is_compiling() and x.device.type == "cpu" and onednn_linear_on(x.dtype):
-        if x.dtype != torch.float32 or onednn_faster(x, weight, bias):
+        one_fp32_row = x.dtype == torch.float32 and x.numel() == x.shape[-1]
+        if not one_fp32_row or onednn_gemv_faster(x, weight, bias):
             try:
                 return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
             except RuntimeError as exc:  # a shape the probe did not cover: never fail the request for it
@@ -80,23 +81,17 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
-# fp32: MKL's GEMM (F.linear) or oneDNN's inner product, whichever is faster here for the weight's shape and
-# the row count (in powers of two). Which wins differs by CPU: on the AMD EPYC dev machine oneDNN ran 2-3x
-# faster at 512 rows (MKL's AMD code path is slow), on a Sapphire Rapids VM MKL won most projection shapes of
-# the embedded model (oneDNN reorders an fp32 weight on every call: ~20 us, most of a small layer's product).
-# Timed once per key on its first call, the two routes alternated. Up to 8 rows of a weight of 1 MB or more,
-# the weight is evicted from the caches before each timed call, as it is in a step that reads every weight
-# once (hot repeats picked MKL for single rows where it is 1.1-2.3x slower cold: the embedded model's gate_up,
-# 607 vs 266 us); with more rows the product reuses the weight, and the timing runs hot.
-_route_choice: dict[tuple, bool] = {}  # (weight shape, has bias, row bucket) -> oneDNN is the faster
+# One fp32 row (single-stream decode) is a GEMV, where the faster of MKL's (F.linear) and oneDNN's
+# differs by CPU and by shape. Timed once per weight shape, on its first single-row call, with the weight
+# out of the caches before every timed call, as it is in a decode step (the step reads every weight once;
+# hot repeats picked MKL where it is 1.1-2.3x slower cold: embedded model's gate_up 607 vs 266 us).
+_gemv_choice: dict[tuple, bool] = {}
 EVICT_BYTES = 64 << 20  # more than the last-level cache of the CPUs we run on
-COLD_TIMING_ROWS = 8
 
 
-def onednn_faster(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    rows = x.numel() // x.shape[-1]
-    key = (tuple(weight.shape), bias is not None, 1 << max(rows - 1, 0).bit_length())
-    choice = _route_choice.get(key)
+def onednn_gemv_faster(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    key = (tuple(weight.shape), bias is not None)
+    choice = _gemv_choice.get(key)
     if choice is None:
         def onednn():
             return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
@@ -104,23 +99,19 @@ def onednn_faster(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         def mkl():
             return F.linear(x, weight, bias)
 
-        cold = rows <= COLD_TIMING_ROWS and weight.numel() * weight.element_size() >= 1 << 20
-        scratch = torch.empty(EVICT_BYTES if cold else 0, dtype=torch.uint8)
+        scratch = torch.empty(EVICT_BYTES, dtype=torch.uint8)
         best = {onednn: float("inf"), mkl: float("inf")}
         try:
             onednn()  # oneDNN builds its primitive on the first call
-        except RuntimeError as exc:  # as in linear(): F.linear for this dtype from now on
-            drop_onednn_dtype(x.dtype, exc)
+        except RuntimeError:
             best.pop(onednn)
-        mkl()
-        for _ in range(5 if cold else 3):  # alternated, so a noisy moment does not favour one of them
+        for _ in range(5):  # alternated, so a noisy moment does not favour one of them
             for fn in best:
-                if cold:
-                    scratch.fill_(1)
+                scratch.fill_(1)
                 start = time.perf_counter()
                 fn()
                 best[fn] = min(best[fn], time.perf_counter() - start)
-        choice = _route_choice[key] = best.get(onednn, float("inf")) < best[mkl]
+        choice = _gemv_choice[key] = best.get(onednn, float("inf")) < best[mkl]
     return choice
 
 
