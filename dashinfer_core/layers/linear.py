@@ -19,7 +19,7 @@ _ONEDNN_LINEAR = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise"
 
 # ---- prepacked bf16 weights (the packed_linear fast path) ------------------------------------------------
 # oneDNN computes on weights in its own blocked layout; handed a plain one it reorders it on every call
-# (~20 us a call for a small layer, about the GEMV itself for the LM head). pack_linears() reorders each
+# (~20 us a call for a small layer, about the GEMV itself for the LM head). packed_parameter() reorders a
 # weight once; the layer then keeps only a placeholder (the shape, no data) and the packed tensor lives
 # here, keyed by the placeholder's address. Inside compiled graphs the product is an opaque custom op:
 # inductor can neither trace an oneDNN packed tensor nor run its own GEMM on one.
@@ -31,13 +31,14 @@ def placeholder_of(weight: torch.Tensor) -> torch.Tensor:
     return torch.empty(1, dtype=weight.dtype, device=weight.device).expand(weight.shape)
 
 
-def pack_weight(key: torch.Tensor, weight: torch.Tensor) -> None:
-    """Keep oneDNN's packed copy of `weight` for the products whose weight argument is `key` (the
-    placeholder that replaces it, or the weight itself where it must stay, as a tied embedding)."""
-    packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+def packed_parameter(weight: torch.Tensor) -> nn.Parameter:
+    """The placeholder parameter that replaces `weight`, its oneDNN packed copy kept in _PACKED until the
+    placeholder is gone."""
+    key = nn.Parameter(placeholder_of(weight), requires_grad=False)
     address = key.data_ptr()
-    _PACKED[address] = (weakref.ref(key), packed)
+    _PACKED[address] = (weakref.ref(key), torch.ops.mkldnn._reorder_linear_weight(weight.detach()))
     weakref.finalize(key, _PACKED.pop, address, None)
+    return key
 
 
 def _packed_of(weight: torch.Tensor) -> torch.Tensor:
@@ -63,7 +64,7 @@ def _(x, weight, bias):
 
 
 def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ W^T (+ bias) for a weight packed by pack_weight (`weight`: its key)."""
+    """x @ W^T (+ bias) for a weight replaced by packed_parameter (`weight`: that placeholder)."""
     if torch.compiler.is_compiling():
         return torch.ops.dashinfer.packed_linear(x, weight, bias)
     return _run_packed(x, weight, bias)  # eagerly without the custom op's dispatch (~10 us a call)
@@ -160,9 +161,7 @@ class Linear(nn.Module):
 
     def pack(self) -> None:
         """Reorder the weight once into oneDNN's layout (CPU, bf16; see _PACKED); the plain copy is dropped."""
-        placeholder = nn.Parameter(placeholder_of(self.weight), requires_grad=False)
-        pack_weight(placeholder, self.weight)
-        self.weight = placeholder
+        self.weight = packed_parameter(self.weight)
         self.packed = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from ..distributed.parallel_state import SINGLE, TPGroup
 from ..errors import UnsupportedModelError
 from ..layers.activation import silu_and_mul
 from ..layers.context import ForwardContext
-from ..layers.linear import Linear, linear, pack_weight, packed_linear, placeholder_of
+from ..layers.linear import Linear, linear, packed_linear, packed_parameter
 from ..layers.norm import RMSNorm
 from ..layers.rotary import RotaryEmbedding
 from ..quant.gptq import GPTQ_PARTS, check_gptq_config, install_gptq
@@ -170,9 +170,7 @@ class LlamaForCausalLM(nn.Module):
             if isinstance(module, Linear) and not module.packed:
                 module.pack()
         if self.logits_quant is None and self.lm_head is not None and not self.packed_head:
-            placeholder = nn.Parameter(placeholder_of(self.lm_head), requires_grad=False)
-            pack_weight(placeholder, self.lm_head)
-            self.lm_head = placeholder
+            self.lm_head = packed_parameter(self.lm_head)
             self.packed_head = True
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
