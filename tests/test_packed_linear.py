@@ -63,21 +63,30 @@ def test_a_placeholder_without_its_packed_weight_raises_and_entries_go_with_thei
 
 @needs_packing
 def test_engine_packs_its_bf16_projections_and_untied_head(tiny_models, monkeypatch):
-    """A bf16 engine packs every projection and the untied LM head and scores text as the plain route does
-    (bf16 rounding apart); with the path disabled nothing is packed."""
+    """A bf16 engine packs every projection and the untied LM head and scores text as the plain route does:
+    both are measured against the fp32 model's scores, and the packed route may not stray much further from
+    them than the plain bf16 route does (the two accumulate in different orders, and by how much depends on
+    the CPU: a fixed packed-vs-plain bound held on one machine and not on another). With the path disabled
+    nothing is packed."""
     from dashinfer_core import LLM
     ids = list(range(5, 69))
     runs = {}
-    for disable in ("", "packed_linear"):
+    for dtype, disable in (("bfloat16", ""), ("bfloat16", "packed_linear"), ("float32", "")):
         monkeypatch.setenv("DASHINFER_DISABLE", disable)
-        llm = LLM(str(tiny_models["llama"]), dtype="bfloat16", device="cpu", kv_cache_memory=8 << 20)
+        llm = LLM(str(tiny_models["llama"]), dtype=dtype, device="cpu", kv_cache_memory=8 << 20)
         model = llm.engine.runner.model
         linears = [m for m in model.modules() if isinstance(m, Linear)]
-        runs[disable] = llm.score(ids, chunk_tokens=24), [m.packed for m in linears], model.packed_head, \
+        runs[dtype, disable] = llm.score(ids, chunk_tokens=24), [m.packed for m in linears], model.packed_head, \
             llm.engine.stats().fast_paths["packed_linear"]
-    (packed_scores, packed_flags, packed_head, on), (plain_scores, plain_flags, plain_head, off) = runs.values()
+    (packed_scores, packed_flags, packed_head, on), (plain_scores, plain_flags, plain_head, off), \
+        (fp32_scores, fp32_flags, fp32_head, _) = runs.values()
     assert on.startswith("on") and off.startswith("off") and "DASHINFER_DISABLE" in off
     assert packed_flags and all(packed_flags) and packed_head
     assert not any(plain_flags) and not plain_head
-    diff = (torch.tensor(packed_scores) - torch.tensor(plain_scores)).abs()
-    assert float(diff.mean()) < 0.02 and float(diff.max()) < 0.2, diff
+    assert not any(fp32_flags) and not fp32_head  # only bf16 weights are packed
+    reference = torch.tensor(fp32_scores)
+    packed_err = (torch.tensor(packed_scores) - reference).abs()
+    plain_err = (torch.tensor(plain_scores) - reference).abs()
+    assert float(plain_err.mean()) > 0  # bf16 rounding shows, so the comparison below measures something
+    assert float(packed_err.mean()) <= 2 * float(plain_err.mean()) + 0.01, (packed_err, plain_err)
+    assert float(packed_err.max()) <= 2 * float(plain_err.max()) + 0.05, (packed_err, plain_err)
