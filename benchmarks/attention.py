@@ -14,6 +14,9 @@ Decode variants:
   flex-head-major   FlexAttention (torch.compile) on a head-major copy of the pool (FlexAttention cannot
                     read the block-major layout in place; the copy is not timed: this says whether a
                     cache layout change would pay)
+  compiled-kt       compiled like compiled-gather, on a pool whose K chunks are stored transposed ([D, block]
+                    per (block, head); V as now; the transposed copy is not timed): the score sums then run
+                    across keys in vector lanes instead of across head_dim; says what that layout would pay
 Prefill variants: sdpa (torch's CPU flash path with GQA), flex-causal (FlexAttention with a causal block
 mask), blocked-matmul (query tiles x their causal prefix, GQA by grouping heads).
 
@@ -114,11 +117,31 @@ def decode_variants(torch, lens, tables, kv, q):
                                                        blk[1].transpose(0, 1)[None], scale=scale, enable_gqa=True))
         return outs
 
-    variants = {"compiled-gather": compiled_gather, "gather+matmul": gather_matmul, "sdpa-per-seq": sdpa_per_seq}
+    keys_t = pool_view[0].transpose(1, 2).contiguous()  # [chunks, D, block]
+    compiled_kt = torch.compile(transposed_k_decode, dynamic=False)
+
+    def kt():
+        return compiled_kt(queries.float(), keys_t, pool_view[1], chunks, bias, scale)
+
+    variants = {"compiled-gather": compiled_gather, "gather+matmul": gather_matmul, "sdpa-per-seq": sdpa_per_seq,
+                "compiled-kt": kt}
     flex = flex_decode(torch, lens, tables, kv, q, scale)
     if flex is not None:
         variants["flex-head-major"] = flex
     return variants
+
+
+def transposed_k_decode(q, keys_t, values, chunks, bias, scale):
+    """gathered_decode_attention with K chunks stored [D, block]: q [n, Hkv, group, D] fp32, keys_t
+    [chunks, D, block], values [chunks, block, D]."""
+    n, num_kv_heads, nblk = chunks.shape
+    block = keys_t.shape[2]
+    keys = keys_t[chunks].float()  # [n, Hkv, nblk, D, block]
+    scores = (q[:, :, :, None, :, None] * keys[:, :, None]).sum(-2)  # [n, Hkv, group, nblk, block]
+    scores = scores.reshape(n, num_kv_heads, q.shape[2], nblk * block) * scale + bias[:, None, None, :]
+    weights = (scores - scores.amax(-1, keepdim=True)).exp()
+    vals = values[chunks].view(n, num_kv_heads, 1, nblk * block, values.shape[2]).float()
+    return (weights[..., None] * vals).sum(-2) / weights.sum(-1, keepdim=True)
 
 
 def flex_decode(torch, lens, tables, kv, q, scale):
