@@ -28,15 +28,20 @@ def gathered_decode_attention(q: torch.Tensor, kv: torch.Tensor, chunks: torch.T
     q: [n, Hkv, group, D]; kv: [2, blocks * Hkv, block_size, D]; chunks: [n, Hkv, nblk] (block, head)
     ids; bias: [n, L] (0 or -inf, L = nblk * block_size) -> [n, Hkv, group, D]. Accumulates in fp32."""
     n, num_kv_heads, nblk = chunks.shape
-    length, head_dim = nblk * kv.shape[2], q.shape[-1]
-    keys = kv[0][chunks].view(n, num_kv_heads, 1, length, head_dim).float()
-    values = kv[1][chunks].view(n, num_kv_heads, 1, length, head_dim).float()
-    scores = (q.float()[:, :, :, None, :] * keys).sum(-1) * scale + bias.float()[:, None, None, :]
+    block, head_dim, group = kv.shape[2], q.shape[-1], q.shape[2]
+    # Reduced per (block, head) chunk first, then across chunks: inductor then looks up a chunk's address
+    # once per chunk instead of once per key (bf16, 64 sequences of 300-500 tokens: 2.9 -> 2.4 ms per
+    # layer on the dev machine; fp32 2.4 -> 1.9).
+    keys = kv[0][chunks].view(n, num_kv_heads, 1, nblk, block, head_dim).float()
+    values = kv[1][chunks].view(n, num_kv_heads, 1, nblk, block, head_dim).float()
+    scores = (q.float()[:, :, :, None, None, :] * keys).sum(-1).view(n, num_kv_heads, group, nblk * block) \
+        * scale + bias.float()[:, None, None, :]
     # Softmax with its division after the sum over values: inside the values loop inductor would divide
     # each weight again for every 16-wide slice of head_dim and every query head of the group
     # (64 sequences of 300-500 tokens, fp32: 4.6 -> 3.2 ms per layer on the dev machine).
     weights = torch.exp(scores - scores.amax(dim=-1, keepdim=True))
-    return ((weights[..., None] * values).sum(-2) / weights.sum(-1, keepdim=True)).to(q.dtype)
+    per_chunk = (weights.view(n, num_kv_heads, group, nblk, block, 1) * values).sum(-2)
+    return (per_chunk.sum(-2) / weights.sum(-1, keepdim=True)).to(q.dtype)
 
 
 def _matmul_path(*args) -> None:
