@@ -355,9 +355,8 @@ class ModelRunner:
             chunk = np.arange(start, start + n, dtype=np.int64)
             positions.extend(chunk.tolist())
             slots.extend((np.asarray(table, dtype=np.int64)[chunk // bs] * bs + chunk % bs).tolist())
-        query_start = np.zeros(len(batch.seqs) + 1, dtype=np.int64)
-        np.cumsum(batch.num_new_tokens, out=query_start[1:])
-        num_pad = padded_count(int(query_start[-1])) - int(query_start[-1]) if self.bucket_shapes else 0
+        query_start = [0, *itertools.accumulate(batch.num_new_tokens)]  # (plain ints: see above)
+        num_pad = padded_count(query_start[-1]) - query_start[-1] if self.bucket_shapes else 0
         if num_pad:  # padding tokens: id 0 at position 0, stored nowhere (slot -1), in no sequence
             ids.extend([0] * num_pad)
             positions.extend([0] * num_pad)
@@ -369,17 +368,17 @@ class ModelRunner:
         if self.lora_manager is not None:
             lora_loads = self.lora_manager.take_loads()
             if any(seq.lora_slot >= 0 for seq in batch.seqs):
-                lora_slots = np.full(int(query_start[-1]) + num_pad, -1, dtype=np.int32)
+                lora_slots = np.full(query_start[-1] + num_pad, -1, dtype=np.int32)
                 for i, seq in enumerate(batch.seqs):
                     lora_slots[query_start[i]:query_start[i + 1]] = seq.lora_slot
         return StepPlan(ops=batch.ops, input_ids=np.array(ids, dtype=np.int64),
                         positions=np.array(positions, dtype=np.int64), slot_mapping=np.array(slots, dtype=np.int64),
-                        query_start=query_start.tolist(), seq_lens=seq_lens, block_tables=block_tables,
+                        query_start=query_start, seq_lens=seq_lens, block_tables=block_tables,
                         num_decodes=batch.num_decodes, logit_rows=logit_rows, lora_slots=lora_slots,
                         lora_loads=lora_loads, mrope_positions=mrope, mm_index=mm_index, mm_rows=mm_rows)
 
     @staticmethod
-    def _plan_images(batch: ScheduledBatch, query_start: np.ndarray, num_pad: int):
+    def _plan_images(batch: ScheduledBatch, query_start: list[int], num_pad: int):
         """M-RoPE positions of the step's tokens ([3, T]: a prompt's from its images' layout, generated
         tokens at index + delta) and the image embeddings of the image tokens it computes."""
         rows = [np.zeros((3, 0), dtype=np.int64)]
@@ -399,7 +398,7 @@ class ModelRunner:
             for image in mm.images:  # the part of each image's tokens this chunk covers
                 a, b = max(start, image.offset), min(end, image.offset + image.num_tokens)
                 if a < b:
-                    index.append(np.arange(a, b) - start + int(query_start[i]))
+                    index.append(np.arange(a, b) - start + query_start[i])
                     embeds.append(image.embeds[a - image.offset:b - image.offset])
         rows.append(np.zeros((3, num_pad), dtype=np.int64))
         if not index:
@@ -408,7 +407,9 @@ class ModelRunner:
 
     def _to_device(self, plan: StepPlan) -> tuple[torch.Tensor, ForwardContext]:
         def to_dev(a, dtype):  # host lists and arrays; on the CPU without a second copy where the dtype matches
-            t = torch.from_numpy(a) if isinstance(a, np.ndarray) else torch.tensor(a, dtype=dtype)
+            # (a list through numpy: torch.tensor(list) took ~20 us a call in a CPU step, np.array a few)
+            t = torch.from_numpy(a if isinstance(a, np.ndarray) else
+                                 np.array(a, dtype=np.int32 if dtype == torch.int32 else np.int64))
             return t if t.dtype == dtype and t.device == self.device else t.to(device=self.device, dtype=dtype)
         ctx = forward_context(
             positions=to_dev(plan.positions, torch.int64), slot_mapping=to_dev(plan.slot_mapping, torch.int64),
@@ -416,7 +417,7 @@ class ModelRunner:
             block_tables=to_dev(plan.block_tables, torch.int32), num_decodes=plan.num_decodes,
             backend=self.attention, kv_layers=self.kv_cache.layers, rotary=self.model.rotary,
             query_start_loc_host=plan.query_start, seq_lens_host=plan.seq_lens,
-            slot_mapping_host=plan.slot_mapping, block_tables_host=plan.block_tables,
+            slot_mapping_host=plan.slot_mapping, block_tables_host=plan.block_tables, positions_host=plan.positions,
             mrope_positions=None if plan.mrope_positions is None else to_dev(plan.mrope_positions, torch.int64),
             mm_embeds=None if plan.mm_index is None else (to_dev(plan.mm_index, torch.int64),
                                                            plan.mm_rows.to(self.device)))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..cache.kv_cache import KVLayer
@@ -35,14 +36,23 @@ def forward_context(*, positions: torch.Tensor, slot_mapping: torch.Tensor, quer
                     seq_lens: torch.Tensor, block_tables: torch.Tensor, num_decodes: int, backend: AttentionBackend,
                     kv_layers: list[KVLayer], rotary: RotaryEmbedding, query_start_loc_host: list[int] | None = None,
                     seq_lens_host: list[int] | None = None, mrope_positions: torch.Tensor | None = None,
-                    mm_embeds=None, slot_mapping_host=None, block_tables_host=None) -> ForwardContext:
+                    mm_embeds=None, slot_mapping_host=None, block_tables_host=None,
+                    positions_host: np.ndarray | None = None) -> ForwardContext:
     """The step's attention metadata, the backend's per-step preparation and the rotary inputs, in
-    one place. mrope_positions: [3, T] for an M-RoPE model (its rotary reads these, not `positions`)."""
+    one place. mrope_positions: [3, T] for an M-RoPE model (its rotary reads these, not `positions`).
+    positions_host: `positions` as a host array, where the step was planned on the host (CPU tables
+    are then indexed in numpy)."""
     meta = AttentionMetadata.build(slot_mapping, query_start_loc, seq_lens, block_tables, num_decodes,
                                    query_start_loc_host, seq_lens_host, slot_mapping_host, block_tables_host)
     backend.prepare(meta, kv_layers[0])
     if mrope_positions is not None:  # the Triton rotary kernel takes one row: M-RoPE is rotated in torch
         return ForwardContext(positions=positions, attn_meta=meta, backend=backend, kv_layers=kv_layers,
                               rotary=rotary, cos_sin=rotary.cos_sin(mrope_positions), mm_embeds=mm_embeds)
+    if use_triton_ops(positions):
+        cos_sin = None
+    elif positions_host is not None and rotary.cos_cache.device.type == "cpu":
+        cos_sin = rotary.cos_sin_host(positions_host)
+    else:
+        cos_sin = rotary.cos_sin(positions)
     return ForwardContext(positions=positions, attn_meta=meta, backend=backend, kv_layers=kv_layers, rotary=rotary,
-                          cos_sin=None if use_triton_ops(positions) else rotary.cos_sin(positions), mm_embeds=mm_embeds)
+                          cos_sin=cos_sin, mm_embeds=mm_embeds)

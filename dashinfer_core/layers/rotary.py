@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -58,6 +59,7 @@ class RotaryEmbedding(nn.Module):
         freqs = positions[:, None] * inv_freq[None, :]
         self.register_buffer("cos_cache", freqs.cos().to(dtype), persistent=False)  # [max_pos, D/2]
         self.register_buffer("sin_cache", freqs.sin().to(dtype), persistent=False)
+        self._host_tables = None  # see cos_sin_host
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Gathered once per step and shared by every layer: each [T, 1, D/2]. M-RoPE: positions [3, T]."""
@@ -69,6 +71,16 @@ class RotaryEmbedding(nn.Module):
             sin = self.sin_cache[positions].gather(0, pick)[0]
             return cos.unsqueeze(1), sin.unsqueeze(1)
         return self.cos_cache.index_select(0, positions).unsqueeze(1), self.sin_cache.index_select(0, positions).unsqueeze(1)
+
+    def cos_sin_host(self, positions: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos_sin of the step's host positions (CPU tables): numpy indexing of the same tables, then one
+        wrap each; two small torch index_selects cost ~3x that after a forward has swept the caches."""
+        tables = self._host_tables
+        if tables is None or tables[0] is not self.cos_cache:  # (re-made if the buffers were replaced)
+            tables = self._host_tables = (self.cos_cache, host_array(self.cos_cache), host_array(self.sin_cache))
+        dtype = self.cos_cache.dtype
+        return (torch.from_numpy(tables[1][positions]).view(dtype).unsqueeze(1),
+                torch.from_numpy(tables[2][positions]).view(dtype).unsqueeze(1))
 
     def rotate(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
                cos_sin: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,6 +95,11 @@ class RotaryEmbedding(nn.Module):
                     apply_partial_rotary(k, *cos_sin, self.rotary_dim, self.interleaved))
         apply_rotary_inplace(q, k, positions, self)
         return q, k
+
+
+def host_array(table: torch.Tensor) -> np.ndarray:
+    """A CPU table as a numpy view (16-bit floats as int16: numpy has no bfloat16)."""
+    return (table.view(torch.int16) if table.dtype.itemsize == 2 else table).numpy()
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -125,7 +125,7 @@ class TorchAttention:
         tokens, table_rows, lens, long_prefills = self._split_queries(meta)
         slots = meta.slot_mapping_host if meta.slot_mapping_host is not None else meta.slot_mapping.cpu().numpy()
         token_idx = None
-        if len(slots) and slots.min() < 0:  # padding tokens: not stored
+        if len(slots) and slots[-1] < 0:  # padding tokens (slot -1, after the step's tokens: runner._plan): not stored
             token_idx = np.flatnonzero(slots >= 0)
             slots = slots[token_idx]
         if num_kv_heads == 1:  # the cache viewed as [-1, head_dim] has one row per slot
@@ -172,7 +172,7 @@ class TorchAttention:
             in_place = tokens[-1] == len(tokens) - 1 and table_rows[-1] == len(table_rows) - 1
             rows = slice(0, len(tokens)) if in_place else table_rows
             return [self._bucket(None if in_place else _tensor(np.array(tokens), device), tables[rows],
-                                 np.array(lens), num_kv_heads, block_size, device)]
+                                 np.array(lens), max(lens), num_kv_heads, block_size, device)]
         order = sorted(range(len(tokens)), key=lens.__getitem__)
         groups, current = [], [order[0]]
         for i in order[1:]:
@@ -183,13 +183,14 @@ class TorchAttention:
         groups.append(current)
         return [self._bucket(_tensor(np.array([tokens[i] for i in group]), device),
                              tables[[table_rows[i] for i in group]], np.array([lens[i] for i in group]),
-                             num_kv_heads, block_size, device) for group in groups]
+                             lens[group[-1]], num_kv_heads, block_size, device) for group in groups]
 
     @staticmethod
-    def _bucket(token_idx: torch.Tensor | None, tables: np.ndarray, lens: np.ndarray, num_kv_heads: int,
+    def _bucket(token_idx: torch.Tensor | None, tables: np.ndarray, lens: np.ndarray, max_len: int, num_kv_heads: int,
                 block_size: int, device: torch.device) -> DecodeBucket:
-        """tables: the block-table rows of the bucket's queries; lens: their context lengths."""
-        num_blocks = -(-int(lens.max()) // block_size)
+        """tables: the block-table rows of the bucket's queries; lens: their context lengths (max_len the
+        longest, as a plain int: a numpy reduction costs more than the Python max the caller already took)."""
+        num_blocks = -(-max_len // block_size)
         blocks = tables[:, :num_blocks].astype(np.int64)
         # (block, head) chunk ids in [query, head, block] order.
         chunks = blocks[:, None, :] if num_kv_heads == 1 else \
