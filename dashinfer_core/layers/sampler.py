@@ -303,8 +303,9 @@ def _cpu_row_max(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         return a[r, index], index
     block_max = x[:, :full].view(rows, full // ARGMAX_BLOCK, ARGMAX_BLOCK).amax(dim=-1).numpy()
     block = block_max.argmax(axis=1)
-    start = block * ARGMAX_BLOCK
-    index = start + a[r[:, None], start[:, None] + np.arange(ARGMAX_BLOCK)].argmax(axis=1)
+    # Each row's winning block as one contiguous [rows, 128] gather (not 128 indexed elements per row).
+    winners = a[:, :full].reshape(rows, full // ARGMAX_BLOCK, ARGMAX_BLOCK)[r, block]
+    index = block * ARGMAX_BLOCK + winners.argmax(axis=1)
     best = block_max[r, block]
     if full < vocab:  # the last partial block
         tail_index = a[:, full:].argmax(axis=1) + full
