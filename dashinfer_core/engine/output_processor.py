@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 
 from ..outputs import CompletionOutput, RequestOutput
+from .byte_stream import ByteLevelDecoder, ByteStream
 from .sequence import Request, Sequence, SequenceStatus
 
 
@@ -19,6 +20,9 @@ class OutputProcessor:
         # The Rust tokenizer's own incremental decoder where it decodes as `self.decode` does: one decode
         # per token in Rust instead of two through Python (64 sequences: ~190 -> ~55 us a step).
         self.stream_backend = stream_backend(tokenizer, self.decode)
+        # Byte-level BPE tokenizers: the same stream in Python, where it gives the same pieces (byte_stream.py).
+        self.byte_decoder = ByteLevelDecoder.for_tokenizer(self.stream_backend) \
+            if self.stream_backend is not None else None
         self.eos_token_ids = set(eos_token_ids)
         self.max_model_len = max_model_len
 
@@ -60,8 +64,11 @@ class OutputProcessor:
             stream = seq.detok_stream = self._new_stream(seq)
         if stream is not None and stream is not False:
             try:
-                with self.tokenizer_lock:
-                    piece = stream.step(self.stream_backend, seq.token_ids[-1])
+                if type(stream) is ByteStream:  # (Python only: nothing the tokenizer lock guards)
+                    piece = stream.step(seq.token_ids[-1])
+                else:
+                    with self.tokenizer_lock:
+                        piece = stream.step(self.stream_backend, seq.token_ids[-1])
             except Exception:  # e.g. a window whose text does not extend the last one: the Python window
                 seq.detok_stream = False
             else:
@@ -81,12 +88,13 @@ class OutputProcessor:
             seq.detok_prefix_offset = seq.detok_read_offset
             seq.detok_read_offset = len(out)
 
-    @staticmethod
-    def _new_stream(seq: Sequence):
+    def _new_stream(self, seq: Sequence):
         """A stream decoder for the sequence, or False: a stream starts from an empty window, so only at its
         first output token (the only time the window here is empty before the new token)."""
         if not seq.detok_prefix_offset == seq.detok_read_offset == seq.num_output_tokens - 1:
             return False
+        if self.byte_decoder is not None:
+            return self.byte_decoder.stream(seq.params.skip_special_tokens)
         from tokenizers.decoders import DecodeStream
         return DecodeStream(skip_special_tokens=seq.params.skip_special_tokens)
 
