@@ -27,13 +27,16 @@ class OutputProcessor:
         self.max_model_len = max_model_len
 
     def append_token(self, seq: Sequence, token: int, logprobs: dict[int, float] | None = None) -> None:
-        params = seq.params
-        seq.token_ids.append(token)
+        # (runs for every sequence every step: locals, not the Sequence properties, for the counts)
+        params = seq.request.params
+        token_ids = seq.token_ids
+        token_ids.append(token)
         if logprobs is not None:
             seq.logprobs.append(logprobs)
             seq.cumulative_logprob += logprobs.get(token, 0.0)
+        num_output = len(token_ids) - seq.num_prompt_tokens
         # EOS, stop ids and stop strings count only after min_tokens (the sampler bans the ids).
-        may_stop = seq.num_output_tokens > params.min_tokens
+        may_stop = num_output > params.min_tokens
         is_stop_token = (token in params.stop_token_ids) or (not params.ignore_eos and token in self.eos_token_ids)
         if is_stop_token and may_stop:
             self.finish(seq, "stop", stop_reason=token)
@@ -42,7 +45,7 @@ class OutputProcessor:
         self._detokenize(seq)
         if params.stop and may_stop and self._check_stop_strings(seq, checked_len):
             return
-        if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+        if num_output >= params.max_tokens or len(token_ids) >= self.max_model_len:
             self.finish(seq, "length")
 
     @staticmethod
@@ -130,20 +133,24 @@ class OutputProcessor:
     def make_output(self, request: Request) -> RequestOutput:
         completions = []
         num_draft = num_accepted = 0
+        params = request.params
+        stops, with_logprobs = params.stop, params.logprobs is not None
+        all_finished = len(request.sequences) == params.n  # (request.finished, without its generator)
         for seq in request.sequences:
             num_draft += seq.num_draft_tokens
             num_accepted += seq.num_accepted_tokens
-            text = seq.text
-            sendable = max(self._sendable_text_len(seq) if seq.params.stop else len(text), seq.num_text_sent)
-            out_ids = seq.output_token_ids  # a new list: the caller may keep it
-            with_logprobs = seq.params.logprobs is not None
+            if seq.status is not SequenceStatus.FINISHED:
+                all_finished = False
+            text, text_sent, tokens_sent = seq.text, seq.num_text_sent, seq.num_tokens_sent
+            sendable = max(self._sendable_text_len(seq) if stops else len(text), text_sent)
+            out_ids = seq.token_ids[seq.num_prompt_tokens:]  # a new list: the caller may keep it
             completions.append(CompletionOutput(
                 seq.index, text if sendable >= len(text) else text[:sendable], out_ids,
-                text[seq.num_text_sent:sendable], out_ids[seq.num_tokens_sent:], seq.finish_reason, seq.stop_reason,
+                text[text_sent:sendable], out_ids[tokens_sent:], seq.finish_reason, seq.stop_reason,
                 list(seq.logprobs) if with_logprobs else None, seq.cumulative_logprob if with_logprobs else None))
             seq.num_text_sent = sendable
             seq.num_tokens_sent = len(out_ids)
-        finished = request.finished or request.error is not None
+        finished = all_finished or request.error is not None
         first = request.sequences[0] if request.sequences else None
         return RequestOutput(
             request_id=request.request_id,
