@@ -78,3 +78,21 @@ def test_one_bucket_of_decodes_is_answered_in_place(fused):
             block, offset = meta.block_tables[i, (n - 1) // BS].item(), (n - 1) % BS
             assert torch.equal(stored.data[0, block, :, offset], k[i]) and torch.equal(stored.data[1, block, :, offset],
                                                                                         v[i])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_host_rotary_tables_equal_the_torch_gather(dtype):
+    """The CPU step gathers cos/sin in numpy from the host positions (padding position 0 included): the same
+    values, shapes and strides as the torch gather, and tables re-read when the buffers are replaced."""
+    import numpy as np
+
+    from dashinfer_core.layers.rotary import RotaryEmbedding
+    rope = RotaryEmbedding(64, 4096, 10000.0, {"rope_type": "default"}, dtype)
+    positions = np.array([0, 4095, 17, 17, 1000, 0, 0], dtype=np.int64)
+    for _ in range(2):
+        got, want = rope.cos_sin_host(positions), rope.cos_sin(torch.from_numpy(positions))
+        for g, w in zip(got, want):
+            assert g.dtype == w.dtype and g.shape == w.shape == (7, 1, 32) and g.stride() == w.stride()
+            assert torch.equal(g, w)
+        rope.cos_cache = rope.cos_cache * 0.5  # a replaced buffer: the host tables follow it
+        rope.sin_cache = rope.sin_cache * 0.5
