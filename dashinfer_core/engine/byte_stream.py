@@ -19,7 +19,8 @@ PROBE_LENGTH = 24
 
 
 def byte_alphabet() -> dict[str, int]:
-    """GPT-2's printable stand-in character for each byte -> the byte."""
+    """GPT-2's printable stand-in character for each byte -> the byte (the inverse of the byte-to-unicode
+    table of byte-level BPE tokenizers; guided decoding reads token bytes with it too)."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     chars, extra = {}, 0
     for b in range(256):

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from outlines_core import Index, Vocabulary  # at import, not on a compile thread (see spec.py)
 
+from ..engine.byte_stream import byte_alphabet
 from ..errors import InvalidParameterError
 
 logger = logging.getLogger(__name__)
@@ -40,22 +41,9 @@ DISK_CACHE_MAX_FILE_BYTES = 32 * 1024 * 1024
 PERSIST_MIN_SECONDS = 0.05
 
 
-def _gpt2_byte_decoder() -> dict[str, int]:
-    """The inverse of GPT-2's byte-to-unicode table used by byte-level BPE tokenizers."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            table[chr(b)] = b
-        else:
-            table[chr(256 + extra)] = b
-            extra += 1
-    return table
-
-
 def token_bytes_map(tokenizer, vocab_size: int, eos_token_id: int) -> dict[bytes, list[int]]:
     """{token bytes: [ids]} for every ordinary token id < vocab_size (special tokens and EOS left out)."""
-    byte_decoder = _gpt2_byte_decoder()
+    byte_decoder = byte_alphabet()
     # Byte-level tokens go through str.translate + latin-1 (C speed) instead of a per-character loop.
     to_latin1 = str.maketrans({c: chr(b) for c, b in byte_decoder.items()})
     not_byte_level = re.compile("[^" + "".join(re.escape(c) for c in byte_decoder) + "]")
