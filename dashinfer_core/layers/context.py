@@ -50,7 +50,7 @@ def forward_context(*, positions: torch.Tensor, slot_mapping: torch.Tensor, quer
                               rotary=rotary, cos_sin=rotary.cos_sin(mrope_positions), mm_embeds=mm_embeds)
     if use_triton_ops(positions):
         cos_sin = None
-    elif positions_host is not None and rotary.cos_cache.device.type == "cpu":
+    elif positions_host is not None:  # (on the CPU: CUDA steps took the branch above)
         cos_sin = rotary.cos_sin_host(positions_host)
     else:
         cos_sin = rotary.cos_sin(positions)
