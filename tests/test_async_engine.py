@@ -159,3 +159,47 @@ def test_a_failed_start_raises_in_the_caller_and_leaves_no_loop(tmp_path):
     with pytest.raises(InvalidParameterError, match="kv_cache_memory"):
         AsyncEngine(dtype="float32", device="cpu", kv_cache_memory=1)
     assert "dashinfer-step-loop" not in {t.name for t in threading.enumerate()} - before
+
+
+POOL_PROBE = r"""
+import os, threading, torch
+from dashinfer_core.engine.openmp_pool import release_thread_pool
+torch.set_num_threads(2)
+tasks = lambda: len(os.listdir("/proc/self/task"))
+libgomp = "libgomp" in open("/proc/self/maps").read()
+a = torch.randn(256, 256)
+before = tasks()
+a @ a  # the first parallel region of this thread: its pool starts a worker
+with_pool = tasks()
+released = release_thread_pool()
+after = tasks()
+a @ a  # a new pool, for the next region
+print(libgomp, before, with_pool, released, after, tasks())
+"""
+
+
+def test_release_thread_pool_frees_the_calling_threads_openmp_workers():
+    """AsyncEngine's caller may have run parallel ops; its idle libgomp pool must go (openmp_pool.py)."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    out = subprocess.run([sys.executable, "-c", POOL_PROBE], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    libgomp, before, with_pool, released, after, again = out.stdout.split()
+    before, with_pool, after, again = int(before), int(with_pool), int(after), int(again)
+    if libgomp == "False":  # another OpenMP runtime: nothing is touched
+        assert released == "False"
+        return
+    assert with_pool > before and released == "True"
+    assert after == before and again == with_pool
+
+
+def test_the_engine_frees_the_callers_pool_before_its_step_loop_starts(monkeypatch):
+    import threading
+    from dashinfer_core.engine import async_engine
+    calls = []
+    monkeypatch.setattr(async_engine, "release_thread_pool", lambda: calls.append(threading.get_ident()))
+    with pytest.raises(InvalidParameterError, match="kv_cache_memory"):
+        AsyncEngine(dtype="float32", device="cpu", kv_cache_memory=1)
+    assert calls == [threading.get_ident()]

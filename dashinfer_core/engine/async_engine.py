@@ -21,6 +21,7 @@ from ..errors import DuplicateRequestError, EngineDeadError
 from ..outputs import RequestOutput
 from ..sampling_params import SamplingParams
 from .llm_engine import EngineStats, LLMEngine
+from .openmp_pool import release_thread_pool
 from .sequence import Request
 
 logger = logging.getLogger(__name__)
@@ -56,6 +57,8 @@ class AsyncEngine:
         # The engine is built on the loop thread, which then runs every step: torch's OpenMP thread pool
         # belongs to the thread that first runs a parallel op, and steps run from another thread than
         # the one that loaded the model were 25-70 % slower with 2 threads (a second pool competes).
+        # For the same reason the caller's own idle pool, if it ran a parallel op before, goes (openmp_pool.py).
+        release_thread_pool()
         self._started = threading.Event()
         self._start_error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, args=(config,), name="dashinfer-step-loop", daemon=True)
