@@ -80,6 +80,25 @@ def test_one_bucket_of_decodes_is_answered_in_place(fused):
                                                                                         v[i])
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_lone_query_among_several_buckets_is_answered_as_two_rows(fused):
+    """A bucket of one query would be a compiled variant of its own, first met mid-run: in a step of several
+    buckets a lone query is answered twice (rows of its own token), the same as the loop; a step of one decode
+    stays a single row."""
+    lens = [10, 11, 12, 40, 41, 101]  # buckets: the three short ones, the two of ~40, and 101 alone
+    cache, meta, q, k, v = decode_case(lens, torch.float32, seed=3)
+    got, stored = run(TorchAttention(fused=fused), cache, meta, q, k, v, D ** -0.5)
+    buckets = meta.backend_state.buckets
+    assert len(buckets) == 3 and sorted(b.bias.shape[0] for b in buckets) == [2, 2, 3]
+    assert buckets[-1].token_idx.tolist() == [5, 5]
+    assert torch.allclose(got.double(), loop_reference(stored, meta, q, D ** -0.5), atol=2e-5, rtol=2e-5)
+    cache, meta, q, k, v = decode_case([9], torch.float32, seed=4)
+    got, stored = run(TorchAttention(fused=fused), cache, meta, q, k, v, D ** -0.5)
+    (bucket,) = meta.backend_state.buckets
+    assert bucket.bias.shape[0] == 1
+    assert torch.allclose(got.double(), loop_reference(stored, meta, q, D ** -0.5), atol=2e-5, rtol=2e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_host_rotary_tables_equal_the_torch_gather(dtype):
     """The CPU step gathers cos/sin in numpy from the host positions (padding position 0 included): the same

@@ -181,6 +181,11 @@ class TorchAttention:
                 current = []
             current.append(i)
         groups.append(current)
+        # A lone query is answered twice (the same row, the same result, written once per copy): a one-row
+        # bucket would be its own compiled variant (dynamo specializes a size of 1), first met mid-run. Seen
+        # in a 32-prompt fp32 run: that compile stalled every running sequence 1.2 s with a cold compile
+        # cache (throughput 243 against 286 tok/s warm), and its cached load still costs ~0.3 s per process.
+        groups = [group * 2 if len(group) == 1 else group for group in groups]
         return [self._bucket(_tensor(np.array([tokens[i] for i in group]), device),
                              tables[[table_rows[i] for i in group]], np.array([lens[i] for i in group]),
                              lens[group[-1]], num_kv_heads, block_size, device) for group in groups]
