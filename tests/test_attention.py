@@ -99,6 +99,18 @@ def test_a_lone_query_among_several_buckets_is_answered_as_two_rows(fused):
     assert torch.allclose(got.double(), loop_reference(stored, meta, q, D ** -0.5), atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_contexts_within_one_block_read_it_twice_the_copy_masked(fused):
+    """No compiled variant for a single block: such a bucket lists its block twice, the second masked out."""
+    for lens in ([3, 3, 3], [BS, BS], [1]):
+        cache, meta, q, k, v = decode_case(lens, torch.float32, seed=5)
+        got, stored = run(TorchAttention(fused=fused), cache, meta, q, k, v, D ** -0.5)
+        (bucket,) = meta.backend_state.buckets
+        assert bucket.chunks.shape == (len(lens), HKV, 2) and torch.equal(bucket.chunks[..., 0], bucket.chunks[..., 1])
+        assert torch.isinf(bucket.bias[:, BS:]).all()
+        assert torch.allclose(got.double(), loop_reference(stored, meta, q, D ** -0.5), atol=2e-5, rtol=2e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_host_rotary_tables_equal_the_torch_gather(dtype):
     """The CPU step gathers cos/sin in numpy from the host positions (padding position 0 included): the same

@@ -197,6 +197,10 @@ class TorchAttention:
         longest, as a plain int: a numpy reduction costs more than the Python max the caller already took)."""
         num_blocks = -(-max_len // block_size)
         blocks = tables[:, :num_blocks].astype(np.int64)
+        if num_blocks == 1:  # contexts within one block: read it twice, the copy masked out (bias -inf), so
+            # no compiled variant for one block (a size of 1, specialized) is met at every prompt's start and
+            # replaced by another a block later, mid-generation
+            num_blocks, blocks = 2, np.repeat(blocks, 2, axis=1)
         # (block, head) chunk ids in [query, head, block] order.
         chunks = blocks[:, None, :] if num_kv_heads == 1 else \
             blocks[:, None, :] * num_kv_heads + np.arange(num_kv_heads)[None, :, None]
