@@ -29,3 +29,10 @@ def test_throughput_harness_end_to_end(tiny_models, tmp_path, capsys, monkeypatc
     hf_line = next(line for line in out.splitlines() if line.startswith("hf "))
     assert f"{ratio:.2f}x" in hf_line  # the printed ratio is the one the measured figures give
     assert (tmp_path / "t.png").stat().st_size > 1000
+    # Single stream (one request at a time, warmed up the same way): every prompt's tokens, a TTFT each
+    rc = throughput.main(["--model", str(tiny_models["llama"]), "--engines", "dashinfer-core", "--single-stream",
+                          "--num-prompts", "2", "--min-input-len", "8", "--max-input-len", "24",
+                          "--output-len", "3", "--threads", "1", "--out", str(tmp_path), "--tag", "s"])
+    assert rc == 0
+    (single,) = json.loads((tmp_path / "s.json").read_text())
+    assert single["error"] is None and single["num_tokens"] == 6 and single["ttft_p50_s"] > 0
