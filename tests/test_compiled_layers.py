@@ -51,12 +51,19 @@ def test_decode_steps_with_attention_in_the_graphs_match_the_steps_without(monke
                         in_graph_steps[-1])
     prompts = ["The old lighthouse keeper", "Water boils at", PROSE[:600]]
     params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, logprobs=5)
+    two = Counting(compiled_module.compiled_decode_two)
+    monkeypatch.setattr(compiled_module, "compiled_decode_two", two)
     got = {}
-    for in_graph in (True, False):
-        parts.decode_in_graph = in_graph
-        got[in_graph] = [llm.generate(p, params) for p in (prompts[:1], prompts)]
+    # In the graphs two layers a graph (the middle layer's K/V stored inside it), or one; outside the graphs.
+    for route, in_graph, two_layers in (("two", True, True), ("one", True, False), ("out", False, True)):
+        parts.decode_in_graph, parts.two_layers_a_graph = in_graph, two_layers
+        got[route] = [llm.generate(p, params) for p in (prompts[:1], prompts)]
+    parts.two_layers_a_graph = True
     assert any(b is not None for b in in_graph_steps) and not parts.failed
-    for a, b in zip(got[True][0] + got[True][1], got[False][0] + got[False][1]):
+    assert two.calls and two.active  # the two-layer graphs ran, compiled
+    pairs = list(zip(got["two"][0] + got["two"][1], got["out"][0] + got["out"][1])) + \
+        list(zip(got["one"][0] + got["one"][1], got["out"][0] + got["out"][1]))
+    for a, b in pairs:
         a, b = a.outputs[0], b.outputs[0]
         assert a.token_ids[0] == b.token_ids[0]  # from the prefill, the same on both routes
         if a.token_ids[1] == b.token_ids[1]:  # the first decode step, from the same cache
@@ -68,6 +75,20 @@ def test_decode_steps_with_attention_in_the_graphs_match_the_steps_without(monke
                 top = out.logprobs[part]
                 gap = top[out.token_ids[part]] - top.get(other.token_ids[part], float("-inf"))
                 assert gap < (0.2 if part == 1 else 0.5), (part, gap, top)
+
+
+class Counting:
+    """A compiled part that counts its calls (its other attributes: the part's)."""
+
+    def __init__(self, part):
+        self.part, self.calls = part, 0
+
+    def __call__(self, *args):
+        self.calls += 1
+        return self.part(*args)
+
+    def __getattr__(self, name):
+        return getattr(self.part, name)
 
 
 def test_fp32_stays_eager(default_model_dir):
