@@ -18,7 +18,7 @@ import torch
 
 from ..compiling import compile_or_eager
 from ..layers.attention.torch_backend import (DecodeBucket, TorchAttention, TorchStepState, compiled_decode,
-                                              gathered_decode_attention, mark_dynamic, store_kv)
+                                              gathered_decode_attention, mark_dynamic, store_kv, write_kv_rows)
 from ..layers.context import ForwardContext
 from .llama import DecoderLayer
 
@@ -86,13 +86,7 @@ _LIBRARY = torch.library.Library("dashinfer", "FRAGMENT")
 _LIBRARY.define("store_kv_rows(Tensor(a!) data, Tensor rows, Tensor k, Tensor v) -> ()")
 
 
-def _store_kv_rows(data: torch.Tensor, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    head_dim = k.shape[-1]
-    data[0].view(-1, head_dim).index_copy_(0, rows, k.reshape(-1, head_dim))
-    data[1].view(-1, head_dim).index_copy_(0, rows, v.reshape(-1, head_dim))
-
-
-_LIBRARY.impl("store_kv_rows", _store_kv_rows, "CPU")
+_LIBRARY.impl("store_kv_rows", write_kv_rows, "CPU")
 torch.library.register_fake("dashinfer::store_kv_rows", lambda data, rows, k, v: None, lib=_LIBRARY)
 
 

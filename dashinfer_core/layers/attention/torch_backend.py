@@ -319,13 +319,20 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, kv_layer: KVLayer, state: TorchSt
     if state.token_idx is not None:
         k, v = k[state.token_idx], v[state.token_idx]
     rows = state.store_rows
+    if kv_layer.bits is None:
+        write_kv_rows(kv_layer.data, rows, k, v)
+        return
     head_dim = k.shape[-1]
-    data = kv_layer.data
     for i, x in enumerate((k, v)):
-        if kv_layer.bits is None:
-            data[i].view(-1, head_dim).index_copy_(0, rows, x.reshape(-1, head_dim))
-        else:
-            qx, sx, zx = quantize_kv(x.reshape(-1, head_dim), kv_layer.bits)
-            data[i].view(-1, qx.shape[-1]).index_copy_(0, rows, qx)
-            kv_layer.scales[i].view(-1, sx.shape[-1]).index_copy_(0, rows, sx)
-            kv_layer.zeros[i].view(-1, zx.shape[-1]).index_copy_(0, rows, zx)
+        qx, sx, zx = quantize_kv(x.reshape(-1, head_dim), kv_layer.bits)
+        kv_layer.data[i].view(-1, qx.shape[-1]).index_copy_(0, rows, qx)
+        kv_layer.scales[i].view(-1, sx.shape[-1]).index_copy_(0, rows, sx)
+        kv_layer.zeros[i].view(-1, zx.shape[-1]).index_copy_(0, rows, zx)
+
+
+def write_kv_rows(data: torch.Tensor, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """An unquantized cache's data [2, blocks, Hkv, block_size, D]: K and V rows ([T, Hkv, D]) into rows `rows`
+    of each viewed as [-1, D]."""
+    head_dim = k.shape[-1]
+    data[0].view(-1, head_dim).index_copy_(0, rows, k.reshape(-1, head_dim))
+    data[1].view(-1, head_dim).index_copy_(0, rows, v.reshape(-1, head_dim))
