@@ -5,8 +5,9 @@ Each CPU fast path has a plain fallback that runs wherever torch runs:
 - onednn_linear: oneDNN's inner product (torch.ops.mkldnn._linear_pointwise) instead of F.linear,
   2-3x faster fp32 GEMMs on x86. In bf16 it needs avx512_bf16 or AMX: elsewhere oneDNN cannot build
   the primitive and raises mid-request. Fallback: F.linear (ATen's GEMM).
-- packed_linear: bf16 weights reordered once, at load, into oneDNN's blocked layout
-  (torch.ops.mkldnn._reorder_linear_weight): oneDNN otherwise reorders every weight on every call.
+- packed_linear: bf16 and fp32 weights reordered once, at load, into oneDNN's blocked layout
+  (torch.ops.mkldnn._reorder_linear_weight): oneDNN otherwise reorders every weight on every call. fp32 only
+  where the packed product is bit for bit the plain oneDNN one (so fp32 answers do not move).
   Fallback: the plain weight through onednn_linear or F.linear.
 - int8_gemv: torch._weight_int8pack_mm for per-channel iq-int8 weights at decode sizes, bf16 only.
   Fallback: the dequantizing matmul (quant/linear.py).
@@ -193,20 +194,26 @@ def onednn_linear_on(dtype: torch.dtype) -> bool:
 
 
 @functools.cache
-def packed_linear_works() -> bool:
-    """oneDNN prepacks a bf16 weight here and its inner product on the packed weight gives F.linear's answer."""
+def packed_linear_works(dtype: torch.dtype = torch.bfloat16) -> bool:
+    """oneDNN prepacks a weight of this dtype here and its inner product on the packed weight gives the plain
+    weight's answer: bf16 within rounding of F.linear's; fp32 bit for bit what oneDNN gives on the plain
+    weight at several rows (the fp32 products the engine computes today must not move: the packed layer keeps
+    no plain copy to fall back on)."""
     reorder = getattr(getattr(torch.ops, "mkldnn", None), "_reorder_linear_weight", None)
-    if "packed_linear" in disabled_paths() or reorder is None or torch.bfloat16 not in onednn_linear_dtypes():
+    if "packed_linear" in disabled_paths() or reorder is None or dtype not in onednn_linear_dtypes():
         return False
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(3, 64, generator=gen).bfloat16()
-    w = torch.randn(24, 64, generator=gen).bfloat16()
+    rows = 3 if dtype == torch.bfloat16 else 37  # fp32: past oneDNN's one-row GEMV, where it picks another kernel
+    x = torch.randn(rows, 64, generator=gen).to(dtype)
+    w = torch.randn(24, 64, generator=gen).to(dtype)
     try:
-        got = _ONEDNN_LINEAR(x, reorder(w), None, "none", [], "").float()
+        got = _ONEDNN_LINEAR(x, reorder(w), None, "none", [], "")
+        if dtype == torch.float32:
+            return bool(torch.equal(got, _ONEDNN_LINEAR(x, w, None, "none", [], "")))
     except Exception as exc:
-        log.info("oneDNN weight prepacking unavailable: %s", str(exc).splitlines()[0][:120])
+        log.info("oneDNN weight prepacking unavailable for %s: %s", dtype, str(exc).splitlines()[0][:120])
         return False
-    return bool(torch.allclose(got, F.linear(x, w).float(), atol=0.1, rtol=0.02))
+    return bool(torch.allclose(got.float(), F.linear(x, w).float(), atol=0.1, rtol=0.02))
 
 
 @functools.cache
@@ -322,15 +329,16 @@ def choose_cpu_paths(dtype: torch.dtype, quantization: str | None, group_size: i
         paths["onednn_linear"] = PathChoice(False, f"oneDNN cannot build a {_name(dtype)} inner product on "
                                                    f"this CPU ({detect().cpu_capability}); F.linear instead")
 
-    if dtype != torch.bfloat16:
-        paths["packed_linear"] = PathChoice(False, "only for bfloat16 weights (fp32 packed was no faster than "
-                                                   "the plain GEMMs)")
+    if dtype not in (torch.bfloat16, torch.float32):
+        paths["packed_linear"] = PathChoice(False, "only for bfloat16 and float32 weights")
     elif "packed_linear" in off:
         paths["packed_linear"] = PathChoice(False, "disabled by DASHINFER_DISABLE")
-    elif not packed_linear_works():
-        paths["packed_linear"] = PathChoice(False, "oneDNN cannot prepack bfloat16 weights on this CPU")
+    elif not onednn_linear_on(dtype) or not packed_linear_works(dtype):
+        paths["packed_linear"] = PathChoice(False, f"oneDNN cannot prepack {_name(dtype)} weights on this CPU"
+                                                   + (" with the plain weight's exact answers" if dtype == torch.float32
+                                                      else ""))
     else:
-        paths["packed_linear"] = PathChoice(True, "bfloat16 weights in oneDNN's blocked layout, reordered once")
+        paths["packed_linear"] = PathChoice(True, f"{_name(dtype)} weights in oneDNN's blocked layout, reordered once")
 
     if quantization != "iq-int8" or group_size is not None or dtype != torch.bfloat16:
         paths["int8_gemv"] = PathChoice(False, "only for iq-int8 per-channel weights with bfloat16")

@@ -35,6 +35,7 @@ def test_avx2_machine_runs_bf16_compiled_and_int8():
     assert fp32["paths"]["onednn_linear"].startswith("on")
     assert bf16["paths"]["onednn_linear"].startswith("off") and int8["paths"]["onednn_linear"].startswith("off")
     assert bf16["paths"]["packed_linear"].startswith("off")  # nothing to pack bf16 weights for
+    assert fp32["paths"]["packed_linear"].startswith("on")  # fp32 prepacking is plain AVX2 oneDNN
     if capabilities.detect().cxx_compiler:  # the compiled layers run under AVX2 code generation too
         assert bf16["compiled_layers_ran"] and bf16["paths"]["compiled_layers"].startswith("on")
     # bf16 is an approximation of the fp32 model: ~0.1 nat per token here; a wrong route is off by nats.

@@ -1,7 +1,7 @@
-"""bf16 weights packed once into oneDNN's layout (the packed_linear fast path): the same products as the plain
-weights, eagerly and inside compiled graphs, with no plain copy left behind. Machines where oneDNN cannot
-prepack bf16 (AVX2-only) run the plain route, which every other bf16 test covers; the AVX2 run in
-test_capabilities checks that the path is off there."""
+"""bf16 and fp32 weights packed once into oneDNN's layout (the packed_linear fast path): the same products as the
+plain weights, eagerly and inside compiled graphs, with no plain copy left behind; in fp32 the very same scores.
+Machines where oneDNN cannot prepack bf16 (AVX2-only) run the plain route, which every other bf16 test covers;
+the AVX2 run in test_capabilities checks that the path is off there for bf16 and on for fp32."""
 from __future__ import annotations
 
 import gc
@@ -83,10 +83,32 @@ def test_engine_packs_its_bf16_projections_and_untied_head(tiny_models, monkeypa
     assert on.startswith("on") and off.startswith("off") and "DASHINFER_DISABLE" in off
     assert packed_flags and all(packed_flags) and packed_head
     assert not any(plain_flags) and not plain_head
-    assert not any(fp32_flags) and not fp32_head  # only bf16 weights are packed
+    assert fp32_head == capabilities.packed_linear_works(torch.float32)  # fp32: its own test below
     reference = torch.tensor(fp32_scores)
     packed_err = (torch.tensor(packed_scores) - reference).abs()
     plain_err = (torch.tensor(plain_scores) - reference).abs()
     assert float(plain_err.mean()) > 0  # bf16 rounding shows, so the comparison below measures something
     assert float(packed_err.mean()) <= 2 * float(plain_err.mean()) + 0.01, (packed_err, plain_err)
     assert float(packed_err.max()) <= 2 * float(plain_err.max()) + 0.05, (packed_err, plain_err)
+
+
+@pytest.mark.skipif(not capabilities.packed_linear_works(torch.float32),
+                    reason="oneDNN's packed fp32 product is not the plain one's bit for bit here (fp32 stays plain)")
+def test_an_fp32_engine_packs_its_weights_and_scores_exactly_as_the_plain_route(tiny_models, monkeypatch):
+    """fp32 weights are packed only where oneDNN's product on them is bit for bit the plain weight's at several
+    rows, so packing moves no prefill score (the 24-token chunks run at 24 rows): the same floats, not close ones."""
+    from dashinfer_core import LLM
+    ids = list(range(5, 69))
+    runs = []
+    for disable in ("", "packed_linear"):
+        monkeypatch.setenv("DASHINFER_DISABLE", disable)
+        llm = LLM(str(tiny_models["llama"]), dtype="float32", device="cpu", kv_cache_memory=8 << 20)
+        model = llm.engine.runner.model
+        flags = [m.packed for m in model.modules() if isinstance(m, Linear)]
+        runs.append((llm.score(ids, chunk_tokens=24), flags, model.packed_head,
+                     llm.engine.stats().fast_paths["packed_linear"]))
+    (packed_scores, packed_flags, packed_head, on), (plain_scores, plain_flags, plain_head, off) = runs
+    assert on.startswith("on") and "float32" in on and off.startswith("off")
+    assert packed_flags and all(packed_flags) and packed_head
+    assert not any(plain_flags) and not plain_head
+    assert packed_scores == plain_scores

@@ -17,7 +17,7 @@ from ..capabilities import drop_onednn_dtype, onednn_linear_on
 _ONEDNN_LINEAR = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
 
 
-# ---- prepacked bf16 weights (the packed_linear fast path) ------------------------------------------------
+# ---- prepacked bf16 / fp32 weights (the packed_linear fast path) ---------------------------------------
 # oneDNN computes on weights in its own blocked layout; handed a plain one it reorders it on every call
 # (~20 us a call for a small layer, about the GEMV itself for the LM head). packed_parameter() reorders a
 # weight once; the layer then keeps only a placeholder (the shape, no data) and the packed tensor lives
@@ -165,7 +165,7 @@ class Linear(nn.Module):
         target.data[start:end].copy_(tensor)
 
     def pack(self) -> None:
-        """Reorder the weight once into oneDNN's layout (CPU, bf16; see _PACKED); the plain copy is dropped."""
+        """Reorder the weight once into oneDNN's layout (CPU, bf16 or fp32; see _PACKED); the plain copy is dropped."""
         self.weight = packed_parameter(self.weight)
         self.packed = True
 

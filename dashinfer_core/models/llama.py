@@ -163,7 +163,7 @@ class LlamaForCausalLM(nn.Module):
         self.packed_head = False  # pack_weights(): the LM head's product reads a packed copy
 
     def pack_weights(self) -> None:
-        """CPU, bf16 (the packed_linear fast path): every plain projection's weight, and the LM head's, reordered
+        """CPU, bf16 or fp32 (the packed_linear fast path): every plain projection's weight, and the LM head's, reordered
         once into oneDNN's layout (layers/linear.py); the plain copies are dropped. A tied LM head stays as it is:
         the embedding lookup needs its rows, and a packed copy beside them would raise the peak memory."""
         for module in self.modules():
