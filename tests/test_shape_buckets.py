@@ -19,11 +19,15 @@ def test_padded_count_is_a_small_set_that_covers_every_count():
 def test_bucketed_steps_give_the_same_tokens_and_see_only_bucket_shapes(tiny_models, monkeypatch):
     from dashinfer_core.layers import linear as linear_mod
     rows_seen = set()
-    real_linear = linear_mod.linear
+    real_linear, real_packed = linear_mod.linear, linear_mod.packed_linear
 
     def recording_linear(x, weight, bias=None):
         rows_seen.add(x.reshape(-1, x.shape[-1]).shape[0])
         return real_linear(x, weight, bias)
+
+    def recording_packed(x, weight, bias=None):  # fp32 weights are packed where oneDNN allows (packed_linear)
+        rows_seen.add(x.reshape(-1, x.shape[-1]).shape[0])
+        return real_packed(x, weight, bias)
 
     prompts = mixed_prompts(12, min_len=3, max_len=70, seed=5)
     params = [SamplingParams(max_tokens=6 + i % 5, temperature=0.0 if i % 2 else 0.8, seed=i, ignore_eos=True)
@@ -36,6 +40,8 @@ def test_bucketed_steps_give_the_same_tokens_and_see_only_bucket_shapes(tiny_mod
     monkeypatch.setattr(linear_mod, "linear", recording_linear)
     import dashinfer_core.models.llama as llama_mod
     monkeypatch.setattr(llama_mod, "linear", recording_linear)
+    monkeypatch.setattr(linear_mod, "packed_linear", recording_packed)
+    monkeypatch.setattr(llama_mod, "packed_linear", recording_packed)
     got = [o.token_ids for o in bucketed.generate(prompts, params)]
     assert got == want
     assert rows_seen and all(padded_count(r) == r for r in rows_seen), sorted(rows_seen)
