@@ -63,6 +63,28 @@ def test_compiled_decode_attention_matches_a_loop_reference(dtype, tol):
     assert torch.allclose(fused.double(), loop_reference(fused_cache, meta, q, scale), atol=tol, rtol=tol)
 
 
+def test_16bit_caches_take_the_group_unrolled_form_with_the_same_answer(monkeypatch):
+    """bf16/fp16 caches: one sum per query head of the GQA group (each K/V row converted once for the group); the
+    answer is the group-as-a-dimension form's, both accumulating in fp32."""
+    g = torch.Generator().manual_seed(3)
+    n, nblk = 5, 3
+    pool = torch.randn(2, 12 * HKV, BS, D, generator=g).bfloat16()
+    queries = torch.randn(n, HKV, GROUP, D, generator=g)
+    chunks = torch.randint(0, 12 * HKV, (n, HKV, nblk), generator=g)
+    lens = torch.tensor([1, 5, 17, 40, 48])
+    bias = torch.zeros(n, nblk * BS).masked_fill_(torch.arange(nblk * BS)[None, :] >= lens[:, None], float("-inf"))
+    calls = []
+    real = torch_backend._group_unrolled
+    monkeypatch.setattr(torch_backend, "_group_unrolled", lambda *a: calls.append(1) or real(*a))
+    unrolled = torch_backend.gathered_decode_attention(queries, pool, chunks, bias, D ** -0.5)
+    assert calls
+    monkeypatch.setattr(torch_backend, "GROUP_UNROLLED_DTYPES", ())
+    plain = torch_backend.gathered_decode_attention(queries, pool, chunks, bias, D ** -0.5)
+    assert len(calls) == 1
+    torch.testing.assert_close(unrolled, plain, atol=1e-5, rtol=1e-5)
+    assert float(unrolled.abs().mean()) > 0.01
+
+
 @pytest.mark.parametrize("fused", [True, False])
 def test_one_bucket_of_decodes_is_answered_in_place(fused):
     """Decodes whose contexts are within a bucket's growth of each other (most steps) are one bucket read and
