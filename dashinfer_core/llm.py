@@ -20,7 +20,7 @@ class LLM:
 
     def __init__(self, model: str | None = None, **engine_options):
         config = engine_options.pop("config", None) or EngineConfig.from_kwargs(model=model, **engine_options)
-        self.engine = LLMEngine(config)
+        self.engine = LLMEngine(config, offline=True)
         self._ids = itertools.count()
 
     def shutdown(self) -> None:

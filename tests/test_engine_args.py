@@ -89,3 +89,28 @@ def test_compile_or_eager_disabled_never_compiles():
     wrapped = compile_or_eager(lambda x: x * 2, enabled=lambda: asked.append(1) or False)
     assert wrapped(5) == 10 and wrapped(6) == 12
     assert wrapped._compiled is None and asked == [1]  # asked once, at the first call
+
+
+def test_the_default_token_budget_follows_vllm_cpu_and_an_explicit_one_wins(tiny_models):
+    """Unset max_num_batched_tokens: 2048, and 4096 for the offline LLM API on the CPU in bf16/fp16 (vLLM-CPU:
+    4096 offline, 2048 served; fp32 stays at 2048, its eager activations at 4096 rows raised the peak by 245 MB)."""
+    import torch
+
+    from dashinfer_core import LLM
+    from dashinfer_core.engine.async_engine import AsyncEngine
+    from dashinfer_core.engine.llm_engine import default_token_budget
+    assert default_token_budget("cpu", torch.bfloat16, offline=True) == 4096
+    assert default_token_budget("cpu", torch.float16, offline=True) == 4096
+    assert default_token_budget("cpu", torch.float32, offline=True) == 2048
+    assert default_token_budget("cpu", torch.bfloat16, offline=False) == 2048
+    assert default_token_budget("cuda", torch.bfloat16, offline=True) == 2048
+    model = str(tiny_models["llama"])
+    offline = LLM(model, dtype="bfloat16", device="cpu", kv_cache_memory=4 << 20)
+    assert offline.engine.scheduler.max_num_batched_tokens == 4096
+    chosen = LLM(model, dtype="bfloat16", device="cpu", kv_cache_memory=4 << 20, max_num_batched_tokens=300)
+    assert chosen.engine.scheduler.max_num_batched_tokens == 300
+    served = AsyncEngine(EngineConfig(model=model, dtype="bfloat16", device="cpu", kv_cache_memory=4 << 20))
+    try:
+        assert served.engine.scheduler.max_num_batched_tokens == 2048
+    finally:
+        served.shutdown()

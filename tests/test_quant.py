@@ -211,7 +211,8 @@ def test_gptq_checkpoint_loads_exactly(tmp_path, tiny_models):
     plain_llm = LLM(str(plain_dir), dtype="float32", device="cpu")
     layer = gptq_llm.engine.runner.model.layers[1].self_attn.qkv_proj
     assert isinstance(layer, QuantizedLinear) and layer.bits == 4 and layer.group_size == 32
-    plain_qkv = plain_llm.engine.runner.model.layers[1].self_attn.qkv_proj.weight
+    # the plain engine's own weights are packed away (packed_linear): its checkpoint's q|k|v stand for them
+    plain_qkv = torch.cat([plain_state[f"model.layers.1.self_attn.{p}_proj.weight"] for p in "qkv"])
     assert torch.equal(dequantize(layer.quantized()), plain_qkv)
     prompts = [[17 + i * 11 + j for j in range(5 + i)] for i in range(4)]
     params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
