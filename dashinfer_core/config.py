@@ -36,8 +36,8 @@ class EngineConfig:
                                            "may take when kv_cache_memory is unset")
     max_num_seqs: int = option(64, "sequences in one step at most")
     max_num_batched_tokens: int | None = option(None, "tokens in one step at most (decode tokens + prefill "
-                                                "chunks); default 2048, and on the CPU 4096 for the LLM API in "
-                                                "bf16/fp16 (after vLLM-CPU's 4096 offline, 2048 served)")
+                                                "chunks); default: 512 on the CPU (4096 for the LLM API in "
+                                                "bf16/fp16, as vLLM-CPU offline), 2048 on CUDA")
     max_model_len: int | None = option(None, "context length limit; default: the model's max_position_embeddings")
     enable_chunked_prefill: bool = option(True, "split long prompts across steps so running sequences keep decoding")
     enable_prefix_caching: bool = option(True, "reuse the KV of full blocks whose tokens (and parents) match an "

@@ -91,9 +91,10 @@ def test_compile_or_eager_disabled_never_compiles():
     assert wrapped._compiled is None and asked == [1]  # asked once, at the first call
 
 
-def test_the_default_token_budget_follows_vllm_cpu_and_an_explicit_one_wins(tiny_models):
-    """Unset max_num_batched_tokens: 2048, and 4096 for the offline LLM API on the CPU in bf16/fp16 (vLLM-CPU:
-    4096 offline, 2048 served; fp32 stays at 2048, its eager activations at 4096 rows raised the peak by 245 MB)."""
+def test_the_default_token_budget_and_an_explicit_one_wins(tiny_models):
+    """Unset max_num_batched_tokens on the CPU: 4096 for the offline LLM API in bf16/fp16 (vLLM-CPU's offline
+    default), 512 otherwise (fp32's eager activations at 4096 rows raised the peak by 245 MB; a server's running
+    decodes wait for the whole step); 2048 on CUDA."""
     import torch
 
     from dashinfer_core import LLM
@@ -101,8 +102,8 @@ def test_the_default_token_budget_follows_vllm_cpu_and_an_explicit_one_wins(tiny
     from dashinfer_core.engine.llm_engine import default_token_budget
     assert default_token_budget("cpu", torch.bfloat16, offline=True) == 4096
     assert default_token_budget("cpu", torch.float16, offline=True) == 4096
-    assert default_token_budget("cpu", torch.float32, offline=True) == 2048
-    assert default_token_budget("cpu", torch.bfloat16, offline=False) == 2048
+    assert default_token_budget("cpu", torch.float32, offline=True) == 512
+    assert default_token_budget("cpu", torch.bfloat16, offline=False) == 512
     assert default_token_budget("cuda", torch.bfloat16, offline=True) == 2048
     model = str(tiny_models["llama"])
     offline = LLM(model, dtype="bfloat16", device="cpu", kv_cache_memory=4 << 20)
@@ -111,6 +112,6 @@ def test_the_default_token_budget_follows_vllm_cpu_and_an_explicit_one_wins(tiny
     assert chosen.engine.scheduler.max_num_batched_tokens == 300
     served = AsyncEngine(EngineConfig(model=model, dtype="bfloat16", device="cpu", kv_cache_memory=4 << 20))
     try:
-        assert served.engine.scheduler.max_num_batched_tokens == 2048
+        assert served.engine.scheduler.max_num_batched_tokens == 512
     finally:
         served.shutdown()

@@ -69,16 +69,17 @@ class EngineStats:
 
 
 def default_token_budget(device_type: str, dtype, offline: bool) -> int:
-    """max_num_batched_tokens when unset. CPU: 2048, and 4096 for the offline API in bf16/fp16, after vLLM-CPU's
-    defaults (4096 offline, 2048 for servers): fewer, larger prefill steps, so the running decodes' attention is
-    paid in fewer of them. 64 prompts of 32-512 tokens x 128 new, bf16, 2-core AMD EPYC, three runs each: the steps
-    that prefill took 18.3-19.7 s at 512 and 13.2-15.9 s at 4096 (the decode-only steps, 19-24 s, moved with the
-    machine's noise either way); peak RSS +32 MB. fp32 at 4096: +245 MB (its eager layers' activations at 4096
-    rows; the compiled 16-bit ones reuse their buffers), so fp32 takes 2048 (+45 MB). A server keeps 2048: a
-    running decode waits for the whole step (a 512-token bf16 prefill step took 388 ms there). CUDA: 2048."""
+    """max_num_batched_tokens when unset. CPU: 512, and 4096 for the offline API in bf16/fp16 (vLLM-CPU's offline
+    default): fewer, larger prefill steps, so the running decodes' attention is paid in fewer of them. 64 prompts
+    of 32-512 tokens x 128 new, bf16, 2-core AMD EPYC, three runs each: the steps that prefill took 18.3-19.7 s at
+    512 and 13.2-15.9 s at 4096 (the decode-only steps, 19-24 s, moved with the machine's noise either way); peak
+    RSS +32 MB. fp32 keeps 512: at 4096 its eager layers' activations raised the peak by 245 MB (the compiled 16-bit
+    ones reuse their buffers), at 2048 by 45-86 MB for a gain lost in the noise (149.6 -> 151.5 tok/s). Servers
+    keep 512 (vLLM-CPU serves with 2048): a running decode waits for the whole step, 388 ms for a 512-token bf16
+    prefill step there. CUDA: 2048."""
     if device_type == "cuda":
         return 2048
-    return 4096 if offline and dtype in (torch.bfloat16, torch.float16) else 2048
+    return 4096 if offline and dtype in (torch.bfloat16, torch.float16) else 512
 
 
 class LLMEngine:
