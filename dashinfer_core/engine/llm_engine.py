@@ -97,7 +97,8 @@ class LLMEngine:
         block_manager = BlockManager(
             self.runner.kv_cache.num_blocks, self.config.block_size, self.config.enable_prefix_caching,
             num_cpu_blocks=self.runner.kv_cache.cpu_storage.shape[2], ttl=self.config.prefix_cache_ttl)
-        budget = self.config.max_num_batched_tokens or default_token_budget(self.runner.device.type, self.runner.dtype, offline)
+        budget = self.config.max_num_batched_tokens or default_token_budget(self.runner.device.type, self.runner.dtype,
+                                                                            offline)
         self.images = self.encoder_cache = None
         if self.runner.model_cfg.vision is not None:
             from ..multimodal import EncoderCache, ImageLimits, ImageProcessor

@@ -52,7 +52,8 @@ def gathered_decode_attention(q: torch.Tensor, kv: torch.Tensor, chunks: torch.T
 # AMD EPYC, the two alternating 40 times: min 2.47 -> 2.02 ms, median 3.03 -> 2.57 ms per layer). Not for fp32,
 # where there is no conversion to share and the unrolled form measured slower (median 3.43 -> 4.03 ms).
 GROUP_UNROLLED_DTYPES = (torch.bfloat16, torch.float16)
-MAX_UNROLLED_GROUP = 8  # an fp32 accumulator pair per head: more would not stay in the 32 AVX-512 registers
+MAX_UNROLLED_GROUP = 8  # measured at 3 only; 8 heads already hold 16 accumulator registers, wider groups keep the
+# group as a dimension
 
 
 def _group_unrolled(q, kv, chunks, bias, scale):
