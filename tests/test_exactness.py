@@ -57,3 +57,29 @@ def test_embedded_model_greedy_matches_hf(default_model_dir):
     assert stats.num_free_blocks == stats.num_blocks
     assert results["mismatch"] == 0, details
     assert results["tie"] <= 1, details
+
+
+def test_fp32_rmsnorm_is_hf_bit_for_bit_on_both_routes(monkeypatch):
+    """torch's rms_norm where the start-up probe found it exact (it is on this torch), HF's op-by-op form
+    otherwise: either way HF's LlamaRMSNorm, bit for bit, with and without the fused residual add."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from dashinfer_core.layers import norm
+    assert norm.fused_rms_norm_exact()
+    calls = []
+    fused = norm.F.rms_norm
+    monkeypatch.setattr(norm.F, "rms_norm", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    torch.manual_seed(5)
+    for width, rows in ((64, 1), (576, 13), (960, 64)):
+        ours = norm.RMSNorm(width, 1e-5, torch.float32)
+        ours.weight.data.normal_()
+        hf = LlamaRMSNorm(width, eps=1e-5)
+        hf.weight.data.copy_(ours.weight)
+        x, residual = torch.randn(rows, width) * 3, torch.randn(rows, width)
+        for route_fused in (True, False):
+            monkeypatch.setattr(norm, "fused_rms_norm_exact", lambda: route_fused)
+            calls.clear()
+            out, summed = ours(x, residual)
+            assert torch.equal(summed, x + residual) and torch.equal(out, hf(x + residual))
+            assert torch.equal(ours(x), hf(x))
+            assert len(calls) == (2 if route_fused else 0)
