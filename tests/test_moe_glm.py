@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from dashinfer_core import LLM, SamplingParams, UnsupportedModelError
+from dashinfer_core import LLM, SamplingParams, UnsupportedModelError, layers
 from dashinfer_core.cache.kv_cache import bytes_per_block
 from helpers import build_tiny_model, compare_greedy, hf_greedy, mixed_prompts
 
@@ -104,8 +104,13 @@ def test_fused_moe_kernel_in_the_engine_matches_the_torch_dispatch(models, monke
     prompts = mixed_prompts(6, max_len=40, seed=8)
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     want = LLM(str(models["qwen2_moe"]), dtype="float32", device="cpu").generate(prompts, params)
-    monkeypatch.setenv("DASHINFER_FORCE_TRITON_OPS", "1")
+    import dashinfer_kernels.fused_moe as fused_moe_kernel
+    kernel_calls = []
+    kernel = fused_moe_kernel.fused_moe
+    monkeypatch.setattr(fused_moe_kernel, "fused_moe", lambda *a, **k: kernel_calls.append(1) or kernel(*a, **k))
+    monkeypatch.setattr(layers, "FORCE_TRITON_OPS", True)
     fused = LLM(str(models["qwen2_moe"]), dtype="float32", device="cpu")
     assert fused.engine.runner.model.layers[1].mlp.w13 is not None
     got = fused.generate(prompts, params)
+    assert kernel_calls, "the forced run did not take the fused kernel"
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from dashinfer_core import LLM, SamplingParams
+from dashinfer_core import LLM, SamplingParams, layers
 from dashinfer_core.cache.kv_cache import bytes_per_block
 from helpers import mixed_prompts
 
@@ -44,10 +44,17 @@ def test_fused_triton_ops_match_torch_ops(tiny_models, monkeypatch):
     """The CUDA model path (RMSNorm, rotary, SiLU-mul kernels + Triton attention) on the CPU."""
     prompts = mixed_prompts(3, min_len=3, max_len=20, seed=22)
     params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+    import dashinfer_kernels.rmsnorm as rmsnorm_kernel
+    kernel_calls = []
+    kernel = rmsnorm_kernel.rmsnorm
+    monkeypatch.setattr(rmsnorm_kernel, "rmsnorm", lambda *a, **k: kernel_calls.append(1) or kernel(*a, **k))
     for family in ("llama", "qwen3"):
         common = dict(dtype="float32", device="cpu", block_size=16)
         expected = LLM(str(tiny_models[family]), attention_backend="torch", **common).generate(prompts, params)
-        monkeypatch.setenv("DASHINFER_FORCE_TRITON_OPS", "1")
+        assert not kernel_calls
+        monkeypatch.setattr(layers, "FORCE_TRITON_OPS", True)
         got = LLM(str(tiny_models[family]), attention_backend="triton", **common).generate(prompts, params)
-        monkeypatch.delenv("DASHINFER_FORCE_TRITON_OPS")
+        monkeypatch.setattr(layers, "FORCE_TRITON_OPS", False)
+        assert kernel_calls, "the forced run did not take the Triton kernels"
+        kernel_calls.clear()
         assert [o.token_ids for o in got] == [o.token_ids for o in expected], family
