@@ -203,3 +203,29 @@ def test_the_engine_frees_the_callers_pool_before_its_step_loop_starts(monkeypat
     with pytest.raises(InvalidParameterError, match="kv_cache_memory"):
         AsyncEngine(dtype="float32", device="cpu", kv_cache_memory=1)
     assert calls == [threading.get_ident()]
+
+
+def test_request_stream_keeps_order_and_outlives_a_cancelled_reader():
+    """The per-request stream the step thread fills: items come out in order, a reader waiting on an empty
+    stream wakes at the next put, and a reader cancelled while waiting leaves the stream usable."""
+    from dashinfer_core.engine.async_engine import _Stream
+
+    async def main():
+        stream = _Stream(asyncio.get_running_loop())
+        stream.put(1)
+        stream.put(2)
+        assert [await stream.get(), await stream.get()] == [1, 2]
+        reader = asyncio.ensure_future(stream.get())
+        await asyncio.sleep(0)
+        assert not reader.done()
+        stream.put(3)
+        assert await reader == 3
+        cancelled = asyncio.ensure_future(stream.get())
+        await asyncio.sleep(0)
+        cancelled.cancel()
+        await asyncio.sleep(0)
+        stream.put(4)  # the cancelled reader's waiter is done: not woken again, the item is kept
+        stream.put(ValueError("x"))
+        assert await stream.get() == 4 and isinstance(await stream.get(), ValueError)
+
+    asyncio.run(main())

@@ -9,12 +9,12 @@ loop turn. If the loop itself crashes, every pending stream gets EngineDeadError
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import logging
 import threading
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 from ..config import EngineConfig
 from ..errors import DuplicateRequestError, EngineDeadError
@@ -37,10 +37,28 @@ class RequestFailedError(RuntimeError):
         super().__init__(f"request {request_id} failed: {message}")
 
 
-@dataclass
 class _Stream:
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
+    """One request's outputs, read in order on its caller's event loop: a deque and the reader's waiter
+    (asyncio.Queue's own bookkeeping, paid for every output of every step, is more than this needs)."""
+    __slots__ = ("loop", "items", "waiter")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.items: collections.deque = collections.deque()
+        self.waiter: asyncio.Future | None = None
+
+    def put(self, item) -> None:
+        """On the stream's event loop."""
+        self.items.append(item)
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None and not waiter.done():  # (done: the reader was cancelled)
+            waiter.set_result(None)
+
+    async def get(self):
+        while not self.items:
+            self.waiter = self.loop.create_future()
+            await self.waiter
+        return self.items.popleft()
 
 
 class AsyncEngine:
@@ -107,7 +125,7 @@ class AsyncEngine:
     async def _submit(self, request) -> AsyncIterator[RequestOutput]:
         """Queue a built request for the step loop and stream its outputs until it finishes."""
         request_id = request.request_id
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        stream = _Stream(asyncio.get_running_loop())
         with self._cond:
             if request_id in self._streams:
                 raise DuplicateRequestError(request_id)
@@ -117,7 +135,7 @@ class AsyncEngine:
         finished = False
         try:
             while True:
-                item = await stream.queue.get()
+                item = await stream.get()
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
@@ -262,7 +280,7 @@ class AsyncEngine:
                     continue
                 if out.finished:
                     del self._streams[out.request_id]
-                by_loop.setdefault(stream.loop, []).append((stream.queue, out))
+                by_loop.setdefault(stream.loop, []).append((stream, out))
         for loop, items in by_loop.items():
             try:
                 loop.call_soon_threadsafe(_put_all, items)
@@ -279,11 +297,11 @@ class AsyncEngine:
             stream = self._streams.pop(request_id, None)
         if stream is not None:
             try:
-                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, exc)
+                stream.loop.call_soon_threadsafe(stream.put, exc)
             except RuntimeError:
                 pass
 
 
 def _put_all(items: list) -> None:
-    for queue, out in items:
-        queue.put_nowait(out)
+    for stream, out in items:
+        stream.put(out)
