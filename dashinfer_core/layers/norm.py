@@ -45,9 +45,9 @@ def op_by_op_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torc
 @functools.cache
 def fused_rms_norm_exact() -> bool:
     """Whether torch's rms_norm gives op_by_op_rms_norm's fp32 result bit for bit here. On the CPU it runs the
-    same ops from C++ (aten::_fused_rms_norm), one Python call instead of six: an eager fp32 norm of one row
-    took 10.5 instead of 17.6 us (2-core AMD EPYC, warm), and a step pays one or two per layer. In bf16/fp16 it
-    rounds elsewhere (HF multiplies by the weight in the input dtype), so those keep the op-by-op form."""
+    same ops from C++ (aten::_fused_rms_norm), one Python call instead of six: an eager fp32 norm of a row of
+    576 took 10.5 instead of 15.6 us (2-core AMD EPYC, warm), and a step pays one or two per layer. In
+    bf16/fp16 it rounds elsewhere (HF multiplies by the weight in the input dtype): those keep op by op."""
     generator = torch.Generator().manual_seed(0)
     for rows, width in ((1, 64), (7, 576), (3, 4096)):
         x = torch.randn(rows, width, generator=generator) * 3

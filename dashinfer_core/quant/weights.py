@@ -106,7 +106,7 @@ def _fit_groups(w: torch.Tensor, valid: torch.Tensor, lo: torch.Tensor, hi: torc
     # all-ones mask are skipped (the same sums; the load of a 135M model with iq-int4 spends its time here).
     mask = None if bool(valid.all()) else valid.to(w.dtype).expand_as(w)
     count = torch.full_like(lo, w.shape[-1]) if mask is None else mask.sum(-1)
-    masked_w = w if mask is None else w * mask
+    sw = (w if mask is None else w * mask).sum(-1)  # (the same for every candidate)
     width = (hi - lo).clamp(min=1e-8)
     best_err = best_s = best_m = None
 
@@ -123,7 +123,7 @@ def _fit_groups(w: torch.Tensor, valid: torch.Tensor, lo: torch.Tensor, hi: torc
         candidates = [(s0, m0, err0)]
         if len(steps) > 1:  # the least-squares refit of this candidate's integers
             qm = q if mask is None else q * mask
-            sq, sqq, sw, sqw = qm.sum(-1), (q * qm).sum(-1), masked_w.sum(-1), (w * qm).sum(-1)
+            sq, sqq, sqw = qm.sum(-1), (q * qm).sum(-1), (w * qm).sum(-1)
             det = count * sqq - sq * sq
             ok = det > 1e-6 * count * count  # the integers vary: a slope can be fitted
             s = torch.where(ok, (count * sqw - sq * sw) / torch.where(ok, det, 1.0), s0)
