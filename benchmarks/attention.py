@@ -8,15 +8,15 @@ prefill, one causal chunk.
 
 Decode variants:
   compiled-gather   the engine's path: torch.compile'd elementwise products and sums that gather
-                    (block, head) chunks inside the reduction (torch_backend.gathered_decode_attention)
+                    (block, head) chunks inside the reduction (torch_backend.gathered_decode_attention), on
+                    the cache layout the engine gives the dtype (16-bit: K chunks transposed, [D, block])
   gather+matmul     the engine's fallback: index_select into a workspace, then two batched matmuls
   sdpa-per-seq      per sequence: its blocks gathered, then torch's SDPA (what a plain port does)
   flex-head-major   FlexAttention (torch.compile) on a head-major copy of the pool (FlexAttention cannot
                     read the block-major layout in place; the copy is not timed: this says whether a
                     cache layout change would pay)
-  compiled-kt       compiled like compiled-gather, on a pool whose K chunks are stored transposed ([D, block]
-                    per (block, head); V as now; the transposed copy is not timed): the score sums then run
-                    across keys in vector lanes instead of across head_dim; says what that layout would pay
+  compiled-other    compiled-gather on the other K layout (fp32: transposed, 16-bit: [block, D]; the copy
+                    is not timed): says what the engine's layout choice pays
 Prefill variants: sdpa (torch's CPU flash path with GQA), flex-causal (FlexAttention with a causal block
 mask), blocked-matmul (query tiles x their causal prefix, GQA by grouping heads).
 
@@ -85,7 +85,7 @@ def make_decode_case(torch, seqs: int, min_ctx: int, max_ctx: int, dtype, seed: 
 def decode_variants(torch, lens, tables, kv, q):
     import torch.nn.functional as F
 
-    from dashinfer_core.layers.attention.torch_backend import fused_decode
+    from dashinfer_core.layers.attention.torch_backend import TorchAttention, fused_decode
     n, scale = len(lens), D ** -0.5
     nblk = max(len(t) for t in tables)
     table = torch.tensor([t + [0] * (nblk - len(t)) for t in tables])
@@ -96,9 +96,6 @@ def decode_variants(torch, lens, tables, kv, q):
     queries = q.view(n, HKV, HQ // HKV, D)
     pool_view = kv.view(2, -1, BLOCK, D)
     workspace = torch.empty(2, chunks.numel(), BLOCK, D, dtype=kv.dtype)
-
-    def compiled_gather():
-        return fused_decode(queries, pool_view, chunks, bias, scale)
 
     def gather_matmul():
         torch.index_select(pool_view, 1, chunks.reshape(-1), out=workspace)
@@ -117,31 +114,18 @@ def decode_variants(torch, lens, tables, kv, q):
                                                        blk[1].transpose(0, 1)[None], scale=scale, enable_gqa=True))
         return outs
 
-    keys_t = pool_view[0].transpose(1, 2).contiguous()  # [chunks, D, block]
-    compiled_kt = torch.compile(transposed_k_decode, dynamic=False)
-
-    def kt():
-        return compiled_kt(queries.float(), keys_t, pool_view[1], chunks, bias, scale)
-
-    variants = {"compiled-gather": compiled_gather, "gather+matmul": gather_matmul, "sdpa-per-seq": sdpa_per_seq,
-                "compiled-kt": kt}
+    transposed = pool_view.clone()  # each K chunk [D, block] in the same memory
+    transposed[0] = pool_view[0].transpose(1, 2).contiguous().view(pool_view[0].shape)
+    pools = {True: transposed, False: pool_view}
+    layout = TorchAttention(fused=True).keys_transposed(torch.device("cpu"), kv.dtype, None)  # the engine's
+    variants = {
+        "compiled-gather": lambda: fused_decode(queries, pools[layout], chunks, bias, scale, layout),
+        "gather+matmul": gather_matmul, "sdpa-per-seq": sdpa_per_seq,
+        "compiled-other": lambda: fused_decode(queries, pools[not layout], chunks, bias, scale, not layout)}
     flex = flex_decode(torch, lens, tables, kv, q, scale)
     if flex is not None:
         variants["flex-head-major"] = flex
     return variants
-
-
-def transposed_k_decode(q, keys_t, values, chunks, bias, scale):
-    """gathered_decode_attention with K chunks stored [D, block]: q [n, Hkv, group, D] fp32, keys_t
-    [chunks, D, block], values [chunks, block, D]."""
-    n, num_kv_heads, nblk = chunks.shape
-    block = keys_t.shape[2]
-    keys = keys_t[chunks].float()  # [n, Hkv, nblk, D, block]
-    scores = (q[:, :, :, None, :, None] * keys[:, :, None]).sum(-2)  # [n, Hkv, group, nblk, block]
-    scores = scores.reshape(n, num_kv_heads, q.shape[2], nblk * block) * scale + bias[:, None, None, :]
-    weights = (scores - scores.amax(-1, keepdim=True)).exp()
-    vals = values[chunks].view(n, num_kv_heads, 1, nblk * block, values.shape[2]).float()
-    return (weights[..., None] * vals).sum(-2) / weights.sum(-1, keepdim=True)
 
 
 def flex_decode(torch, lens, tables, kv, q, scale):

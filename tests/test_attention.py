@@ -11,7 +11,7 @@ from dashinfer_core.layers.attention import AttentionMetadata, TorchAttention, t
 HKV, GROUP, D, BS = 2, 3, 16, 4
 
 
-def decode_case(lens: list[int], dtype: torch.dtype, seed: int = 0):
+def decode_case(lens: list[int], dtype: torch.dtype, seed: int = 0, keys_transposed: bool = False):
     """Decodes with context lengths `lens` (the new token's K/V included) in shuffled blocks."""
     g = torch.Generator().manual_seed(seed)
     max_blocks = -(-max(lens) // BS)
@@ -25,14 +25,24 @@ def decode_case(lens: list[int], dtype: torch.dtype, seed: int = 0):
     meta = AttentionMetadata.build(slots, torch.arange(len(lens) + 1, dtype=torch.int32),
                                    torch.tensor(lens, dtype=torch.int32), tables.int(), num_decodes=len(lens),
                                    query_start_loc_host=list(range(len(lens) + 1)), seq_lens_host=list(lens))
-    return KVLayer(data=data, head_dim=D), meta, q, k, v
+    if keys_transposed:  # each (block, head) chunk of K as [D, BS], in the same memory
+        data[0] = data[0].transpose(-1, -2).contiguous().view(data[0].shape)
+    return KVLayer(data=data, head_dim=D, keys_transposed=keys_transposed), meta, q, k, v
+
+
+def logical_blocks(cache: KVLayer, blocks: torch.Tensor) -> torch.Tensor:
+    """[2, len(blocks), HKV, BS, D] of an unquantized cache, whatever its K layout."""
+    kv = cache.data[:, blocks]
+    if cache.keys_transposed:
+        kv = torch.stack((kv[0].view(len(blocks), HKV, D, BS).transpose(-1, -2), kv[1]))
+    return kv
 
 
 def loop_reference(cache: KVLayer, meta: AttentionMetadata, q: torch.Tensor, scale: float) -> torch.Tensor:
     out = torch.empty(q.shape, dtype=torch.float64)
     for i, n in enumerate(meta.seq_lens_host):
         blocks = meta.block_tables[i, : -(-n // BS)].long()
-        kv = cache.data[:, blocks].double().permute(0, 2, 1, 3, 4).reshape(2, HKV, -1, D)[:, :, :n]
+        kv = logical_blocks(cache, blocks).double().permute(0, 2, 1, 3, 4).reshape(2, HKV, -1, D)[:, :, :n]
         for h in range(HKV * GROUP):
             scores = kv[0, h // GROUP] @ q[i, h].double() * scale
             out[i, h] = torch.softmax(scores, 0) @ kv[1, h // GROUP]
@@ -40,16 +50,19 @@ def loop_reference(cache: KVLayer, meta: AttentionMetadata, q: torch.Tensor, sca
 
 
 def run(backend: TorchAttention, cache, meta, q, k, v, scale):
-    cache = KVLayer(data=cache.data.clone(), head_dim=D)  # store_kv writes into it
+    cache = KVLayer(data=cache.data.clone(), head_dim=D, keys_transposed=cache.keys_transposed)  # store_kv writes
     backend.prepare(meta, cache)
     return backend.forward(q, k, v, cache, meta, scale), cache
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 2e-2)])
 def test_compiled_decode_attention_matches_a_loop_reference(dtype, tol):
-    # Lengths spread over several buckets, block boundaries included, and a lone long one.
+    # Lengths spread over several buckets, block boundaries included, and a lone long one; the cache in the
+    # layout the engine gives this dtype (K transposed in 16 bits), which the matmul path (fused=False) reads too.
     lens = [1, 3, 4, 5, 8, 9, 17, 18, 30, 31, 32, 33, 64, 101]
-    cache, meta, q, k, v = decode_case(lens, dtype)
+    keys_transposed = TorchAttention(fused=True).keys_transposed(torch.device("cpu"), dtype, None)
+    assert keys_transposed == (dtype == torch.bfloat16)
+    cache, meta, q, k, v = decode_case(lens, dtype, keys_transposed=keys_transposed)
     scale = D ** -0.5
     fused, fused_cache = run(TorchAttention(fused=True), cache, meta, q, k, v, scale)
     assert torch_backend.compiled_decode.active, "the compiled path fell back to eager"
@@ -58,31 +71,65 @@ def test_compiled_decode_attention_matches_a_loop_reference(dtype, tol):
     assert torch.allclose(fused.double(), want, atol=tol, rtol=tol)
     assert torch.allclose(plain.double(), want, atol=tol, rtol=tol)
     # Different batch and context sizes reuse the compiled code (sizes are dynamic) and stay right.
-    cache, meta, q, k, v = decode_case([2, 7, 40], dtype, seed=1)
+    cache, meta, q, k, v = decode_case([2, 7, 40], dtype, seed=1, keys_transposed=keys_transposed)
     fused, fused_cache = run(TorchAttention(fused=True), cache, meta, q, k, v, scale)
     assert torch.allclose(fused.double(), loop_reference(fused_cache, meta, q, scale), atol=tol, rtol=tol)
 
 
-def test_16bit_caches_take_the_group_unrolled_form_with_the_same_answer(monkeypatch):
-    """bf16/fp16 caches: one sum per query head of the GQA group (each K/V row converted once for the group); the
-    answer is the group-as-a-dimension form's, both accumulating in fp32."""
+def test_transposed_keys_give_the_answer_of_the_row_layout(monkeypatch):
+    """bf16/fp16 caches hold K as [D, block_size] per chunk: the same answer as the [block_size, D] form, with the
+    GQA group unrolled (one sum per query head) and as a dimension (groups past MAX_UNROLLED_GROUP), all in fp32."""
     g = torch.Generator().manual_seed(3)
     n, nblk = 5, 3
     pool = torch.randn(2, 12 * HKV, BS, D, generator=g).bfloat16()
+    transposed = pool.clone()
+    transposed[0] = pool[0].transpose(-1, -2).contiguous().view(pool[0].shape)
     queries = torch.randn(n, HKV, GROUP, D, generator=g)
     chunks = torch.randint(0, 12 * HKV, (n, HKV, nblk), generator=g)
     lens = torch.tensor([1, 5, 17, 40, 48])
     bias = torch.zeros(n, nblk * BS).masked_fill_(torch.arange(nblk * BS)[None, :] >= lens[:, None], float("-inf"))
-    calls = []
-    real = torch_backend._group_unrolled
-    monkeypatch.setattr(torch_backend, "_group_unrolled", lambda *a: calls.append(1) or real(*a))
-    unrolled = torch_backend.gathered_decode_attention(queries, pool, chunks, bias, D ** -0.5)
-    assert calls
-    monkeypatch.setattr(torch_backend, "GROUP_UNROLLED_DTYPES", ())
-    plain = torch_backend.gathered_decode_attention(queries, pool, chunks, bias, D ** -0.5)
-    assert len(calls) == 1
-    torch.testing.assert_close(unrolled, plain, atol=1e-5, rtol=1e-5)
-    assert float(unrolled.abs().mean()) > 0.01
+    rows = torch_backend.gathered_decode_attention(queries, pool, chunks, bias, D ** -0.5)
+    unrolled = torch_backend.gathered_decode_attention(queries, transposed, chunks, bias, D ** -0.5,
+                                                       keys_transposed=True)
+    monkeypatch.setattr(torch_backend, "MAX_UNROLLED_GROUP", GROUP - 1)
+    wide = torch_backend.gathered_decode_attention(queries, transposed, chunks, bias, D ** -0.5, keys_transposed=True)
+    torch.testing.assert_close(unrolled, rows, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(wide, rows, atol=1e-5, rtol=1e-5)
+    assert float(rows.abs().mean()) > 0.01
+    # the wrong layout gives another answer: the flag is what reads the transposed chunks
+    assert not torch.allclose(torch_backend.gathered_decode_attention(queries, transposed, chunks, bias, D ** -0.5),
+                              rows, atol=1e-2)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_transposed_keys_are_stored_and_read_back_by_every_path(fused):
+    """A K-transposed cache: the step's K lands in the columns of its chunks (V in rows), and decodes, a short
+    chunk and a long prefill over a cached prefix (SDPA over the blocks read back) all match the loop."""
+    lens = [20, 22, 45]
+    cache, meta, q, k, v = decode_case(lens, torch.bfloat16, seed=6, keys_transposed=True)
+    got, stored = run(TorchAttention(fused=fused), cache, meta, q, k, v, D ** -0.5)
+    for i, n in enumerate(lens):
+        block, offset = meta.block_tables[i, (n - 1) // BS].item(), (n - 1) % BS
+        assert torch.equal(stored.data[0, block].view(HKV, D, BS)[:, :, offset], k[i])
+        assert torch.equal(stored.data[1, block, :, offset], v[i])
+    torch.testing.assert_close(got.double(), loop_reference(stored, meta, q, D ** -0.5), atol=2e-2, rtol=2e-2)
+    # one sequence of 40 tokens whose last 12 are new (a long chunk: SDPA over the cached blocks)
+    cache, _, _, _, _ = decode_case([40], torch.bfloat16, seed=7, keys_transposed=True)
+    g = torch.Generator().manual_seed(8)
+    table = torch.randperm(cache.data.shape[1], generator=g)[:10].view(1, 10)
+    slots = torch.tensor([table[0, p // BS].item() * BS + p % BS for p in range(28, 40)])
+    meta = AttentionMetadata.build(slots, torch.tensor([0, 12], dtype=torch.int32), torch.tensor([40], dtype=torch.int32),
+                                   table.int(), num_decodes=0, query_start_loc_host=[0, 12], seq_lens_host=[40])
+    q, k, v = (torch.randn(12, h, D, generator=g).bfloat16() for h in (HKV * GROUP, HKV, HKV))
+    got, stored = run(TorchAttention(fused=fused), cache, meta, q, k, v, D ** -0.5)
+    assert meta.backend_state.long_prefills == [0]
+    kv = logical_blocks(stored, table[0, :10].long()).double().permute(0, 2, 1, 3, 4).reshape(2, HKV, -1, D)
+    want = torch.empty(12, HKV * GROUP, D, dtype=torch.float64)
+    for j in range(12):  # query j at position 28 + j sees keys 0..28 + j
+        for h in range(HKV * GROUP):
+            scores = kv[0, h // GROUP, :29 + j] @ q[j, h].double() * D ** -0.5
+            want[j, h] = torch.softmax(scores, 0) @ kv[1, h // GROUP, :29 + j]
+    torch.testing.assert_close(got.double(), want, atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.parametrize("fused", [True, False])

@@ -23,12 +23,15 @@ def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_di
 class KVLayer:
     """One layer's cache. data: [2 (K, V), blocks, kv heads, block_size, head_dim] in the model dtype,
     or uint8 with head_dim (int8) or head_dim / 2 (uint4) when quantized; then scales and zeros
-    [2, blocks, kv heads, block_size, groups] hold the fp32 scale and zero point of each group."""
+    [2, blocks, kv heads, block_size, groups] hold the fp32 scale and zero point of each group.
+    keys_transposed: each (block, head) chunk of K holds its keys as [head_dim, block_size] (the attention
+    backend's choice, TorchAttention.keys_transposed); V and quantized caches always [block_size, head_dim]."""
     data: torch.Tensor
     scales: torch.Tensor | None = None
     zeros: torch.Tensor | None = None
     bits: int | None = None
     head_dim: int = 0
+    keys_transposed: bool = False
 
     @property
     def shape(self):  # [2, blocks, kv heads, block_size, head_dim] as if unquantized
@@ -38,7 +41,7 @@ class KVLayer:
 class KVCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
                  head_dim: int, dtype: torch.dtype, device: torch.device, num_cpu_blocks: int = 0,
-                 kv_bits: int | None = None):
+                 kv_bits: int | None = None, keys_transposed: bool = False):
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.kv_bits = kv_bits
@@ -59,7 +62,8 @@ class KVCache:
         self.pools = pools(num_blocks, cpu=False)  # data (+ scales, zeros)
         self.storage = self.pools[0]
         self.layers = [KVLayer(self.pools[0][i], *(p[i] for p in self.pools[1:]), bits=kv_bits, head_dim=head_dim)
-                       if kv_bits else KVLayer(self.pools[0][i], head_dim=head_dim) for i in range(num_layers)]
+                       if kv_bits else KVLayer(self.pools[0][i], head_dim=head_dim, keys_transposed=keys_transposed)
+                       for i in range(num_layers)]
         # The prefix cache's CPU tier: blocks evicted from the device live on here (pinned for fast
         # copies on CUDA). On the CPU device it is simply a second pool.
         self.cpu_pools = pools(num_cpu_blocks, cpu=True)

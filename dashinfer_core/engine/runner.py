@@ -173,13 +173,13 @@ class ModelRunner:
         self.vocab_size = self.model_cfg.vocab_size
         self._logits_buffer: torch.Tensor | None = None  # see _kept_logits
         self.block_size = config.block_size
+        self.attention = make_attention_backend(config.attention_backend, self.device,
+                                                fused=self._path_on("compiled_attention"))
         self.kv_cache = self._allocate_kv_cache()
         self.max_model_len = min(max_len, self.kv_cache.num_blocks * self.block_size)
         if self.max_model_len < max_len:
             logger.warning("KV cache holds %d tokens: max_model_len lowered from %d to %d",
                            self.kv_cache.num_blocks * self.block_size, max_len, self.max_model_len)
-        self.attention = make_attention_backend(config.attention_backend, self.device,
-                                                fused=self._path_on("compiled_attention"))
         from ..models.compiled import CompiledLayerParts, wants_compiled_layers
         # Not under tensor parallel (the layer parts hold all-reduces, which stay eager), nor for MoE
         # models (the expert dispatch reads the routing on the host), nor with LoRA (likewise).
@@ -234,7 +234,8 @@ class ModelRunner:
         num_cpu_blocks = self.tp.min_int(self.config.cpu_cache_memory // per_block) \
             if self.config.enable_prefix_caching else 0
         return KVCache(cfg.num_layers, num_blocks, self.block_size, num_kv_heads, cfg.head_dim,
-                       self.dtype, self.device, num_cpu_blocks=num_cpu_blocks, kv_bits=kv_bits)
+                       self.dtype, self.device, num_cpu_blocks=num_cpu_blocks, kv_bits=kv_bits,
+                       keys_transposed=self.attention.keys_transposed(self.device, self.dtype, kv_bits))
 
     def shutdown(self) -> None:
         if self.ranks is not None:

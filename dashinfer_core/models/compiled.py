@@ -17,8 +17,9 @@ from __future__ import annotations
 import torch
 
 from ..compiling import compile_or_eager
-from ..layers.attention.torch_backend import (DecodeBucket, TorchAttention, TorchStepState, compiled_decode,
-                                              gathered_decode_attention, mark_dynamic, store_kv, write_kv_rows)
+from ..layers.attention.torch_backend import (FUSED_MULTIPLY_ADD, DecodeBucket, TorchAttention, TorchStepState,
+                                              compiled_decode, gathered_decode_attention, mark_dynamic, store_kv,
+                                              write_kv_rows)
 from ..layers.context import ForwardContext
 from .llama import DecoderLayer
 
@@ -53,29 +54,29 @@ compiled_last = compile_or_eager(after_last_attention, name="compiled decoder la
 # to layer i + 1's, read from the paged cache as torch_backend.fused_decode does, the new K/V stored before
 # each graph. Compiled like fused_decode: static head shapes (so the inner loops vectorize), the batch and
 # context sizes marked dynamic on each call.
-def decode_attention(layer: DecoderLayer, q, kv, chunks, bias):
-    """q: [n, Hq, D] (one query per sequence); kv: the layer's KVLayer.data [2, blocks, Hkv, block_size, D];
-    chunks, bias: the step's one DecodeBucket's -> [n, Hq, D] in q's dtype."""
+def decode_attention(layer: DecoderLayer, q, kv, chunks, bias, keys_transposed: bool):
+    """q: [n, Hq, D] (one query per sequence); kv: the layer's KVLayer.data [2, blocks, Hkv, block_size, D]
+    (keys_transposed: its KVLayer's); chunks, bias: the step's one DecodeBucket's -> [n, Hq, D] in q's dtype."""
     n, num_heads, head_dim = q.shape
     num_kv_heads = chunks.shape[1]
     queries = q.float().view(n, num_kv_heads, num_heads // num_kv_heads, head_dim)
     pool = kv.view(2, -1, kv.shape[3], head_dim)
-    return gathered_decode_attention(queries, pool, chunks, bias, layer.self_attn.scale).to(q.dtype).view(
-        n, num_heads, head_dim)
+    return gathered_decode_attention(queries, pool, chunks, bias, layer.self_attn.scale, keys_transposed).to(
+        q.dtype).view(n, num_heads, head_dim)
 
 
 def decode_between(layer: DecoderLayer, next_layer: DecoderLayer, q, kv, chunks, bias, residual, positions,
-                   cos_sin, rotary):
-    return between_attentions(layer, next_layer, decode_attention(layer, q, kv, chunks, bias), residual, positions,
-                              cos_sin, rotary)
+                   cos_sin, rotary, keys_transposed: bool):
+    return between_attentions(layer, next_layer, decode_attention(layer, q, kv, chunks, bias, keys_transposed),
+                              residual, positions, cos_sin, rotary)
 
 
-def decode_last(layer: DecoderLayer, norm, q, kv, chunks, bias, residual):
-    return after_last_attention(layer, norm, decode_attention(layer, q, kv, chunks, bias), residual)
+def decode_last(layer: DecoderLayer, norm, q, kv, chunks, bias, residual, keys_transposed: bool):
+    return after_last_attention(layer, norm, decode_attention(layer, q, kv, chunks, bias, keys_transposed), residual)
 
 
 compiled_decode_between = compile_or_eager(decode_between, name="compiled decode layers (between attentions)",
-                                           dynamic=False)
+                                           dynamic=False, options=FUSED_MULTIPLY_ADD)
 
 
 # Two layers a graph: the K/V of the middle layer is stored inside it, by an operator that declares the cache
@@ -83,23 +84,28 @@ compiled_decode_between = compile_or_eager(decode_between, name="compiled decode
 # pool: 40 ms against 32 us), so a step makes half the compiled calls (each ~100 us of dynamo guards and
 # wrappers besides its kernels at batch 1).
 _LIBRARY = torch.library.Library("dashinfer", "FRAGMENT")
-_LIBRARY.define("store_kv_rows(Tensor(a!) data, Tensor rows, Tensor k, Tensor v) -> ()")
+_LIBRARY.define("store_kv_rows(Tensor(a!) data, Tensor rows, Tensor k, Tensor v, Tensor? key_chunks, "
+                "Tensor? key_offsets) -> ()")
 
 
 _LIBRARY.impl("store_kv_rows", write_kv_rows, "CPU")
-torch.library.register_fake("dashinfer::store_kv_rows", lambda data, rows, k, v: None, lib=_LIBRARY)
+torch.library.register_fake("dashinfer::store_kv_rows", lambda data, rows, k, v, key_chunks, key_offsets: None,
+                            lib=_LIBRARY)
 
 
 def decode_two(layer: DecoderLayer, middle: DecoderLayer, next_layer: DecoderLayer, q, kv, middle_kv, store_rows,
-               chunks, bias, residual, positions, cos_sin, rotary):
-    q, k, v, residual = decode_between(layer, middle, q, kv, chunks, bias, residual, positions, cos_sin, rotary)
-    torch.ops.dashinfer.store_kv_rows(middle_kv, store_rows, k, v)
-    return decode_between(middle, next_layer, q, middle_kv, chunks, bias, residual, positions, cos_sin, rotary)
+               key_chunks, key_offsets, chunks, bias, residual, positions, cos_sin, rotary, keys_transposed: bool):
+    q, k, v, residual = decode_between(layer, middle, q, kv, chunks, bias, residual, positions, cos_sin, rotary,
+                                       keys_transposed)
+    torch.ops.dashinfer.store_kv_rows(middle_kv, store_rows, k, v, key_chunks, key_offsets)
+    return decode_between(middle, next_layer, q, middle_kv, chunks, bias, residual, positions, cos_sin, rotary,
+                          keys_transposed)
 
 
-compiled_decode_two = compile_or_eager(decode_two, name="compiled decode layers (two layers)", dynamic=False)
+compiled_decode_two = compile_or_eager(decode_two, name="compiled decode layers (two layers)", dynamic=False,
+                                       options=FUSED_MULTIPLY_ADD)
 compiled_decode_last = compile_or_eager(decode_last, name="compiled decode layers (after the last attention)",
-                                        dynamic=False)
+                                        dynamic=False, options=FUSED_MULTIPLY_ADD)
 
 
 def decode_bucket(ctx: ForwardContext) -> DecodeBucket | None:
@@ -146,21 +152,27 @@ class CompiledLayerParts:
         positions, cos_sin, rotary = ctx.positions, ctx.cos_sin, ctx.rotary
         state = ctx.attn_meta.backend_state
         kv = [ctx.kv_layers[layer.layer_index].data for layer in layers]
+        keys_transposed = ctx.kv_layers[0].keys_transposed
+        key_chunks, key_offsets = state.key_store or (None, None)
+        if key_chunks is not None:
+            mark_dynamic((key_chunks, (0,)), (key_offsets, (0,)))
         i = 0
         while True:
             store_kv(k, v, ctx.kv_layers[layers[i].layer_index], state)
             mark_dynamic((q, (0,)), (residual, (0,)), (kv[i], (1,)))
             if i + 1 == len(layers):
-                return compiled_decode_last(layers[i], norm, q, kv[i], bucket.chunks, bucket.bias, residual)
+                return compiled_decode_last(layers[i], norm, q, kv[i], bucket.chunks, bucket.bias, residual,
+                                            keys_transposed)
             if self.two_layers_a_graph and i + 2 < len(layers) and state.token_idx is None:
                 mark_dynamic((kv[i + 1], (1,)), (state.store_rows, (0,)))
                 q, k, v, residual = compiled_decode_two(layers[i], layers[i + 1], layers[i + 2], q, kv[i], kv[i + 1],
-                                                        state.store_rows, bucket.chunks, bucket.bias, residual,
-                                                        positions, cos_sin, rotary)
+                                                        state.store_rows, key_chunks, key_offsets, bucket.chunks,
+                                                        bucket.bias, residual, positions, cos_sin, rotary,
+                                                        keys_transposed)
                 i += 2
                 continue
             q, k, v, residual = compiled_decode_between(layers[i], layers[i + 1], q, kv[i], bucket.chunks, bucket.bias,
-                                                        residual, positions, cos_sin, rotary)
+                                                        residual, positions, cos_sin, rotary, keys_transposed)
             i += 1
 
 

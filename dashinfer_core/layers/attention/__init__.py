@@ -5,7 +5,9 @@ blocks keep one head's keys of a block contiguous, so a gather of (block, head) 
 [seqs, heads, context, head_dim] ready for batched matmul with no transpose, and a GPU kernel loads a
 head's block tile as one contiguous run. Each backend first writes the step's K/V into the cache
 slots of `slot_mapping`, then attends every query over its sequence's whole context (cached prefix +
-new tokens) through `block_tables`.
+new tokens) through `block_tables`. A backend may ask for K transposed within each (block, head) chunk
+([head_dim, block_size]; KVLayer.keys_transposed): the torch backend does for 16-bit caches on its
+compiled CPU path, where a key's score is then a sum over vectors that run across keys.
 
   metadata.py        AttentionMetadata: the step's batch as attention sees it
   backend.py         the AttentionBackend protocol and its capability flags

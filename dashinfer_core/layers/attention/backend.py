@@ -18,6 +18,9 @@ class AttentionBackend(Protocol):
     # layers around it may be torch.compile'd (models/compiled.py).
     native_on_cpu: bool
 
+    def keys_transposed(self, device: torch.device, dtype: torch.dtype, kv_bits: int | None) -> bool:
+        """The KV cache this backend reads holds K transposed per (block, head) chunk (KVLayer.keys_transposed)."""
+
     def prepare(self, meta: AttentionMetadata, kv_layer: KVLayer) -> None:
         """Per-step work shared by every layer; stores the backend's state in meta.backend_state.
         kv_layer: any layer's cache, for its shape."""

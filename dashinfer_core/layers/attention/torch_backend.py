@@ -20,17 +20,18 @@ from .metadata import AttentionMetadata
 
 
 def gathered_decode_attention(q: torch.Tensor, kv: torch.Tensor, chunks: torch.Tensor, bias: torch.Tensor,
-                              scale: float) -> torch.Tensor:
+                              scale: float, keys_transposed: bool = False) -> torch.Tensor:
     """Single-query attention straight from the paged cache, written as elementwise products and
     sums so that torch.compile fuses the gather into the reductions: the cache is read once, where
     index_select + matmul writes a padded copy and reads it again (2.3x slower per layer on the dev
     machine, fp32, 64 sequences of ~460 tokens).
     q: [n, Hkv, group, D]; kv: [2, blocks * Hkv, block_size, D]; chunks: [n, Hkv, nblk] (block, head)
-    ids; bias: [n, L] (0 or -inf, L = nblk * block_size) -> [n, Hkv, group, D]. Accumulates in fp32."""
+    ids; bias: [n, L] (0 or -inf, L = nblk * block_size) -> [n, Hkv, group, D]. Accumulates in fp32.
+    keys_transposed: each K chunk holds [D, block_size] (KVLayer.keys_transposed)."""
+    if keys_transposed:
+        return _transposed_keys(q, kv, chunks, bias, scale)
     n, num_kv_heads, nblk = chunks.shape
     block, head_dim, group = kv.shape[2], q.shape[-1], q.shape[2]
-    if kv.dtype in GROUP_UNROLLED_DTYPES and group <= MAX_UNROLLED_GROUP:
-        return _group_unrolled(q, kv, chunks, bias, scale)
     # Reduced per (block, head) chunk first, then across chunks: inductor then looks up a chunk's address
     # once per chunk instead of once per key (bf16, 64 sequences of 300-500 tokens: 2.9 -> 2.4 ms per
     # layer on the dev machine; fp32 2.4 -> 1.9).
@@ -46,37 +47,52 @@ def gathered_decode_attention(q: torch.Tensor, kv: torch.Tensor, chunks: torch.T
     return (per_chunk.sum(-2) / weights.sum(-1, keepdim=True)).to(q.dtype)
 
 
-# 16-bit caches: with the GQA group as a tensor dimension inductor loops over it outside the keys, so each K/V row
-# is loaded and converted to fp32 once per query head of the group. Written as one sum per query head, the sums
-# share their loop: a row is converted once and feeds every head (bf16, 64 sequences of 300-500 tokens, 2-core
-# AMD EPYC, the two alternating 40 times: min 2.47 -> 2.02 ms, median 3.03 -> 2.57 ms per layer). Not for fp32,
-# where there is no conversion to share and the unrolled form measured slower (median 3.43 -> 4.03 ms).
-GROUP_UNROLLED_DTYPES = (torch.bfloat16, torch.float16)
+# 16-bit caches keep K transposed per (block, head) chunk ([D, block_size]): the score of a key is then a sum over
+# D of vectors that run across keys, one multiply-add per element, where with [block_size, D] chunks every key's
+# score ends in a horizontal sum across vector lanes (three per key with a GQA group of three, about half of that
+# loop's instructions). And each query head's sum is written on its own so that the sums share one loop: a K or V
+# row is loaded and converted to fp32 once for every head of the group (with the group as a tensor dimension
+# inductor loops over it outside the keys). bf16, 64 sequences of 300-500 tokens, 2-core AMD EPYC (avx512_bf16),
+# the layouts alternating 60 times in one process: median 2.85 -> 2.23 ms per layer (min 2.55 -> 1.80). fp32
+# keeps [block_size, D]: nothing to convert, and no gain there (median 3.29 against 3.60 unrolled, 3.40 with
+# the group as a dimension).
+TRANSPOSED_K_DTYPES = (torch.bfloat16, torch.float16)
 MAX_UNROLLED_GROUP = 8  # measured at 3 only; 8 heads already hold 16 accumulator registers, wider groups keep the
 # group as a dimension
 
 
-def _group_unrolled(q, kv, chunks, bias, scale):
+def _transposed_keys(q, kv, chunks, bias, scale):
     n, num_kv_heads, nblk = chunks.shape
-    block, group = kv.shape[2], q.shape[2]
-    keys = kv[0][chunks].float()  # [n, Hkv, nblk, block, D]
-    values = kv[1][chunks].float()
+    block, head_dim, group = kv.shape[2], kv.shape[3], q.shape[2]
+    keys = kv[0].view(-1, head_dim, block)[chunks].float()  # [n, Hkv, nblk, D, block]
+    values = kv[1][chunks].float()  # [n, Hkv, nblk, block, D]
     query = q.float()
-    scores = torch.stack([(query[:, :, g, None, None, :] * keys).sum(-1) for g in range(group)], dim=2).view(
-        n, num_kv_heads, group, nblk * block) * scale + bias.float()[:, None, None, :]
+    if group <= MAX_UNROLLED_GROUP:
+        scores = torch.stack([(query[:, :, g, None, :, None] * keys).sum(-2) for g in range(group)], dim=2)
+    else:
+        scores = (query[:, :, :, None, :, None] * keys[:, :, None]).sum(-2)
+    scores = scores.view(n, num_kv_heads, group, nblk * block) * scale + bias.float()[:, None, None, :]
     weights = torch.exp(scores - scores.amax(dim=-1, keepdim=True))
-    per_head = [(weights[:, :, g].view(n, num_kv_heads, nblk, block, 1) * values).sum(-2).sum(-2) for g in range(group)]
-    return (torch.stack(per_head, dim=2) / weights.sum(-1, keepdim=True)).to(q.dtype)
+    if group <= MAX_UNROLLED_GROUP:
+        out = torch.stack([(weights[:, :, g].view(n, num_kv_heads, nblk, block, 1) * values).sum(-2).sum(-2)
+                           for g in range(group)], dim=2)
+    else:
+        out = (weights.view(n, num_kv_heads, group, nblk, block, 1) * values[:, :, None]).sum(-2).sum(-2)
+    return (out / weights.sum(-1, keepdim=True)).to(q.dtype)
 
 
 def _matmul_path(*args) -> None:
     return None  # the caller gathers and uses index_select + matmul instead
 
 
+# Inductor compiles its C++ with -ffp-contract=off by default: a multiply and an add per element of the score and
+# value sums. Contracted to fused multiply-adds (rounded once instead of twice), 64 sequences of 300-500 tokens,
+# 2-core AMD EPYC, the two alternating in one process: bf16 2.93 -> 2.63 ms median per layer, fp32 3.00 -> 2.83.
+FUSED_MULTIPLY_ADD = {"cpp.enable_floating_point_contract_flag": "fast"}
 # The compiled form of gathered_decode_attention, shared by every engine in the process; after a
 # compile failure (no C++ compiler) it answers None and the index_select + matmul path takes over.
 compiled_decode = compile_or_eager(gathered_decode_attention, name="compiled decode attention",
-                                   fallback=_matmul_path, dynamic=False)
+                                   fallback=_matmul_path, dynamic=False, options=FUSED_MULTIPLY_ADD)
 # Variants compiled so far. Past dynamo's recompile limit it would run the function eagerly, which
 # materializes [n, heads, group, L, D] products: new variants take the matmul path instead.
 _compiled_variants: set[tuple] = set()
@@ -90,11 +106,12 @@ def mark_dynamic(*dims_of: tuple[torch.Tensor, tuple[int, ...]]) -> None:
             torch._dynamo.maybe_mark_dynamic(tensor, dim)
 
 
-def fused_decode(q, kv, chunks, bias, scale) -> torch.Tensor | None:
+def fused_decode(q, kv, chunks, bias, scale, keys_transposed: bool = False) -> torch.Tensor | None:
     """Batch, context and pool sizes are marked dynamic (one compile per dtype and head shape, not
     per batch); head counts and head_dim stay static so the inner loops vectorize. Sizes 1 are
     specialized by dynamo, hence their place in the variant key. None = use the matmul path."""
-    variant = (q.dtype, kv.dtype, q.shape[1:], kv.shape[2:], q.shape[0] == 1, chunks.shape[2] == 1, float(scale))
+    variant = (q.dtype, kv.dtype, q.shape[1:], kv.shape[2:], q.shape[0] == 1, chunks.shape[2] == 1, float(scale),
+               keys_transposed)
     if not compiled_decode.active or (variant not in _compiled_variants
                                       and len(_compiled_variants) >= MAX_COMPILED_VARIANTS):
         return None
@@ -103,7 +120,7 @@ def fused_decode(q, kv, chunks, bias, scale) -> torch.Tensor | None:
     # meets (bf16, 64 sequences of 300-500 tokens: 3.45 -> 3.09 ms per layer, the same output).
     query = q.float()
     mark_dynamic((query, (0,)), (kv, (1,)), (chunks, (0, 2)), (bias, (0, 1)))
-    out = compiled_decode(query, kv, chunks, bias, scale)
+    out = compiled_decode(query, kv, chunks, bias, scale, keys_transposed)
     return out if out is None else out.to(q.dtype)
 
 
@@ -121,6 +138,8 @@ class TorchStepState:
     long_prefills: list[int]  # sequences whose chunk attends with SDPA
     token_idx: torch.Tensor | None  # tokens to store (None: all; padding tokens are skipped)
     store_rows: torch.Tensor  # row of each stored (token, head) in the cache viewed as [-1, head_dim]
+    # A cache with K transposed: each stored (token, head)'s (block, head) chunk and offset in it, where K goes
+    key_store: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class TorchAttention:
@@ -142,6 +161,10 @@ class TorchAttention:
         self._workspace: torch.Tensor | None = None
         self.fused = fused  # compiled gathered_decode_attention for unquantized CPU caches
 
+    def keys_transposed(self, device: torch.device, dtype: torch.dtype, kv_bits: int | None) -> bool:
+        """16-bit unquantized caches on the compiled CPU path hold K transposed (see TRANSPOSED_K_DTYPES)."""
+        return self.fused and device.type == "cpu" and kv_bits is None and dtype in TRANSPOSED_K_DTYPES
+
     def prepare(self, meta: AttentionMetadata, kv_layer: KVLayer) -> None:
         """Per-step precomputation shared by all layers (kv_layer: any layer's, for its shape), with numpy on
         the step's host arrays: each of its small ops costs a microsecond or two, a torch op ~5, and ~3x that
@@ -160,10 +183,13 @@ class TorchAttention:
             store_rows = ((blocks[:, None] * num_kv_heads + np.arange(num_kv_heads)[None, :]) * block_size
                           + offsets[:, None]).reshape(-1)
         device = meta.slot_mapping.device
+        key_store = None
+        if kv_layer.keys_transposed:
+            key_store = (_tensor(store_rows // block_size, device), _tensor(store_rows % block_size, device))
         meta.backend_state = TorchStepState(
             buckets=self._decode_buckets(meta, tokens, table_rows, lens, num_kv_heads, block_size),
             long_prefills=long_prefills, token_idx=None if token_idx is None else _tensor(token_idx, device),
-            store_rows=_tensor(store_rows, device))
+            store_rows=_tensor(store_rows, device), key_store=key_store)
 
     def _split_queries(self, meta: AttentionMetadata) -> tuple[list[int], list[int], list[int], list[int]]:
         """(token index, block-table row, context length) of every query answered on the batched
@@ -247,6 +273,8 @@ class TorchAttention:
         data = kv_layer.data.view(2, num_blocks * num_kv_heads, block_size, -1)
         if kv_layer.bits is None:
             torch.index_select(data, 1, chunks, out=out)
+            if kv_layer.keys_transposed:  # K back to [block_size, D] per chunk (in place, through a copy)
+                out[0].copy_(out[0].view(-1, head_dim, block_size).transpose(1, 2).clone())
         else:
             def gather(pool):
                 return pool.view(2, num_blocks * num_kv_heads, block_size, -1).index_select(1, chunks)
@@ -258,7 +286,11 @@ class TorchAttention:
     def _blocks(kv_layer: KVLayer, blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """[2, len(blocks), Hkv, block_size, D] of whole blocks (dequantized when quantized)."""
         if kv_layer.bits is None:
-            return kv_layer.data[:, blocks]
+            kv = kv_layer.data[:, blocks]
+            if kv_layer.keys_transposed:
+                n, num_kv_heads, block_size, head_dim = kv.shape[1:]
+                kv = torch.stack((kv[0].view(n, num_kv_heads, head_dim, block_size).transpose(2, 3), kv[1]))
+            return kv
         return dequantize_kv(kv_layer.data[:, blocks], kv_layer.scales[:, blocks], kv_layer.zeros[:, blocks],
                              kv_layer.bits, dtype)
 
@@ -272,7 +304,8 @@ class TorchAttention:
         rows = q[:n] if bucket.token_idx is None else q.index_select(0, bucket.token_idx)
         queries = rows.view(n, num_kv_heads, q.shape[1] // num_kv_heads, head_dim)
         if fused:
-            o = fused_decode(queries, kv_layer.data.view(2, -1, kv_layer.shape[3], head_dim), chunks, bias, scale)
+            o = fused_decode(queries, kv_layer.data.view(2, -1, kv_layer.shape[3], head_dim), chunks, bias, scale,
+                             kv_layer.keys_transposed)
             if o is not None:
                 return o
         kv = self._gather(kv_layer, chunks.reshape(-1), q.dtype)
@@ -345,7 +378,7 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, kv_layer: KVLayer, state: TorchSt
         k, v = k[state.token_idx], v[state.token_idx]
     rows = state.store_rows
     if kv_layer.bits is None:
-        write_kv_rows(kv_layer.data, rows, k, v)
+        write_kv_rows(kv_layer.data, rows, k, v, *(state.key_store or ()))
         return
     head_dim = k.shape[-1]
     for i, x in enumerate((k, v)):
@@ -355,9 +388,15 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, kv_layer: KVLayer, state: TorchSt
         kv_layer.zeros[i].view(-1, zx.shape[-1]).index_copy_(0, rows, zx)
 
 
-def write_kv_rows(data: torch.Tensor, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+def write_kv_rows(data: torch.Tensor, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  key_chunks: torch.Tensor | None = None, key_offsets: torch.Tensor | None = None) -> None:
     """An unquantized cache's data [2, blocks, Hkv, block_size, D]: K and V rows ([T, Hkv, D]) into rows `rows`
-    of each viewed as [-1, D]."""
+    of each viewed as [-1, D]; with K transposed (key_chunks given), K rows into columns key_offsets of the
+    [D, block_size] chunks key_chunks (as fast as the row copy: 192 rows of 64, ~10 us either way)."""
     head_dim = k.shape[-1]
-    data[0].view(-1, head_dim).index_copy_(0, rows, k.reshape(-1, head_dim))
+    if key_chunks is None:
+        data[0].view(-1, head_dim).index_copy_(0, rows, k.reshape(-1, head_dim))
+    else:
+        data[0].view(-1, head_dim, data.shape[-2]).transpose(1, 2).index_put_((key_chunks, key_offsets),
+                                                                               k.reshape(-1, head_dim))
     data[1].view(-1, head_dim).index_copy_(0, rows, v.reshape(-1, head_dim))

@@ -30,6 +30,10 @@ class TritonAttention:
         self._prefill = paged_prefill_attention.paged_prefill_attention
         self.num_sms = num_sms
 
+    @staticmethod
+    def keys_transposed(device: torch.device, dtype: torch.dtype, kv_bits: int | None) -> bool:
+        return False  # the kernels read [block_size, head_dim] tiles
+
     def prepare(self, meta: AttentionMetadata, kv_layer: KVLayer) -> None:
         num_kv_heads = kv_layer.shape[2]
         meta.backend_state = TritonStepState(num_splits=self._choose_splits(
