@@ -55,6 +55,7 @@ def test_a_placeholder_without_its_packed_weight_raises_and_entries_go_with_thei
     stray = linear_mod.placeholder_of(layer.weight)  # a placeholder nothing was packed for
     with pytest.raises(RuntimeError, match="no packed weight"):
         linear_mod.packed_linear(x, stray)
+    gc.collect()  # garbage of earlier tests first: their entries would go in the same collection
     before = len(linear_mod._PACKED)
     del layer
     gc.collect()
