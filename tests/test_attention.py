@@ -149,6 +149,26 @@ def test_one_bucket_of_decodes_is_answered_in_place(fused):
                                                                                         v[i])
 
 
+def test_buckets_are_split_from_the_longest_context_down():
+    """Every bucket but the shortest spans at most BUCKET_GROWTH (its queries padded to its longest context, the
+    padding is small where contexts are long); the shortest takes what is left; all queries answered once
+    (a lone one twice)."""
+    import random
+    rng = random.Random(4)
+    for _ in range(20):
+        lens = [rng.randint(1, 300) for _ in range(rng.randint(2, 40))]
+        cache, meta, q, k, v = decode_case(lens, torch.float32, seed=9)
+        TorchAttention().prepare(meta, cache)
+        buckets = meta.backend_state.buckets
+        spans = [[lens[i] for i in b.token_idx.tolist()] for b in buckets] if len(buckets) > 1 else [lens]
+        assert len(buckets) <= TorchAttention.MAX_BUCKETS
+        if len(buckets) > 1:
+            assert sorted(i for b in buckets for i in set(b.token_idx.tolist())) == list(range(len(lens)))
+        for span in spans[1:] if len(buckets) == TorchAttention.MAX_BUCKETS else spans:
+            assert max(span) <= TorchAttention.BUCKET_GROWTH * min(span), spans
+        assert [max(span) for span in spans] == sorted(max(span) for span in spans)
+
+
 @pytest.mark.parametrize("fused", [True, False])
 def test_a_lone_query_among_several_buckets_is_answered_as_two_rows(fused):
     """A bucket of one query would be a compiled variant of its own, first met mid-run: in a step of several
