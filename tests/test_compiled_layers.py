@@ -8,7 +8,6 @@ from pathlib import Path
 import torch
 
 from dashinfer_core import LLM, SamplingParams
-from dashinfer_core.layers.attention import TorchAttention
 
 PROSE = (Path(__file__).parent / "data" / "public_domain_prose.txt").read_text()
 
@@ -37,8 +36,7 @@ def test_bf16_compiled_layers_match_eager(default_model_dir):
 
 
 def test_decode_steps_with_attention_in_the_graphs_match_the_steps_without(monkeypatch):
-    """A step of decodes only runs its attention inside the compiled graphs: one bucket read in place, or several
-    (contexts of different lengths, padding rows: batch 3 is padded to 4), each gathered by index. The two
+    """A step of decodes only (one attention bucket) runs its attention inside the compiled graphs. The two
     routes are different bf16 graphs (inductor sums the norms in another order; in a long test process either
     may be past dynamo's recompile limit and run eagerly). The first decode step reads the same prefilled
     cache on both routes: its log-probabilities agree closely. Later each route reads the K/V it wrote itself,
@@ -48,8 +46,8 @@ def test_decode_steps_with_attention_in_the_graphs_match_the_steps_without(monke
     llm = LLM(dtype="bfloat16", device="cpu")
     parts = llm.engine.runner.model.compiled_parts
     in_graph_steps = []
-    buckets_of = compiled_module.decode_buckets
-    monkeypatch.setattr(compiled_module, "decode_buckets", lambda ctx: in_graph_steps.append(buckets_of(ctx)) or
+    bucket_of = compiled_module.decode_bucket
+    monkeypatch.setattr(compiled_module, "decode_bucket", lambda ctx: in_graph_steps.append(bucket_of(ctx)) or
                         in_graph_steps[-1])
     prompts = ["The old lighthouse keeper", "Water boils at", PROSE[:600]]
     params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, logprobs=5)
@@ -61,8 +59,7 @@ def test_decode_steps_with_attention_in_the_graphs_match_the_steps_without(monke
         parts.decode_in_graph, parts.two_layers_a_graph = in_graph, two_layers
         got[route] = [llm.generate(p, params) for p in (prompts[:1], prompts)]
     parts.two_layers_a_graph = True
-    assert any(b is not None and len(b) == 1 for b in in_graph_steps) and not parts.failed
-    assert any(b is not None and len(b) == TorchAttention.MAX_BUCKETS for b in in_graph_steps)
+    assert any(b is not None for b in in_graph_steps) and not parts.failed
     assert two.calls and two.active  # the two-layer graphs ran, compiled
     pairs = list(zip(got["two"][0] + got["two"][1], got["out"][0] + got["out"][1])) + \
         list(zip(got["one"][0] + got["one"][1], got["out"][0] + got["out"][1]))

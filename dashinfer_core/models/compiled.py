@@ -6,21 +6,18 @@ final norm. At batch 1 the step is dominated by that per-op dispatch: on the dev
 iq-int8 decode step went from 16.7 to 13.8 ms with a graph per part, fewer calls since.
 
 Not used in fp32, where the eager ops keep results bit-identical to HF transformers (inductor fuses
-the RMSNorm reductions in another order), nor with enforce_eager. In a step of decodes only (short chunks
-count as decodes), the attention runs inside the graphs too (decode_between), two layers a graph (decode_two:
-17 calls a step instead of 31 on a 30-layer model; one process alternating both every 4 steps on a 2-core AMX
-Xeon, bf16: batch 1 31.6 -> 29.9 ms and 32.9 -> 31.0, batch 64 84.3 -> 82.7; GGUF int4 batch 1 16.2 -> 15.9
-and 17.0 -> 16.5), whether its contexts fit one attention bucket or several, padding rows included (2-core
-AMD EPYC, bf16, 64 sequences of 32-512-token prompts, one process alternating every 5 steps: 171.5 -> 154.5
-ms median, batch 37 99.3 -> 89.4, against the per-bucket attention calls between the graphs). Steps with a
-long prefill chunk call the attention backend between the graphs.
+the RMSNorm reductions in another order), nor with enforce_eager. In a step of decodes only whose
+contexts fit one attention bucket, the attention runs inside the graphs too (decode_between), two layers
+a graph (decode_two: 17 calls a step instead of 31 on a 30-layer model; one process alternating both every 4
+steps on a 2-core AMX Xeon, bf16: batch 1 31.6 -> 29.9 ms and 32.9 -> 31.0, batch 64 84.3 -> 82.7; GGUF int4
+batch 1 16.2 -> 15.9 and 17.0 -> 16.5); other steps call the attention backend between the graphs.
 """
 from __future__ import annotations
 
 import torch
 
 from ..compiling import compile_or_eager
-from ..layers.attention.torch_backend import (FUSED_MULTIPLY_ADD, TorchAttention, TorchStepState,
+from ..layers.attention.torch_backend import (FUSED_MULTIPLY_ADD, DecodeBucket, TorchAttention, TorchStepState,
                                               compiled_decode, gathered_decode_attention, mark_dynamic, store_kv,
                                               write_kv_rows)
 from ..layers.context import ForwardContext
@@ -56,42 +53,26 @@ compiled_last = compile_or_eager(after_last_attention, name="compiled decoder la
 # A step of decodes only (most steps) takes the attention into the graphs too: from layer i's attention
 # to layer i + 1's, read from the paged cache as torch_backend.fused_decode does, the new K/V stored before
 # each graph. Compiled like fused_decode: static head shapes (so the inner loops vectorize), the batch and
-# context sizes marked dynamic on each call. The step's attention buckets come as (token index, chunks, bias)
-# triples: one without an index when every token is a decode, in step order (the queries read and written in
-# place); otherwise always MAX_BUCKETS of them (padded with copies of rows already answered, see decode_buckets),
-# so dynamo sees two forms, not one per bucket count.
-def decode_attention(layer: DecoderLayer, q, kv, buckets, keys_transposed: bool):
-    """q: [T, Hq, D] (one query per decode); kv: the layer's KVLayer.data [2, blocks, Hkv, block_size, D]
-    (keys_transposed: its KVLayer's); buckets: see above -> [T, Hq, D] in q's dtype (rows in no bucket, the
-    padding tokens: 0)."""
-    pool = kv.view(2, -1, kv.shape[3], q.shape[-1])
-    scale = layer.self_attn.scale
-    if buckets[0][0] is None:
-        _, chunks, bias = buckets[0]
-        return _attend(q, pool, chunks, bias, scale, keys_transposed)
-    out = torch.zeros_like(q)
-    for token_idx, chunks, bias in buckets:
-        out = out.index_copy(0, token_idx, _attend(q.index_select(0, token_idx), pool, chunks, bias, scale,
-                                                   keys_transposed))
-    return out
-
-
-def _attend(q, pool, chunks, bias, scale, keys_transposed):
+# context sizes marked dynamic on each call.
+def decode_attention(layer: DecoderLayer, q, kv, chunks, bias, keys_transposed: bool):
+    """q: [n, Hq, D] (one query per sequence); kv: the layer's KVLayer.data [2, blocks, Hkv, block_size, D]
+    (keys_transposed: its KVLayer's); chunks, bias: the step's one DecodeBucket's -> [n, Hq, D] in q's dtype."""
     n, num_heads, head_dim = q.shape
     num_kv_heads = chunks.shape[1]
     queries = q.float().view(n, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    return gathered_decode_attention(queries, pool, chunks, bias, scale, keys_transposed).to(q.dtype).view(
-        n, num_heads, head_dim)
+    pool = kv.view(2, -1, kv.shape[3], head_dim)
+    return gathered_decode_attention(queries, pool, chunks, bias, layer.self_attn.scale, keys_transposed).to(
+        q.dtype).view(n, num_heads, head_dim)
 
 
-def decode_between(layer: DecoderLayer, next_layer: DecoderLayer, q, kv, buckets, residual, positions,
+def decode_between(layer: DecoderLayer, next_layer: DecoderLayer, q, kv, chunks, bias, residual, positions,
                    cos_sin, rotary, keys_transposed: bool):
-    return between_attentions(layer, next_layer, decode_attention(layer, q, kv, buckets, keys_transposed),
+    return between_attentions(layer, next_layer, decode_attention(layer, q, kv, chunks, bias, keys_transposed),
                               residual, positions, cos_sin, rotary)
 
 
-def decode_last(layer: DecoderLayer, norm, q, kv, buckets, residual, keys_transposed: bool):
-    return after_last_attention(layer, norm, decode_attention(layer, q, kv, buckets, keys_transposed), residual)
+def decode_last(layer: DecoderLayer, norm, q, kv, chunks, bias, residual, keys_transposed: bool):
+    return after_last_attention(layer, norm, decode_attention(layer, q, kv, chunks, bias, keys_transposed), residual)
 
 
 compiled_decode_between = compile_or_eager(decode_between, name="compiled decode layers (between attentions)",
@@ -112,16 +93,12 @@ torch.library.register_fake("dashinfer::store_kv_rows", lambda data, rows, k, v,
                             lib=_LIBRARY)
 
 
-def decode_two(layer: DecoderLayer, middle: DecoderLayer, next_layer: DecoderLayer, q, kv, middle_kv, store_idx,
-               store_rows, key_chunks, key_offsets, buckets, residual, positions, cos_sin, rotary,
-               keys_transposed: bool):
-    """store_idx: the tokens whose K/V the middle layer stores (None: all; padding tokens are not stored)."""
-    q, k, v, residual = decode_between(layer, middle, q, kv, buckets, residual, positions, cos_sin, rotary,
+def decode_two(layer: DecoderLayer, middle: DecoderLayer, next_layer: DecoderLayer, q, kv, middle_kv, store_rows,
+               key_chunks, key_offsets, chunks, bias, residual, positions, cos_sin, rotary, keys_transposed: bool):
+    q, k, v, residual = decode_between(layer, middle, q, kv, chunks, bias, residual, positions, cos_sin, rotary,
                                        keys_transposed)
-    if store_idx is not None:
-        k, v = k.index_select(0, store_idx), v.index_select(0, store_idx)
     torch.ops.dashinfer.store_kv_rows(middle_kv, store_rows, k, v, key_chunks, key_offsets)
-    return decode_between(middle, next_layer, q, middle_kv, buckets, residual, positions, cos_sin, rotary,
+    return decode_between(middle, next_layer, q, middle_kv, chunks, bias, residual, positions, cos_sin, rotary,
                           keys_transposed)
 
 
@@ -131,26 +108,16 @@ compiled_decode_last = compile_or_eager(decode_last, name="compiled decode layer
                                         dynamic=False, options=FUSED_MULTIPLY_ADD)
 
 
-def decode_buckets(ctx: ForwardContext) -> tuple | None:
-    """The step's attention buckets as decode_attention takes them when every query is answered on the batched
-    path (decodes and short chunks; no sequence's chunk attends with SDPA) by the compiled decode attention
+def decode_bucket(ctx: ForwardContext) -> DecodeBucket | None:
+    """The step's one bucket when every token is a decode answered in place by the compiled decode attention
     (TorchAttention's fused path, unquantized cache), else None."""
     state = ctx.attn_meta.backend_state
     if not isinstance(ctx.backend, TorchAttention) or not ctx.backend.fused or not isinstance(state, TorchStepState) \
-            or not state.buckets or state.long_prefills or ctx.kv_layers[0].bits is not None \
+            or len(state.buckets) != 1 or state.long_prefills or ctx.kv_layers[0].bits is not None \
             or not compiled_decode.active:
         return None
-    buckets = state.buckets
-    first = buckets[0]
-    if len(buckets) == 1 and first.token_idx is None and first.bias.shape[0] == ctx.positions.shape[0]:
-        return ((None, first.chunks, first.bias),)
-    triples = [(torch.arange(b.bias.shape[0]) if b.token_idx is None else b.token_idx, b.chunks, b.bias)
-               for b in buckets]
-    # Up to MAX_BUCKETS with two rows of the first bucket again: the same answers, written to the same rows
-    # (two, not one: dynamo specializes a size of 1).
-    token_idx, chunks, bias = triples[0]
-    filler = (token_idx[:1].repeat(2), chunks[:1].repeat(2, 1, 1), bias[:1].repeat(2, 1))
-    return tuple(triples + [filler] * (TorchAttention.MAX_BUCKETS - len(triples)))
+    bucket = state.buckets[0]
+    return bucket if bucket.token_idx is None and bucket.bias.shape[0] == ctx.positions.shape[0] else None
 
 
 class CompiledLayerParts:
@@ -166,21 +133,20 @@ class CompiledLayerParts:
 
     def run(self, layers, norm, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         positions, cos_sin, rotary = ctx.positions, ctx.cos_sin, ctx.rotary
-        buckets = decode_buckets(ctx) if self.decode_in_graph and cos_sin is not None else None
-        if buckets is not None:
-            mark_dynamic((positions, (0,)), (cos_sin[0], (0,)), (cos_sin[1], (0,)))
-            for token_idx, chunks, bias in buckets:
-                mark_dynamic((chunks, (0, 2)), (bias, (0, 1)), *(((token_idx, (0,)),) if token_idx is not None else ()))
+        bucket = decode_bucket(ctx) if self.decode_in_graph and cos_sin is not None else None
+        if bucket is not None:
+            mark_dynamic((bucket.chunks, (0, 2)), (bucket.bias, (0, 1)), (positions, (0,)), (cos_sin[0], (0,)),
+                          (cos_sin[1], (0,)))
         q, k, v, residual = compiled_pre(layers[0], x, None, positions, cos_sin, rotary)
-        if buckets is not None:
-            return self._decode(layers, norm, q, k, v, residual, ctx, buckets)
+        if bucket is not None:
+            return self._decode(layers, norm, q, k, v, residual, ctx, bucket)
         for i, layer in enumerate(layers):
             out = ctx.backend.forward(q, k, v, ctx.kv_layers[layer.layer_index], ctx.attn_meta, layer.self_attn.scale)
             if i + 1 == len(layers):
                 return compiled_last(layer, norm, out, residual)
             q, k, v, residual = compiled_between(layer, layers[i + 1], out, residual, positions, cos_sin, rotary)
 
-    def _decode(self, layers, norm, q, k, v, residual, ctx: ForwardContext, buckets: tuple) -> torch.Tensor:
+    def _decode(self, layers, norm, q, k, v, residual, ctx: ForwardContext, bucket: DecodeBucket) -> torch.Tensor:
         """A step of decodes only: two layers a graph while at least three remain (the third's part before its
         attention closes the graph), then one."""
         positions, cos_sin, rotary = ctx.positions, ctx.cos_sin, ctx.rotary
@@ -190,24 +156,23 @@ class CompiledLayerParts:
         key_chunks, key_offsets = state.key_store or (None, None)
         if key_chunks is not None:
             mark_dynamic((key_chunks, (0,)), (key_offsets, (0,)))
-        if state.token_idx is not None:
-            mark_dynamic((state.token_idx, (0,)))
         i = 0
         while True:
             store_kv(k, v, ctx.kv_layers[layers[i].layer_index], state)
             mark_dynamic((q, (0,)), (residual, (0,)), (kv[i], (1,)))
             if i + 1 == len(layers):
-                return compiled_decode_last(layers[i], norm, q, kv[i], buckets, residual, keys_transposed)
-            if self.two_layers_a_graph and i + 2 < len(layers):
+                return compiled_decode_last(layers[i], norm, q, kv[i], bucket.chunks, bucket.bias, residual,
+                                            keys_transposed)
+            if self.two_layers_a_graph and i + 2 < len(layers) and state.token_idx is None:
                 mark_dynamic((kv[i + 1], (1,)), (state.store_rows, (0,)))
                 q, k, v, residual = compiled_decode_two(layers[i], layers[i + 1], layers[i + 2], q, kv[i], kv[i + 1],
-                                                        state.token_idx, state.store_rows, key_chunks, key_offsets,
-                                                        buckets, residual, positions, cos_sin, rotary,
+                                                        state.store_rows, key_chunks, key_offsets, bucket.chunks,
+                                                        bucket.bias, residual, positions, cos_sin, rotary,
                                                         keys_transposed)
                 i += 2
                 continue
-            q, k, v, residual = compiled_decode_between(layers[i], layers[i + 1], q, kv[i], buckets, residual,
-                                                        positions, cos_sin, rotary, keys_transposed)
+            q, k, v, residual = compiled_decode_between(layers[i], layers[i + 1], q, kv[i], bucket.chunks, bucket.bias,
+                                                        residual, positions, cos_sin, rotary, keys_transposed)
             i += 1
 
 
