@@ -97,8 +97,10 @@ def test_engine_packs_its_bf16_projections_and_untied_head(tiny_models, monkeypa
                     reason="oneDNN's packed fp32 product is not the plain one's bit for bit here (fp32 stays plain)")
 def test_an_fp32_engine_packs_its_weights_and_scores_exactly_as_the_plain_route(tiny_models, monkeypatch):
     """fp32 weights are packed only where oneDNN's product on them is bit for bit the plain weight's at several
-    rows, so packing moves no prefill score (the 24-token chunks run at 24 rows): the same floats, not close ones."""
+    rows, so packing moves no prefill score (the 24-token chunks run at 24 rows): the same floats, not close ones.
+    (The tiny model's projections are all small enough for MKL's route: here every size is packed.)"""
     from dashinfer_core import LLM
+    monkeypatch.setattr(linear_mod, "SMALL_FP32_WEIGHT", 0)
     ids = list(range(5, 69))
     runs = []
     for disable in ("", "packed_linear"):
@@ -113,3 +115,36 @@ def test_an_fp32_engine_packs_its_weights_and_scores_exactly_as_the_plain_route(
     assert packed_flags and all(packed_flags) and packed_head
     assert not any(plain_flags) and not plain_head
     assert packed_scores == plain_scores
+
+
+@pytest.mark.skipif(not capabilities.packed_linear_works(torch.float32),
+                    reason="fp32 weights are not packed on this CPU, small or not")
+def test_small_fp32_weights_stay_plain_for_mkl_and_give_its_product(tiny_models, monkeypatch):
+    """Packing leaves fp32 weights of up to SMALL_FP32_WEIGHT elements plain, run by F.linear (oneDNN's fixed cost
+    per call is most of such a product), and packs the rest: each small layer gives F.linear's product on its own
+    weight bit for bit, at one row and several, and the engine's scores are the all-packed engine's."""
+    from dashinfer_core import LLM
+    ids = list(range(5, 69))
+    runs = []
+    limit = linear_mod.SMALL_FP32_WEIGHT
+    for threshold in (limit, 0):
+        monkeypatch.setattr(linear_mod, "SMALL_FP32_WEIGHT", threshold)
+        llm = LLM(str(tiny_models["llama"]), dtype="float32", device="cpu", kv_cache_memory=8 << 20)
+        model = llm.engine.runner.model
+        linears = [m for m in model.modules() if isinstance(m, Linear)]
+        runs.append((llm.score(ids, chunk_tokens=24), linears, model.packed_head))
+    (small_scores, small_linears, small_head), (packed_scores, packed_linears, _) = runs
+    assert limit >= max(m.weight.numel() for m in small_linears)  # the tiny model: all small
+    assert all(m.mkl_small and not m.packed and m.weight.stride(-1) == 1 for m in small_linears)
+    assert small_head  # the LM head (49,152 x 64) is well past the limit: packed
+    assert all(m.packed and not m.mkl_small for m in packed_linears)
+    assert small_scores == packed_scores
+    gen = torch.Generator().manual_seed(1)
+    for layer in small_linears[:3]:
+        for rows in (1, 7):
+            x = torch.randn(rows, layer.in_features, generator=gen)
+            assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+    monkeypatch.setattr(linear_mod, "SMALL_FP32_WEIGHT", limit)
+    big = Linear(256, 128, bias=False, dtype=torch.float32)  # 32,768 elements: packed
+    big.pack()
+    assert big.packed and not big.mkl_small

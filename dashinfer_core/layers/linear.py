@@ -121,6 +121,14 @@ def onednn_gemv_faster(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return choice
 
 
+# fp32 weights of up to this many elements stay plain, for F.linear: oneDNN's fixed cost per call (~15 us, its
+# threads woken) is most of such a product, MKL's small GEMMs run on the calling thread. AMD EPYC, 2 threads, a
+# 20 us gap before each call as in a step (packed against F.linear, median us): [64, 192] weight 28.7/7.8 at 1
+# row, 37.7/26.1 at 64, 61.1/53.9 at 256; [64, 64] 16.2/3.9 and 21.8/11.2; [256, 256] (65,536) 21.0/10.8 at 1
+# row but 60.7/70.6 at 64. bf16 stays packed: there oneDNN's product was as fast or faster at every size.
+SMALL_FP32_WEIGHT = 16384
+
+
 class Linear(nn.Module):
     """Tensor parallel: a column-parallel layer holds, of each shard, the rows starting at
     shard_offsets[i] of the HF tensor; a row-parallel one holds the input columns from in_offset
@@ -140,6 +148,7 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
         self.packed = False  # pack(): the weight is a placeholder, its packed copy in _PACKED
+        self.mkl_small = False  # pack() left a small fp32 weight plain: F.linear (MKL) runs it
 
     def shard_range(self, shard: int) -> tuple[int, int]:
         start = sum(self.shard_sizes[:shard])
@@ -165,11 +174,17 @@ class Linear(nn.Module):
         target.data[start:end].copy_(tensor)
 
     def pack(self) -> None:
-        """Reorder the weight once into oneDNN's layout (CPU, bf16 or fp32; see _PACKED); the plain copy is dropped."""
+        """Reorder the weight once into oneDNN's layout (CPU, bf16 or fp32; see _PACKED); the plain copy is dropped.
+        A small fp32 weight stays plain for MKL instead (SMALL_FP32_WEIGHT)."""
+        if self.weight.dtype == torch.float32 and self.weight.numel() <= SMALL_FP32_WEIGHT:
+            self.mkl_small = True
+            return
         self.weight = packed_parameter(self.weight)
         self.packed = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed:
             return packed_linear(x, self.weight, self.bias)
+        if self.mkl_small:
+            return F.linear(x, self.weight, self.bias)
         return linear(x, self.weight, self.bias)
