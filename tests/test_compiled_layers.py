@@ -93,3 +93,25 @@ class Counting:
 
 def test_fp32_stays_eager(default_model_dir):
     assert LLM(dtype="float32", device="cpu").engine.runner.model.compiled_parts is None
+
+
+def test_compiled_graphs_skip_the_wrappers_repeated_size_checks():
+    """compile_or_eager builds inductor's wrapper without its per-call size and stride checks (dynamo's guards
+    made them before the call; ~50 of them in a two-layer decode graph); a plain torch.compile keeps them."""
+    from torch._inductor.utils import run_and_get_code
+
+    from dashinfer_core.compiling import compile_or_eager
+
+    def product(x, w):
+        return torch.nn.functional.linear(x.relu(), w) * 2
+
+    x, w = torch.randn(3, 8), torch.randn(4, 8)
+    codes = {}
+    with torch._inductor.config.patch(force_disable_caches=True):
+        for name, compiled in (("ours", compile_or_eager(product, name="product", dynamic=False)),
+                               ("plain", torch.compile(lambda x, w: product(x, w), dynamic=False))):
+            out, source = run_and_get_code(compiled, x, w)
+            torch.testing.assert_close(out, product(x, w))
+            codes[name] = "\n".join(source)
+    assert "assert_size_stride(" in codes["plain"]
+    assert "assert_size_stride(" not in codes["ours"] and "def call(" in codes["ours"]
