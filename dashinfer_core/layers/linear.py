@@ -121,8 +121,8 @@ def onednn_gemv_faster(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return choice
 
 
-# fp32 weights of up to this many elements stay plain, for F.linear: oneDNN's fixed cost per call (~15 us, its
-# threads woken) is most of such a product, MKL's small GEMMs run on the calling thread. AMD EPYC, 2 threads, a
+# fp32 weights of up to this many elements stay plain, for F.linear (MKL): oneDNN's fixed cost per call (~15 us)
+# is most of such a product, where F.linear's is a few us. AMD EPYC, 2 threads, a
 # 20 us gap before each call as in a step (packed against F.linear, median us): [64, 192] weight 28.7/7.8 at 1
 # row, 37.7/26.1 at 64, 61.1/53.9 at 256; [64, 64] 16.2/3.9 and 21.8/11.2; [256, 256] (65,536) 21.0/10.8 at 1
 # row but 60.7/70.6 at 64. bf16 stays packed: there oneDNN's product was as fast or faster at every size.
