@@ -21,6 +21,7 @@ Prefill variants: sdpa (torch's CPU flash path with GQA), flex-causal (FlexAtten
 mask), blocked-matmul (query tiles x their causal prefix, GQA by grouping heads).
 
     python benchmarks/attention.py [--threads 2] [--seqs 64] [--min-ctx 300] [--max-ctx 500] [--dtype both]
+                                   [--placement shuffled|consecutive|interleaved] [--cold]
 """
 from __future__ import annotations
 
@@ -36,11 +37,14 @@ sys.path.insert(0, str(HERE.parent))
 HQ, HKV, D, BLOCK = 9, 3, 64, 32
 
 
-def best_time(fn, repeat: int = 5, warmup: int = 2) -> float:
+def best_time(fn, repeat: int = 5, warmup: int = 2, sweep=None) -> float:
+    """sweep: called before each timed call (out of the timing), to push the data out of the caches."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeat):
+        if sweep is not None:
+            sweep()
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
@@ -66,17 +70,29 @@ def measure_roofline(torch) -> dict:
     return {"bandwidth": bandwidth, "rates": rates, "peak": peaks}
 
 
-def make_decode_case(torch, seqs: int, min_ctx: int, max_ctx: int, dtype, seed: int = 0):
+def make_decode_case(torch, seqs: int, min_ctx: int, max_ctx: int, dtype, seed: int = 0,
+                     placement: str = "shuffled"):
+    """placement of the sequences' blocks in the pool: shuffled (scattered, as after hours of serving),
+    consecutive (each sequence's blocks side by side, as a prompt's on a fresh pool), interleaved (block j of
+    every sequence, then block j + 1: as decodes that grow in turns take them)."""
     rng = random.Random(seed)
     lens = [rng.randint(min_ctx, max_ctx) for _ in range(seqs)]
     blocks_per = [-(-n // BLOCK) for n in lens]
     pool = sum(blocks_per) + 16
     order = list(range(pool))
-    rng.shuffle(order)  # the blocks of a sequence are scattered over the pool, as after hours of serving
-    tables, at = [], 0
-    for nb in blocks_per:
-        tables.append(order[at:at + nb])
-        at += nb
+    if placement == "shuffled":
+        rng.shuffle(order)
+    if placement == "interleaved":
+        tables = [[] for _ in blocks_per]
+        for j in range(max(blocks_per)):
+            for i, nb in enumerate(blocks_per):
+                if j < nb:
+                    tables[i].append(order.pop(0))
+    else:
+        tables, at = [], 0
+        for nb in blocks_per:
+            tables.append(order[at:at + nb])
+            at += nb
     kv = torch.randn(2, pool, HKV, BLOCK, D).to(dtype)
     q = torch.randn(seqs, HQ, D).to(dtype)
     return lens, tables, kv, q
@@ -119,9 +135,9 @@ def decode_variants(torch, lens, tables, kv, q):
     pools = {True: transposed, False: pool_view}
     layout = TorchAttention(fused=True).keys_transposed(torch.device("cpu"), kv.dtype, None)  # the engine's
     variants = {
-        "compiled-gather": lambda: fused_decode(queries, pools[layout], chunks, bias, scale, layout),
+        "compiled-gather": lambda: fused_decode(queries, pools[layout], table, bias, scale, layout),
         "gather+matmul": gather_matmul, "sdpa-per-seq": sdpa_per_seq,
-        "compiled-other": lambda: fused_decode(queries, pools[not layout], chunks, bias, scale, not layout)}
+        "compiled-other": lambda: fused_decode(queries, pools[not layout], table, bias, scale, not layout)}
     flex = flex_decode(torch, lens, tables, kv, q, scale)
     if flex is not None:
         variants["flex-head-major"] = flex
@@ -210,6 +226,10 @@ def main(argv=None) -> int:
     p.add_argument("--max-ctx", type=int, default=500)
     p.add_argument("--prefill", type=int, default=512, help="prefill chunk length")
     p.add_argument("--dtype", default="both", choices=["float32", "bfloat16", "both"])
+    p.add_argument("--placement", default="shuffled", choices=["shuffled", "consecutive", "interleaved"],
+                   help="where each sequence's blocks sit in the pool")
+    p.add_argument("--cold", action="store_true", help="sweep the caches before each decode call (a step's "
+                   "layers read ~30x the cache one layer reads: in the engine each layer's KV comes from memory)")
     args = p.parse_args(argv)
     import torch
     torch.set_num_threads(args.threads)
@@ -220,16 +240,22 @@ def main(argv=None) -> int:
           f"{' / '.join(f'{r / 1e9:.1f}' for r in roof['rates'])}), GEMM peak fp32 {roof['peak'][torch.float32] / 1e9:.0f} "
           f"/ bf16 {roof['peak'][torch.bfloat16] / 1e9:.0f} GFLOP/s")
     dtypes = [torch.float32, torch.bfloat16] if args.dtype == "both" else [getattr(torch, args.dtype)]
+    sweep = None
+    if args.cold:
+        flood = torch.ones(64 << 20, dtype=torch.bfloat16)  # 128 MiB, 4x the largest L3 in sight
+        sweep = flood.sum
     for dtype in dtypes:
-        lens, tables, kv, q = make_decode_case(torch, args.seqs, args.min_ctx, args.max_ctx, dtype)
+        lens, tables, kv, q = make_decode_case(torch, args.seqs, args.min_ctx, args.max_ctx, dtype,
+                                               placement=args.placement)
         kv_bytes = sum(lens) * HKV * D * 2 * kv.element_size()
         flops = 4 * sum(lens) * HQ * D
         floor = max(kv_bytes / roof["bandwidth"], flops / roof["peak"][dtype])
         print(f"\ndecode, {str(dtype)[6:]}: {args.seqs} sequences, contexts {args.min_ctx}-{args.max_ctx} "
-              f"(sum {sum(lens)}), KV read {kv_bytes / 2**20:.1f} MiB per layer; roofline {floor * 1e3:.3f} ms")
+              f"(sum {sum(lens)}), blocks {args.placement}{', caches swept' if args.cold else ''}, KV read "
+              f"{kv_bytes / 2**20:.1f} MiB per layer; roofline {floor * 1e3:.3f} ms")
         print(f"{'variant':<18}{'ms/layer':>10}{'GB/s':>8}{'% bw':>7}{'GFLOP/s':>9}{'% peak':>8}{'x roofline':>12}")
         for name, fn in decode_variants(torch, lens, tables, kv, q).items():
-            t = best_time(fn)
+            t = best_time(fn, sweep=sweep)
             print(f"{name:<18}{t * 1e3:>10.3f}{kv_bytes / t / 1e9:>8.1f}{100 * kv_bytes / t / roof['bandwidth']:>6.0f}%"
                   f"{flops / t / 1e9:>9.1f}{100 * flops / t / roof['peak'][dtype]:>7.1f}%{t / floor:>12.1f}")
         length = args.prefill

@@ -85,19 +85,19 @@ def test_transposed_keys_give_the_answer_of_the_row_layout(monkeypatch):
     transposed = pool.clone()
     transposed[0] = pool[0].transpose(-1, -2).contiguous().view(pool[0].shape)
     queries = torch.randn(n, HKV, GROUP, D, generator=g)
-    chunks = torch.randint(0, 12 * HKV, (n, HKV, nblk), generator=g)
+    blocks = torch.randint(0, 12, (n, nblk), generator=g)
     lens = torch.tensor([1, 5, 17, 40, 48])
     bias = torch.zeros(n, nblk * BS).masked_fill_(torch.arange(nblk * BS)[None, :] >= lens[:, None], float("-inf"))
-    rows = torch_backend.gathered_decode_attention(queries, pool, chunks, bias, D ** -0.5)
-    unrolled = torch_backend.gathered_decode_attention(queries, transposed, chunks, bias, D ** -0.5,
+    rows = torch_backend.gathered_decode_attention(queries, pool, blocks, bias, D ** -0.5)
+    unrolled = torch_backend.gathered_decode_attention(queries, transposed, blocks, bias, D ** -0.5,
                                                        keys_transposed=True)
     monkeypatch.setattr(torch_backend, "MAX_UNROLLED_GROUP", GROUP - 1)
-    wide = torch_backend.gathered_decode_attention(queries, transposed, chunks, bias, D ** -0.5, keys_transposed=True)
+    wide = torch_backend.gathered_decode_attention(queries, transposed, blocks, bias, D ** -0.5, keys_transposed=True)
     torch.testing.assert_close(unrolled, rows, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(wide, rows, atol=1e-5, rtol=1e-5)
     assert float(rows.abs().mean()) > 0.01
     # the wrong layout gives another answer: the flag is what reads the transposed chunks
-    assert not torch.allclose(torch_backend.gathered_decode_attention(queries, transposed, chunks, bias, D ** -0.5),
+    assert not torch.allclose(torch_backend.gathered_decode_attention(queries, transposed, blocks, bias, D ** -0.5),
                               rows, atol=1e-2)
 
 
@@ -195,7 +195,7 @@ def test_contexts_within_one_block_read_it_twice_the_copy_masked(fused):
         cache, meta, q, k, v = decode_case(lens, torch.float32, seed=5)
         got, stored = run(TorchAttention(fused=fused), cache, meta, q, k, v, D ** -0.5)
         (bucket,) = meta.backend_state.buckets
-        assert bucket.chunks.shape == (len(lens), HKV, 2) and torch.equal(bucket.chunks[..., 0], bucket.chunks[..., 1])
+        assert bucket.blocks.shape == (len(lens), 2) and torch.equal(bucket.blocks[:, 0], bucket.blocks[:, 1])
         assert torch.isinf(bucket.bias[:, BS:]).all()
         assert torch.allclose(got.double(), loop_reference(stored, meta, q, D ** -0.5), atol=2e-5, rtol=2e-5)
 

@@ -54,25 +54,25 @@ compiled_last = compile_or_eager(after_last_attention, name="compiled decoder la
 # to layer i + 1's, read from the paged cache as torch_backend.fused_decode does, the new K/V stored before
 # each graph. Compiled like fused_decode: static head shapes (so the inner loops vectorize), the batch and
 # context sizes marked dynamic on each call.
-def decode_attention(layer: DecoderLayer, q, kv, chunks, bias, keys_transposed: bool):
+def decode_attention(layer: DecoderLayer, q, kv, blocks, bias, keys_transposed: bool):
     """q: [n, Hq, D] (one query per sequence); kv: the layer's KVLayer.data [2, blocks, Hkv, block_size, D]
-    (keys_transposed: its KVLayer's); chunks, bias: the step's one DecodeBucket's -> [n, Hq, D] in q's dtype."""
+    (keys_transposed: its KVLayer's); blocks, bias: the step's one DecodeBucket's -> [n, Hq, D] in q's dtype."""
     n, num_heads, head_dim = q.shape
-    num_kv_heads = chunks.shape[1]
+    num_kv_heads = kv.shape[2]
     queries = q.float().view(n, num_kv_heads, num_heads // num_kv_heads, head_dim)
     pool = kv.view(2, -1, kv.shape[3], head_dim)
-    return gathered_decode_attention(queries, pool, chunks, bias, layer.self_attn.scale, keys_transposed).to(
+    return gathered_decode_attention(queries, pool, blocks, bias, layer.self_attn.scale, keys_transposed).to(
         q.dtype).view(n, num_heads, head_dim)
 
 
-def decode_between(layer: DecoderLayer, next_layer: DecoderLayer, q, kv, chunks, bias, residual, positions,
+def decode_between(layer: DecoderLayer, next_layer: DecoderLayer, q, kv, blocks, bias, residual, positions,
                    cos_sin, rotary, keys_transposed: bool):
-    return between_attentions(layer, next_layer, decode_attention(layer, q, kv, chunks, bias, keys_transposed),
+    return between_attentions(layer, next_layer, decode_attention(layer, q, kv, blocks, bias, keys_transposed),
                               residual, positions, cos_sin, rotary)
 
 
-def decode_last(layer: DecoderLayer, norm, q, kv, chunks, bias, residual, keys_transposed: bool):
-    return after_last_attention(layer, norm, decode_attention(layer, q, kv, chunks, bias, keys_transposed), residual)
+def decode_last(layer: DecoderLayer, norm, q, kv, blocks, bias, residual, keys_transposed: bool):
+    return after_last_attention(layer, norm, decode_attention(layer, q, kv, blocks, bias, keys_transposed), residual)
 
 
 compiled_decode_between = compile_or_eager(decode_between, name="compiled decode layers (between attentions)",
@@ -94,11 +94,11 @@ torch.library.register_fake("dashinfer::store_kv_rows", lambda data, rows, k, v,
 
 
 def decode_two(layer: DecoderLayer, middle: DecoderLayer, next_layer: DecoderLayer, q, kv, middle_kv, store_rows,
-               key_chunks, key_offsets, chunks, bias, residual, positions, cos_sin, rotary, keys_transposed: bool):
-    q, k, v, residual = decode_between(layer, middle, q, kv, chunks, bias, residual, positions, cos_sin, rotary,
+               key_chunks, key_offsets, blocks, bias, residual, positions, cos_sin, rotary, keys_transposed: bool):
+    q, k, v, residual = decode_between(layer, middle, q, kv, blocks, bias, residual, positions, cos_sin, rotary,
                                        keys_transposed)
     torch.ops.dashinfer.store_kv_rows(middle_kv, store_rows, k, v, key_chunks, key_offsets)
-    return decode_between(middle, next_layer, q, middle_kv, chunks, bias, residual, positions, cos_sin, rotary,
+    return decode_between(middle, next_layer, q, middle_kv, blocks, bias, residual, positions, cos_sin, rotary,
                           keys_transposed)
 
 
@@ -135,7 +135,7 @@ class CompiledLayerParts:
         positions, cos_sin, rotary = ctx.positions, ctx.cos_sin, ctx.rotary
         bucket = decode_bucket(ctx) if self.decode_in_graph and cos_sin is not None else None
         if bucket is not None:
-            mark_dynamic((bucket.chunks, (0, 2)), (bucket.bias, (0, 1)), (positions, (0,)), (cos_sin[0], (0,)),
+            mark_dynamic((bucket.blocks, (0, 1)), (bucket.bias, (0, 1)), (positions, (0,)), (cos_sin[0], (0,)),
                           (cos_sin[1], (0,)))
         q, k, v, residual = compiled_pre(layers[0], x, None, positions, cos_sin, rotary)
         if bucket is not None:
@@ -161,17 +161,17 @@ class CompiledLayerParts:
             store_kv(k, v, ctx.kv_layers[layers[i].layer_index], state)
             mark_dynamic((q, (0,)), (residual, (0,)), (kv[i], (1,)))
             if i + 1 == len(layers):
-                return compiled_decode_last(layers[i], norm, q, kv[i], bucket.chunks, bucket.bias, residual,
+                return compiled_decode_last(layers[i], norm, q, kv[i], bucket.blocks, bucket.bias, residual,
                                             keys_transposed)
             if self.two_layers_a_graph and i + 2 < len(layers) and state.token_idx is None:
                 mark_dynamic((kv[i + 1], (1,)), (state.store_rows, (0,)))
                 q, k, v, residual = compiled_decode_two(layers[i], layers[i + 1], layers[i + 2], q, kv[i], kv[i + 1],
-                                                        state.store_rows, key_chunks, key_offsets, bucket.chunks,
+                                                        state.store_rows, key_chunks, key_offsets, bucket.blocks,
                                                         bucket.bias, residual, positions, cos_sin, rotary,
                                                         keys_transposed)
                 i += 2
                 continue
-            q, k, v, residual = compiled_decode_between(layers[i], layers[i + 1], q, kv[i], bucket.chunks, bucket.bias,
+            q, k, v, residual = compiled_decode_between(layers[i], layers[i + 1], q, kv[i], bucket.blocks, bucket.bias,
                                                         residual, positions, cos_sin, rotary, keys_transposed)
             i += 1
 

@@ -1,8 +1,8 @@
 """TorchAttention: plain-torch paged attention, the CPU path and the reference for the Triton kernels.
 
 Decode queries (and the tokens of short prefill chunks) are answered together: rows are grouped into
-buckets of similar context length, and each bucket gathers its (block, head) chunks from the cache,
-either inside a compiled reduction (gathered_decode_attention) or by index_select + matmul. Longer
+buckets of similar context length, and each bucket reads its blocks from the cache, either inside a
+compiled reduction (gathered_decode_attention) or by index_select + matmul of their (block, head) chunks. Longer
 prefill chunks attend with SDPA, one sequence at a time.
 """
 from __future__ import annotations
@@ -19,32 +19,50 @@ from ...quant.kv import dequantize_kv, quantize_kv
 from .metadata import AttentionMetadata
 
 
-def gathered_decode_attention(q: torch.Tensor, kv: torch.Tensor, chunks: torch.Tensor, bias: torch.Tensor,
+def gathered_decode_attention(q: torch.Tensor, kv: torch.Tensor, blocks: torch.Tensor, bias: torch.Tensor,
                               scale: float, keys_transposed: bool = False) -> torch.Tensor:
     """Single-query attention straight from the paged cache, written as elementwise products and
     sums so that torch.compile fuses the gather into the reductions: the cache is read once, where
     index_select + matmul writes a padded copy and reads it again (2.3x slower per layer on the dev
     machine, fp32, 64 sequences of ~460 tokens).
-    q: [n, Hkv, group, D]; kv: [2, blocks * Hkv, block_size, D]; chunks: [n, Hkv, nblk] (block, head)
-    ids; bias: [n, L] (0 or -inf, L = nblk * block_size) -> [n, Hkv, group, D]. Accumulates in fp32.
+    q: [n, Hkv, group, D]; kv: [2, blocks * Hkv, block_size, D]; blocks: [n, nblk] block ids; bias: [n, L]
+    (0 or -inf, L = nblk * block_size) -> [n, Hkv, group, D]. Accumulates in fp32.
     keys_transposed: each K chunk holds [D, block_size] (KVLayer.keys_transposed)."""
+    n, nblk = blocks.shape
+    num_kv_heads, group, head_dim = q.shape[1:]
+    block = kv.shape[2]
+    # Indexed by block, every head of a block together: the loops then follow the cache, whose blocks hold
+    # their heads side by side (the head outermost, each (block, head) chunk was read on its own, 4 KB, and the
+    # next block's chunk 12 KB on). bf16, 64 sequences of 300-500 tokens, 2-core AMD EPYC, caches swept out
+    # before each call, median ms per layer: each sequence's blocks consecutive 2.55 -> 1.36, blocks allocated
+    # in turns as decodes grow 2.5 -> 2.06, shuffled 2.6 -> 2.25. fp32: the same sums in the same order.
+    query = q.float()
+    values = kv[1].view(-1, num_kv_heads, block, head_dim)[blocks].float()  # [n, nblk, Hkv, block, D]
+    # Each query head's sum written on its own where K is transposed (see TRANSPOSED_K_DTYPES).
+    unrolled = keys_transposed and group <= MAX_UNROLLED_GROUP
     if keys_transposed:
-        return _transposed_keys(q, kv, chunks, bias, scale)
-    n, num_kv_heads, nblk = chunks.shape
-    block, head_dim, group = kv.shape[2], q.shape[-1], q.shape[2]
-    # Reduced per (block, head) chunk first, then across chunks: inductor then looks up a chunk's address
-    # once per chunk instead of once per key (bf16, 64 sequences of 300-500 tokens: 2.9 -> 2.4 ms per
-    # layer on the dev machine; fp32 2.4 -> 1.9).
-    keys = kv[0][chunks].view(n, num_kv_heads, 1, nblk, block, head_dim).float()
-    values = kv[1][chunks].view(n, num_kv_heads, 1, nblk, block, head_dim).float()
-    scores = (q.float()[:, :, :, None, None, :] * keys).sum(-1).view(n, num_kv_heads, group, nblk * block) \
-        * scale + bias.float()[:, None, None, :]
+        keys = kv[0].view(-1, num_kv_heads, head_dim, block)[blocks].float()  # [n, nblk, Hkv, D, block]
+        if unrolled:
+            scores = torch.stack([(query[:, None, :, g, :, None] * keys).sum(-2) for g in range(group)], dim=3)
+        else:
+            scores = (query[:, None, :, :, :, None] * keys[:, :, :, None]).sum(-2)
+    else:
+        keys = kv[0].view(-1, num_kv_heads, block, head_dim)[blocks].float()  # [n, nblk, Hkv, block, D]
+        scores = (query[:, None, :, :, None, :] * keys[:, :, :, None]).sum(-1)
+    # scores: [n, nblk, Hkv, group, block]
+    scores = scores * scale + bias.float().view(n, nblk, 1, 1, block)
     # Softmax with its division after the sum over values: inside the values loop inductor would divide
     # each weight again for every 16-wide slice of head_dim and every query head of the group
     # (64 sequences of 300-500 tokens, fp32: 4.6 -> 3.2 ms per layer on the dev machine).
-    weights = torch.exp(scores - scores.amax(dim=-1, keepdim=True))
-    per_chunk = (weights.view(n, num_kv_heads, group, nblk, block, 1) * values).sum(-2)
-    return (per_chunk.sum(-2) / weights.sum(-1, keepdim=True)).to(q.dtype)
+    weights = torch.exp(scores - scores.amax(dim=(1, 4), keepdim=True))
+    # Reduced per (block, head) chunk first, then across blocks: inductor then looks up a chunk's address
+    # once per chunk instead of once per key (bf16, 64 sequences of 300-500 tokens: 2.9 -> 2.4 ms per
+    # layer on the dev machine; fp32 2.4 -> 1.9).
+    if unrolled:
+        per_block = torch.stack([(weights[:, :, :, g, :, None] * values).sum(-2) for g in range(group)], dim=3)
+    else:
+        per_block = (weights[..., None] * values[:, :, :, None]).sum(-2)  # [n, nblk, Hkv, group, D]
+    return (per_block.sum(1) / weights.sum(dim=(1, 4))[..., None]).to(q.dtype)
 
 
 # 16-bit caches keep K transposed per (block, head) chunk ([D, block_size]): the score of a key is then a sum over
@@ -59,26 +77,6 @@ def gathered_decode_attention(q: torch.Tensor, kv: torch.Tensor, chunks: torch.T
 TRANSPOSED_K_DTYPES = (torch.bfloat16, torch.float16)
 MAX_UNROLLED_GROUP = 8  # measured at 3 only; 8 heads already hold 16 accumulator registers, wider groups keep the
 # group as a dimension
-
-
-def _transposed_keys(q, kv, chunks, bias, scale):
-    n, num_kv_heads, nblk = chunks.shape
-    block, head_dim, group = kv.shape[2], kv.shape[3], q.shape[2]
-    keys = kv[0].view(-1, head_dim, block)[chunks].float()  # [n, Hkv, nblk, D, block]
-    values = kv[1][chunks].float()  # [n, Hkv, nblk, block, D]
-    query = q.float()
-    if group <= MAX_UNROLLED_GROUP:
-        scores = torch.stack([(query[:, :, g, None, :, None] * keys).sum(-2) for g in range(group)], dim=2)
-    else:
-        scores = (query[:, :, :, None, :, None] * keys[:, :, None]).sum(-2)
-    scores = scores.view(n, num_kv_heads, group, nblk * block) * scale + bias.float()[:, None, None, :]
-    weights = torch.exp(scores - scores.amax(dim=-1, keepdim=True))
-    if group <= MAX_UNROLLED_GROUP:
-        out = torch.stack([(weights[:, :, g].view(n, num_kv_heads, nblk, block, 1) * values).sum(-2).sum(-2)
-                           for g in range(group)], dim=2)
-    else:
-        out = (weights.view(n, num_kv_heads, group, nblk, block, 1) * values[:, :, None]).sum(-2).sum(-2)
-    return (out / weights.sum(-1, keepdim=True)).to(q.dtype)
 
 
 def _matmul_path(*args) -> None:
@@ -106,11 +104,11 @@ def mark_dynamic(*dims_of: tuple[torch.Tensor, tuple[int, ...]]) -> None:
             torch._dynamo.maybe_mark_dynamic(tensor, dim)
 
 
-def fused_decode(q, kv, chunks, bias, scale, keys_transposed: bool = False) -> torch.Tensor | None:
+def fused_decode(q, kv, blocks, bias, scale, keys_transposed: bool = False) -> torch.Tensor | None:
     """Batch, context and pool sizes are marked dynamic (one compile per dtype and head shape, not
     per batch); head counts and head_dim stay static so the inner loops vectorize. Sizes 1 are
     specialized by dynamo, hence their place in the variant key. None = use the matmul path."""
-    variant = (q.dtype, kv.dtype, q.shape[1:], kv.shape[2:], q.shape[0] == 1, chunks.shape[2] == 1, float(scale),
+    variant = (q.dtype, kv.dtype, q.shape[1:], kv.shape[2:], q.shape[0] == 1, blocks.shape[1] == 1, float(scale),
                keys_transposed)
     if not compiled_decode.active or (variant not in _compiled_variants
                                       and len(_compiled_variants) >= MAX_COMPILED_VARIANTS):
@@ -119,8 +117,8 @@ def fused_decode(q, kv, chunks, bias, scale, keys_transposed: bool = False) -> t
     # The queries go in as fp32: converted inside, a bf16 query row is converted again for every key it
     # meets (bf16, 64 sequences of 300-500 tokens: 3.45 -> 3.09 ms per layer, the same output).
     query = q.float()
-    mark_dynamic((query, (0,)), (kv, (1,)), (chunks, (0, 2)), (bias, (0, 1)))
-    out = compiled_decode(query, kv, chunks, bias, scale, keys_transposed)
+    mark_dynamic((query, (0,)), (kv, (1,)), (blocks, (0, 1)), (bias, (0, 1)))
+    out = compiled_decode(query, kv, blocks, bias, scale, keys_transposed)
     return out if out is None else out.to(q.dtype)
 
 
@@ -128,7 +126,7 @@ def fused_decode(q, kv, chunks, bias, scale, keys_transposed: bool = False) -> t
 class DecodeBucket:
     """Queries answered together over contexts of similar length."""
     token_idx: torch.Tensor | None  # [n]: the queries' rows in the step's tokens (None: rows 0..n-1)
-    chunks: torch.Tensor  # [n, Hkv, nblk]: (block, head) chunk ids of each query's context
+    blocks: torch.Tensor  # [n, nblk]: the block ids of each query's context
     bias: torch.Tensor  # [n, nblk * block_size]: 0 inside the context, -inf past it
 
 
@@ -187,7 +185,7 @@ class TorchAttention:
         if kv_layer.keys_transposed:
             key_store = (_tensor(store_rows // block_size, device), _tensor(store_rows % block_size, device))
         meta.backend_state = TorchStepState(
-            buckets=self._decode_buckets(meta, tokens, table_rows, lens, num_kv_heads, block_size),
+            buckets=self._decode_buckets(meta, tokens, table_rows, lens, block_size),
             long_prefills=long_prefills, token_idx=None if token_idx is None else _tensor(token_idx, device),
             store_rows=_tensor(store_rows, device), key_store=key_store)
 
@@ -212,7 +210,7 @@ class TorchAttention:
         return tokens, rows, lens, long_prefills
 
     def _decode_buckets(self, meta: AttentionMetadata, tokens: list[int], table_rows: list[int], lens: list[int],
-                        num_kv_heads: int, block_size: int) -> list[DecodeBucket]:
+                        block_size: int) -> list[DecodeBucket]:
         if not tokens:
             return []
         tables = meta.block_tables_host if meta.block_tables_host is not None else meta.block_tables.cpu().numpy()
@@ -223,7 +221,7 @@ class TorchAttention:
             in_place = tokens[-1] == len(tokens) - 1 and table_rows[-1] == len(table_rows) - 1
             rows = slice(0, len(tokens)) if in_place else table_rows
             return [self._bucket(None if in_place else _tensor(np.array(tokens), device), tables[rows],
-                                 np.array(lens), max(lens), num_kv_heads, block_size, device)]
+                                 np.array(lens), max(lens), block_size, device)]
         # Split from the longest context down: a bucket's queries are padded to its longest context, so the fine
         # buckets belong where contexts are long; the last bucket takes the shortest ones, whatever their spread
         # (64 contexts of 72-552 tokens: 25,920 keys read with padding, against 29,248 split from the shortest up,
@@ -245,11 +243,11 @@ class TorchAttention:
         groups = [group * 2 if len(group) == 1 else group for group in groups]
         return [self._bucket(_tensor(np.array([tokens[i] for i in group]), device),
                              tables[[table_rows[i] for i in group]], np.array([lens[i] for i in group]),
-                             lens[group[-1]], num_kv_heads, block_size, device) for group in groups]
+                             lens[group[-1]], block_size, device) for group in groups]
 
     @staticmethod
-    def _bucket(token_idx: torch.Tensor | None, tables: np.ndarray, lens: np.ndarray, max_len: int, num_kv_heads: int,
-                block_size: int, device: torch.device) -> DecodeBucket:
+    def _bucket(token_idx: torch.Tensor | None, tables: np.ndarray, lens: np.ndarray, max_len: int, block_size: int,
+                device: torch.device) -> DecodeBucket:
         """tables: the block-table rows of the bucket's queries; lens: their context lengths (max_len the
         longest, as a plain int: a numpy reduction costs more than the Python max the caller already took)."""
         num_blocks = -(-max_len // block_size)
@@ -258,12 +256,9 @@ class TorchAttention:
             # no compiled variant for one block (a size of 1, specialized) is met at every prompt's start and
             # replaced by another a block later, mid-generation
             num_blocks, blocks = 2, np.repeat(blocks, 2, axis=1)
-        # (block, head) chunk ids in [query, head, block] order.
-        chunks = blocks[:, None, :] if num_kv_heads == 1 else \
-            blocks[:, None, :] * num_kv_heads + np.arange(num_kv_heads)[None, :, None]
         bias = np.where(np.arange(num_blocks * block_size)[None, :] >= lens[:, None], np.float32(-np.inf),
                         np.float32(0.0))
-        return DecodeBucket(token_idx, _tensor(chunks, device), _tensor(bias, device))
+        return DecodeBucket(token_idx, _tensor(blocks, device), _tensor(bias, device))
 
     def _gather(self, kv_layer: KVLayer, chunks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """[2, num_chunks, block_size, head_dim] of the listed (block, head) chunks of K and V
@@ -303,17 +298,19 @@ class TorchAttention:
     def _bucket_output(self, q: torch.Tensor, bucket: DecodeBucket, kv_layer: KVLayer, scale: float,
                        fused: bool) -> torch.Tensor:
         """[n, Hkv, group, D]: the attention of the bucket's queries over their contexts."""
-        chunks, bias = bucket.chunks, bucket.bias
+        blocks, bias = bucket.blocks, bucket.bias
         n, length = bias.shape
-        num_kv_heads, head_dim = chunks.shape[1], q.shape[-1]
+        num_kv_heads, head_dim = kv_layer.shape[2], q.shape[-1]
         # The query heads of one KV head attend together: [n, Hkv, group, D] x [n, Hkv, D, L].
         rows = q[:n] if bucket.token_idx is None else q.index_select(0, bucket.token_idx)
         queries = rows.view(n, num_kv_heads, q.shape[1] // num_kv_heads, head_dim)
         if fused:
-            o = fused_decode(queries, kv_layer.data.view(2, -1, kv_layer.shape[3], head_dim), chunks, bias, scale,
+            o = fused_decode(queries, kv_layer.data.view(2, -1, kv_layer.shape[3], head_dim), blocks, bias, scale,
                              kv_layer.keys_transposed)
             if o is not None:
                 return o
+        # (block, head) chunk ids in [query, head, block] order
+        chunks = blocks[:, None, :] * num_kv_heads + torch.arange(num_kv_heads, device=blocks.device)[None, :, None]
         kv = self._gather(kv_layer, chunks.reshape(-1), q.dtype)
         keys = kv[0].view(n, num_kv_heads, length, head_dim)
         values = kv[1].view(n, num_kv_heads, length, head_dim)
