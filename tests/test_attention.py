@@ -149,17 +149,25 @@ def test_one_bucket_of_decodes_is_answered_in_place(fused):
                                                                                         v[i])
 
 
-def test_buckets_are_split_from_the_longest_context_down():
+@pytest.mark.parametrize("compiled", [True, False])
+def test_buckets_are_split_from_the_longest_context_down(compiled):
     """Every bucket but the shortest spans at most BUCKET_GROWTH (its queries padded to its longest context, the
     padding is small where contexts are long); the shortest takes what is left; all queries answered once
-    (a lone one twice)."""
+    (a lone one twice). For the compiled path one bucket also while it pads to at most MAX_PADDING x the keys."""
     import random
     rng = random.Random(4)
-    for _ in range(20):
+    singles = 0
+    for _ in range(40):
         lens = [rng.randint(1, 300) for _ in range(rng.randint(2, 40))]
         cache, meta, q, k, v = decode_case(lens, torch.float32, seed=9)
-        TorchAttention().prepare(meta, cache)
+        TorchAttention(fused=compiled).prepare(meta, cache)
         buckets = meta.backend_state.buckets
+        padded_within = len(lens) * max(lens) <= TorchAttention.MAX_PADDING * sum(lens)
+        assert (len(buckets) == 1) == (max(lens) <= TorchAttention.BUCKET_GROWTH * min(lens)
+                                       or (compiled and padded_within))
+        if len(buckets) == 1:
+            singles += max(lens) > TorchAttention.BUCKET_GROWTH * min(lens)
+            continue
         spans = [[lens[i] for i in b.token_idx.tolist()] for b in buckets] if len(buckets) > 1 else [lens]
         assert len(buckets) <= TorchAttention.MAX_BUCKETS
         if len(buckets) > 1:
@@ -167,6 +175,7 @@ def test_buckets_are_split_from_the_longest_context_down():
         for span in spans[1:] if len(buckets) == TorchAttention.MAX_BUCKETS else spans:
             assert max(span) <= TorchAttention.BUCKET_GROWTH * min(span), spans
         assert [max(span) for span in spans] == sorted(max(span) for span in spans)
+    assert singles > 0 if compiled else singles == 0  # the padding rule was met, and only on the compiled path
 
 
 @pytest.mark.parametrize("fused", [True, False])

@@ -153,6 +153,14 @@ class TorchAttention:
     native_on_cpu = True
     MAX_BUCKETS = 4
     BUCKET_GROWTH = 1.3  # start a new bucket when the bucket's first (longest) context is this much longer
+    # The compiled path takes one bucket while its padded keys are at most this many times the real ones: past a
+    # sequence's blocks its table row lists block 0 (runner._plan), so the padding re-reads one block from the
+    # caches instead of memory; and a one-bucket decode step runs its attention inside the layer graphs (4 buckets
+    # took 120 compiled calls a step, each ~50 us of dynamo and wrapper). bf16, 64 sequences, each one's blocks
+    # consecutive, caches swept, median ms per layer, 4 buckets / 1: contexts 72-552 (1 bucket 1.6x the real keys)
+    # 2.17 / 1.69, 33-513 (1.67x) 1.41 / 1.40, 32-1024 (1.77x) 3.77 / 3.24, 16-2000 (1.80x) 6.59 / 7.88; fp32
+    # 72-552 4.23 / 4.02, 33-513 4.83 / 4.21.
+    MAX_PADDING = 1.75
     SHORT_CHUNK = 8  # prefill chunks up to this many tokens go through the batched decode path
 
     def __init__(self, fused: bool = True):
@@ -185,7 +193,8 @@ class TorchAttention:
         if kv_layer.keys_transposed:
             key_store = (_tensor(store_rows // block_size, device), _tensor(store_rows % block_size, device))
         meta.backend_state = TorchStepState(
-            buckets=self._decode_buckets(meta, tokens, table_rows, lens, block_size),
+            buckets=self._decode_buckets(meta, tokens, table_rows, lens, block_size, self.fused and kv_layer.bits is None
+                                         and device.type == "cpu" and compiled_decode.active),
             long_prefills=long_prefills, token_idx=None if token_idx is None else _tensor(token_idx, device),
             store_rows=_tensor(store_rows, device), key_store=key_store)
 
@@ -210,18 +219,21 @@ class TorchAttention:
         return tokens, rows, lens, long_prefills
 
     def _decode_buckets(self, meta: AttentionMetadata, tokens: list[int], table_rows: list[int], lens: list[int],
-                        block_size: int) -> list[DecodeBucket]:
+                        block_size: int, compiled: bool) -> list[DecodeBucket]:
+        """compiled: the compiled decode attention answers them (MAX_PADDING applies)."""
         if not tokens:
             return []
         tables = meta.block_tables_host if meta.block_tables_host is not None else meta.block_tables.cpu().numpy()
         device = meta.seq_lens.device
-        if max(lens) <= self.BUCKET_GROWTH * min(lens):
+        longest = max(lens)
+        if longest <= self.BUCKET_GROWTH * min(lens) or (compiled and len(lens) * longest <= self.MAX_PADDING
+                                                         * sum(lens)):
             # One bucket (most decode steps): the queries in step order; when they are the step's first rows
             # (decodes only) the layers read and write them in place, without an index.
             in_place = tokens[-1] == len(tokens) - 1 and table_rows[-1] == len(table_rows) - 1
             rows = slice(0, len(tokens)) if in_place else table_rows
             return [self._bucket(None if in_place else _tensor(np.array(tokens), device), tables[rows],
-                                 np.array(lens), max(lens), block_size, device)]
+                                 np.array(lens), longest, block_size, device)]
         # Split from the longest context down: a bucket's queries are padded to its longest context, so the fine
         # buckets belong where contexts are long; the last bucket takes the shortest ones, whatever their spread
         # (64 contexts of 72-552 tokens: 25,920 keys read with padding, against 29,248 split from the shortest up,
