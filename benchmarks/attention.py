@@ -132,7 +132,7 @@ def decode_variants(torch, lens, tables, kv, q):
 
     transposed = pool_view.clone()  # each K chunk [D, block] in the same memory
     transposed[0] = pool_view[0].transpose(1, 2).contiguous().view(pool_view[0].shape)
-    pools = {True: transposed, False: pool_view}
+    pools = {True: transposed.view(kv.shape), False: kv}
     layout = TorchAttention(fused=True).keys_transposed(torch.device("cpu"), kv.dtype, None)  # the engine's
     variants = {
         "compiled-gather": lambda: fused_decode(queries, pools[layout], table, bias, scale, layout),

@@ -81,7 +81,7 @@ def test_transposed_keys_give_the_answer_of_the_row_layout(monkeypatch):
     GQA group unrolled (one sum per query head) and as a dimension (groups past MAX_UNROLLED_GROUP), all in fp32."""
     g = torch.Generator().manual_seed(3)
     n, nblk = 5, 3
-    pool = torch.randn(2, 12 * HKV, BS, D, generator=g).bfloat16()
+    pool = torch.randn(2, 12, HKV, BS, D, generator=g).bfloat16()
     transposed = pool.clone()
     transposed[0] = pool[0].transpose(-1, -2).contiguous().view(pool[0].shape)
     queries = torch.randn(n, HKV, GROUP, D, generator=g)

@@ -60,8 +60,7 @@ def decode_attention(layer: DecoderLayer, q, kv, blocks, bias, keys_transposed: 
     n, num_heads, head_dim = q.shape
     num_kv_heads = kv.shape[2]
     queries = q.float().view(n, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    pool = kv.view(2, -1, kv.shape[3], head_dim)
-    return gathered_decode_attention(queries, pool, blocks, bias, layer.self_attn.scale, keys_transposed).to(
+    return gathered_decode_attention(queries, kv, blocks, bias, layer.self_attn.scale, keys_transposed).to(
         q.dtype).view(n, num_heads, head_dim)
 
 

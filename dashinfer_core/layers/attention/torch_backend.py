@@ -25,29 +25,29 @@ def gathered_decode_attention(q: torch.Tensor, kv: torch.Tensor, blocks: torch.T
     sums so that torch.compile fuses the gather into the reductions: the cache is read once, where
     index_select + matmul writes a padded copy and reads it again (2.3x slower per layer on the dev
     machine, fp32, 64 sequences of ~460 tokens).
-    q: [n, Hkv, group, D]; kv: [2, blocks * Hkv, block_size, D]; blocks: [n, nblk] block ids; bias: [n, L]
+    q: [n, Hkv, group, D]; kv: a layer's cache [2, blocks, Hkv, block_size, D]; blocks: [n, nblk] block ids; bias: [n, L]
     (0 or -inf, L = nblk * block_size) -> [n, Hkv, group, D]. Accumulates in fp32.
     keys_transposed: each K chunk holds [D, block_size] (KVLayer.keys_transposed)."""
     n, nblk = blocks.shape
-    num_kv_heads, group, head_dim = q.shape[1:]
-    block = kv.shape[2]
+    group = q.shape[2]
+    num_kv_heads, block, head_dim = kv.shape[2:]
     # Indexed by block, every head of a block together: the loops then follow the cache, whose blocks hold
     # their heads side by side (the head outermost, each (block, head) chunk was read on its own, 4 KB, and the
     # next block's chunk 12 KB on). bf16, 64 sequences of 300-500 tokens, 2-core AMD EPYC, caches swept out
     # before each call, median ms per layer: each sequence's blocks consecutive 2.55 -> 1.36, blocks allocated
     # in turns as decodes grow 2.5 -> 2.06, shuffled 2.6 -> 2.25. fp32: the same sums in the same order.
     query = q.float()
-    values = kv[1].view(-1, num_kv_heads, block, head_dim)[blocks].float()  # [n, nblk, Hkv, block, D]
+    values = kv[1][blocks].float()  # [n, nblk, Hkv, block, D]
     # Each query head's sum written on its own where K is transposed (see TRANSPOSED_K_DTYPES).
     unrolled = keys_transposed and group <= MAX_UNROLLED_GROUP
     if keys_transposed:
-        keys = kv[0].view(-1, num_kv_heads, head_dim, block)[blocks].float()  # [n, nblk, Hkv, D, block]
+        keys = kv[0].view(kv.shape[1], num_kv_heads, head_dim, block)[blocks].float()  # [n, nblk, Hkv, D, block]
         if unrolled:
             scores = torch.stack([(query[:, None, :, g, :, None] * keys).sum(-2) for g in range(group)], dim=3)
         else:
             scores = (query[:, None, :, :, :, None] * keys[:, :, :, None]).sum(-2)
     else:
-        keys = kv[0].view(-1, num_kv_heads, block, head_dim)[blocks].float()  # [n, nblk, Hkv, block, D]
+        keys = kv[0][blocks].float()  # [n, nblk, Hkv, block, D]
         scores = (query[:, None, :, :, None, :] * keys[:, :, :, None]).sum(-1)
     # scores: [n, nblk, Hkv, group, block]
     scores = scores * scale + bias.float().view(n, nblk, 1, 1, block)
@@ -317,8 +317,7 @@ class TorchAttention:
         rows = q[:n] if bucket.token_idx is None else q.index_select(0, bucket.token_idx)
         queries = rows.view(n, num_kv_heads, q.shape[1] // num_kv_heads, head_dim)
         if fused:
-            o = fused_decode(queries, kv_layer.data.view(2, -1, kv_layer.shape[3], head_dim), blocks, bias, scale,
-                             kv_layer.keys_transposed)
+            o = fused_decode(queries, kv_layer.data, blocks, bias, scale, kv_layer.keys_transposed)
             if o is not None:
                 return o
         # (block, head) chunk ids in [query, head, block] order
