@@ -25,8 +25,8 @@ def gathered_decode_attention(q: torch.Tensor, kv: torch.Tensor, blocks: torch.T
     sums so that torch.compile fuses the gather into the reductions: the cache is read once, where
     index_select + matmul writes a padded copy and reads it again (2.3x slower per layer on the dev
     machine, fp32, 64 sequences of ~460 tokens).
-    q: [n, Hkv, group, D]; kv: a layer's cache [2, blocks, Hkv, block_size, D]; blocks: [n, nblk] block ids; bias: [n, L]
-    (0 or -inf, L = nblk * block_size) -> [n, Hkv, group, D]. Accumulates in fp32.
+    q: [n, Hkv, group, D]; kv: a layer's cache [2, blocks, Hkv, block_size, D]; blocks: [n, nblk] block ids;
+    bias: [n, L] (0 or -inf, L = nblk * block_size) -> [n, Hkv, group, D]. Accumulates in fp32.
     keys_transposed: each K chunk holds [D, block_size] (KVLayer.keys_transposed)."""
     n, nblk = blocks.shape
     group = q.shape[2]
@@ -34,8 +34,9 @@ def gathered_decode_attention(q: torch.Tensor, kv: torch.Tensor, blocks: torch.T
     # Indexed by block, every head of a block together: the loops then follow the cache, whose blocks hold
     # their heads side by side (the head outermost, each (block, head) chunk was read on its own, 4 KB, and the
     # next block's chunk 12 KB on). bf16, 64 sequences of 300-500 tokens, 2-core AMD EPYC, caches swept out
-    # before each call, median ms per layer: each sequence's blocks consecutive 2.55 -> 1.36, blocks allocated
-    # in turns as decodes grow 2.5 -> 2.06, shuffled 2.6 -> 2.25. fp32: the same sums in the same order.
+    # before each call, median ms per layer, old/new in alternating processes: each sequence's blocks side by side
+    # 2.91/2.94 -> 1.68/1.67, blocks taken in turns as decodes grow 3.20/2.38 -> 2.79/2.64, shuffled 3.37/3.15 ->
+    # 2.57/2.53. fp32: the same sums in the same order (bit-equal), time within the noise.
     query = q.float()
     values = kv[1][blocks].float()  # [n, nblk, Hkv, block, D]
     # Each query head's sum written on its own where K is transposed (see TRANSPOSED_K_DTYPES).
@@ -156,10 +157,10 @@ class TorchAttention:
     # The compiled path takes one bucket while its padded keys are at most this many times the real ones: past a
     # sequence's blocks its table row lists block 0 (runner._plan), so the padding re-reads one block from the
     # caches instead of memory; and a one-bucket decode step runs its attention inside the layer graphs (4 buckets
-    # took 120 compiled calls a step, each ~50 us of dynamo and wrapper). bf16, 64 sequences, each one's blocks
-    # consecutive, caches swept, median ms per layer, 4 buckets / 1: contexts 72-552 (1 bucket 1.6x the real keys)
-    # 2.17 / 1.69, 33-513 (1.67x) 1.41 / 1.40, 32-1024 (1.77x) 3.77 / 3.24, 16-2000 (1.80x) 6.59 / 7.88; fp32
-    # 72-552 4.23 / 4.02, 33-513 4.83 / 4.21.
+    # took 120 compiled calls a step, each ~50 us of dynamo and wrapper under the profiler). bf16, 64 sequences,
+    # each one's blocks side by side, caches swept, median ms per layer, 4 buckets / 1: contexts 72-552 (1 bucket
+    # 1.6x the real keys) 2.17 / 1.69, 33-513 (1.67x) 1.41 / 1.40, 32-1024 (1.77x) 3.77 / 3.24, 16-2000 (1.80x)
+    # 6.59 / 7.88; fp32 72-552 4.23 / 4.02, 33-513 4.83 / 4.21.
     MAX_PADDING = 1.75
     SHORT_CHUNK = 8  # prefill chunks up to this many tokens go through the batched decode path
 
@@ -193,8 +194,9 @@ class TorchAttention:
         if kv_layer.keys_transposed:
             key_store = (_tensor(store_rows // block_size, device), _tensor(store_rows % block_size, device))
         meta.backend_state = TorchStepState(
-            buckets=self._decode_buckets(meta, tokens, table_rows, lens, block_size, self.fused and kv_layer.bits is None
-                                         and device.type == "cpu" and compiled_decode.active),
+            buckets=self._decode_buckets(meta, tokens, table_rows, lens, block_size,
+                                         self.fused and kv_layer.bits is None and device.type == "cpu"
+                                         and compiled_decode.active),
             long_prefills=long_prefills, token_idx=None if token_idx is None else _tensor(token_idx, device),
             store_rows=_tensor(store_rows, device), key_store=key_store)
 
