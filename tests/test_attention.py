@@ -157,6 +157,7 @@ def test_buckets_are_split_from_the_longest_context_down(compiled):
     import random
     rng = random.Random(4)
     singles = 0
+    compiled = compiled and torch_backend.compiled_decode.active  # no C++ compiler: the matmul path's rule
     for _ in range(40):
         lens = [rng.randint(1, 300) for _ in range(rng.randint(2, 40))]
         cache, meta, q, k, v = decode_case(lens, torch.float32, seed=9)
