@@ -129,6 +129,7 @@ class DecodeBucket:
     token_idx: torch.Tensor | None  # [n]: the queries' rows in the step's tokens (None: rows 0..n-1)
     blocks: torch.Tensor  # [n, nblk]: the block ids of each query's context
     bias: torch.Tensor  # [n, nblk * block_size]: 0 inside the context, -inf past it
+    chunks: torch.Tensor | None = None  # the matmul path's (block, head) ids, made at its first layer of the step
 
 
 @dataclass
@@ -168,6 +169,10 @@ class TorchAttention:
         self._workspace: torch.Tensor | None = None
         self.fused = fused  # compiled gathered_decode_attention for unquantized CPU caches
 
+    def _fused_for(self, kv_layer: KVLayer, device: torch.device) -> bool:
+        """The compiled gathered_decode_attention answers this cache's decodes (unquantized, on the CPU)."""
+        return self.fused and kv_layer.bits is None and device.type == "cpu"
+
     def keys_transposed(self, device: torch.device, dtype: torch.dtype, kv_bits: int | None) -> bool:
         """16-bit unquantized caches on the compiled CPU path hold K transposed (see TRANSPOSED_K_DTYPES)."""
         return self.fused and device.type == "cpu" and kv_bits is None and dtype in TRANSPOSED_K_DTYPES
@@ -195,8 +200,7 @@ class TorchAttention:
             key_store = (_tensor(store_rows // block_size, device), _tensor(store_rows % block_size, device))
         meta.backend_state = TorchStepState(
             buckets=self._decode_buckets(meta, tokens, table_rows, lens, block_size,
-                                         self.fused and kv_layer.bits is None and device.type == "cpu"
-                                         and compiled_decode.active),
+                                         self._fused_for(kv_layer, device) and compiled_decode.active),
             long_prefills=long_prefills, token_idx=None if token_idx is None else _tensor(token_idx, device),
             store_rows=_tensor(store_rows, device), key_store=key_store)
 
@@ -322,9 +326,10 @@ class TorchAttention:
             o = fused_decode(queries, kv_layer.data, blocks, bias, scale, kv_layer.keys_transposed)
             if o is not None:
                 return o
-        # (block, head) chunk ids in [query, head, block] order
-        chunks = blocks[:, None, :] * num_kv_heads + torch.arange(num_kv_heads, device=blocks.device)[None, :, None]
-        kv = self._gather(kv_layer, chunks.reshape(-1), q.dtype)
+        if bucket.chunks is None:  # (block, head) chunk ids in [query, head, block] order, once a step
+            bucket.chunks = (blocks[:, None, :] * num_kv_heads
+                             + torch.arange(num_kv_heads, device=blocks.device)[None, :, None]).reshape(-1)
+        kv = self._gather(kv_layer, bucket.chunks, q.dtype)
         keys = kv[0].view(n, num_kv_heads, length, head_dim)
         values = kv[1].view(n, num_kv_heads, length, head_dim)
         scores = torch.matmul(queries, keys.transpose(-1, -2)).mul_(scale).add_(bias[:, None, None, :])
@@ -336,7 +341,7 @@ class TorchAttention:
         state: TorchStepState = meta.backend_state
         store_kv(k, v, kv_layer, state)
         head_dim = k.shape[2]
-        fused = self.fused and kv_layer.bits is None and q.device.type == "cpu"
+        fused = self._fused_for(kv_layer, q.device)
         buckets = state.buckets
         if len(buckets) == 1 and buckets[0].token_idx is None and buckets[0].bias.shape[0] == q.shape[0]:
             return self._bucket_output(q, buckets[0], kv_layer, scale, fused).reshape(q.shape)  # decodes only
