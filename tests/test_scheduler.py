@@ -98,3 +98,20 @@ def test_fork_shares_blocks_and_copies_on_write():
     bm.free(child)
     bm.free(parent)
     assert bm.num_free_blocks == 8 and not any(bm.ref_counts)
+
+
+def test_fresh_blocks_are_zeroed_in_every_layer_and_pool():
+    """A block used for the first time holds whatever the allocation held (NaN here): zero_blocks clears it in
+    every layer, K and V, and the scales and zeros of a quantized cache, and touches no other block."""
+    import torch
+    from dashinfer_core.cache.kv_cache import KVCache
+    for kv_bits in (None, 8):
+        cache = KVCache(num_layers=3, num_blocks=6, block_size=4, num_kv_heads=2, head_dim=8, dtype=torch.float32,
+                        device=torch.device("cpu"), kv_bits=kv_bits)
+        for pool in cache.pools:
+            pool.copy_(torch.full_like(pool, 7 if pool.dtype == torch.uint8 else float("nan"), dtype=pool.dtype))
+        cache.apply(BlockOps(fresh=[1, 4]))
+        for pool in cache.pools:
+            assert (pool[:, :, [1, 4]] == 0).all()
+            rest = pool[:, :, [0, 2, 3, 5]]
+            assert (rest == 7).all() if pool.dtype == torch.uint8 else rest.isnan().all()

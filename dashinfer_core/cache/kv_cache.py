@@ -86,10 +86,16 @@ class KVCache:
         self.copy_blocks(ops.copies)
 
     def zero_blocks(self, blocks: list[int]) -> None:
-        if blocks:
-            index = torch.tensor(blocks, device=self.storage.device)
-            for pool in self.pools:
-                pool.index_fill_(2, index, 0)
+        if not blocks:
+            return
+        if self.storage.device.type == "cpu":  # block by block: index_fill_ along dim 2 took ~3.6x as long
+            for pool in self.pools:              # (4 blocks of the embedded model's fp32 cache: 210 against 58 us)
+                for block in blocks:
+                    pool[:, :, block].zero_()
+            return
+        index = torch.tensor(blocks, device=self.storage.device)
+        for pool in self.pools:
+            pool.index_fill_(2, index, 0)
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy whole blocks src -> dst in every layer (copy-on-write of shared blocks)."""
