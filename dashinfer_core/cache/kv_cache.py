@@ -86,10 +86,12 @@ class KVCache:
         self.copy_blocks(ops.copies)
 
     def zero_blocks(self, blocks: list[int]) -> None:
+        """Zero blocks used for the first time, in every pool. On the CPU block by block: index_fill_ along the
+        block dimension took ~3.6x as long (4 blocks of the embedded model's fp32 cache: 210 against 58 us)."""
         if not blocks:
             return
-        if self.storage.device.type == "cpu":  # block by block: index_fill_ along dim 2 took ~3.6x as long
-            for pool in self.pools:              # (4 blocks of the embedded model's fp32 cache: 210 against 58 us)
+        if self.storage.device.type == "cpu":
+            for pool in self.pools:
                 for block in blocks:
                     pool[:, :, block].zero_()
             return
