@@ -109,7 +109,7 @@ def test_fresh_blocks_are_zeroed_in_every_layer_and_pool():
         cache = KVCache(num_layers=3, num_blocks=6, block_size=4, num_kv_heads=2, head_dim=8, dtype=torch.float32,
                         device=torch.device("cpu"), kv_bits=kv_bits)
         for pool in cache.pools:
-            pool.copy_(torch.full_like(pool, 7 if pool.dtype == torch.uint8 else float("nan"), dtype=pool.dtype))
+            pool.fill_(7 if pool.dtype == torch.uint8 else float("nan"))
         cache.apply(BlockOps(fresh=[1, 4]))
         for pool in cache.pools:
             assert (pool[:, :, [1, 4]] == 0).all()
