@@ -42,8 +42,9 @@ class CompiledOrEager:
                     self._compiled = torch.compile(self.fn, **self._compile_options)
                 return self._compiled(*args, **kwargs)
             except Exception as exc:
-                log.warning("%s: the compiled form failed (%s: %s); running eagerly from now on",
-                            self.name, type(exc).__name__, exc)
+                instead = self.fallback.name if isinstance(self.fallback, CompiledOrEager) else "eagerly"
+                log.warning("%s: the compiled form failed (%s: %s); running %s from now on",
+                            self.name, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "", instead)
                 self.failed = True
         return self.fallback(*args, **kwargs)
 

@@ -51,8 +51,8 @@ def test_decode_steps_with_attention_in_the_graphs_match_the_steps_without(monke
                         in_graph_steps[-1])
     prompts = ["The old lighthouse keeper", "Water boils at", PROSE[:600]]
     params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, logprobs=5)
-    two = Counting(compiled_module.compiled_decode_two)
-    monkeypatch.setattr(compiled_module, "compiled_decode_two", two)
+    two = Counting(parts.graphs.decode_two)
+    monkeypatch.setattr(parts.graphs, "decode_two", two)
     got = {}
     # In the graphs two layers a graph (the middle layer's K/V stored inside it), or one; outside the graphs.
     for route, in_graph, two_layers in (("two", True, True), ("one", True, False), ("out", False, True)):
@@ -115,3 +115,31 @@ def test_compiled_graphs_skip_the_wrappers_repeated_size_checks():
             codes[name] = "\n".join(source)
     assert "assert_size_stride(" in codes["plain"]
     assert "assert_size_stride(" not in codes["ours"] and "def call(" in codes["ours"]
+
+
+def test_graphs_are_kept_per_model_structure():
+    """The layer graphs skip dynamo's guards on the modules they are given, so models share a set of graphs only
+    when their structure (classes, plain attributes, tensor dtypes/shapes/strides) is the same; a model whose
+    layers differ from each other keeps the guarded graphs."""
+    from torch import nn
+
+    from dashinfer_core.models.compiled import GUARDED, graphs_for, structure_signature
+
+    def model(width=8, eps=1e-6, dtype=torch.float32):
+        norm = nn.LayerNorm(width, eps=eps).to(dtype)
+        return [nn.Linear(width, width).to(dtype) for _ in range(3)], norm, nn.Identity()
+
+    a, b = graphs_for(*model()), graphs_for(*model())
+    assert a is b and a is not GUARDED  # same structure, other weights: one set of graphs
+    for other in (model(width=16), model(eps=1e-5), model(dtype=torch.bfloat16)):
+        assert graphs_for(*other) not in (a, GUARDED)
+    layers, norm, rotary = model()
+    layers[1] = nn.Linear(8, 8, bias=False)
+    assert graphs_for(layers, norm, rotary) is GUARDED
+    # A copy per structure: new code objects, so dynamo keeps their caches apart
+    assert a.decode_two.fn.__code__ is not GUARDED.decode_two.fn.__code__
+    assert a.decode_two.fallback is GUARDED.decode_two  # (a part with a graph break falls back to its guarded form)
+    linear = nn.Linear(4, 4)
+    before = structure_signature(linear)
+    linear.weight = nn.Parameter(linear.weight.detach().t().contiguous().t())  # same shape, other strides
+    assert structure_signature(linear) != before

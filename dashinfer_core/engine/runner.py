@@ -186,7 +186,7 @@ class ModelRunner:
         if wants_compiled_layers(self.device, self.dtype, self._path_on("compiled_layers")) and \
                 self.attention.native_on_cpu and not parallel and self.model_cfg.moe is None and \
                 self.lora_slots is None:
-            self.model.compiled_parts = CompiledLayerParts()
+            self.model.compiled_parts = CompiledLayerParts(self.model)
         self.sampler = Sampler(self.vocab_size, self.model_cfg.eos_token_ids, self.device)
         self.disk_io = None  # the prefix cache's disk tier: this rank's files (cache/disk_tier.py)
         if config.disk_cache_dir is not None and config.enable_prefix_caching:
