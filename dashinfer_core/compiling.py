@@ -44,7 +44,7 @@ class CompiledOrEager:
             except Exception as exc:
                 instead = self.fallback.name if isinstance(self.fallback, CompiledOrEager) else "eagerly"
                 log.warning("%s: the compiled form failed (%s: %s); running %s from now on",
-                            self.name, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "", instead)
+                            self.name, type(exc).__name__, (str(exc).splitlines() or [""])[0], instead)
                 self.failed = True
         return self.fallback(*args, **kwargs)
 

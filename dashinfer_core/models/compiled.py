@@ -41,7 +41,6 @@ def after_last_attention(layer: DecoderLayer, norm, out, residual):
     return norm(h, residual)[0]
 
 
-
 # A step of decodes only (most steps) takes the attention into the graphs too: from layer i's attention
 # to layer i + 1's, read from the paged cache as torch_backend.fused_decode does, the new K/V stored before
 # each graph. Compiled like fused_decode: static head shapes (so the inner loops vectorize), the batch and
@@ -64,7 +63,6 @@ def decode_between(layer: DecoderLayer, next_layer: DecoderLayer, q, kv, blocks,
 
 def decode_last(layer: DecoderLayer, norm, q, kv, blocks, bias, residual, keys_transposed: bool):
     return after_last_attention(layer, norm, decode_attention(layer, q, kv, blocks, bias, keys_transposed), residual)
-
 
 
 # Two layers a graph: the K/V of the middle layer is stored inside it, by an operator that declares the cache
@@ -184,7 +182,7 @@ def _describe(value, depth: int = 0):
         return ("set", tuple(sorted(map(repr, value))))
     if isinstance(value, dict):
         return ("dict", tuple((repr(k), _describe(v, depth)) for k, v in value.items()))
-    if isinstance(value, type) or callable(value) and hasattr(value, "__qualname__"):
+    if isinstance(value, type) or (callable(value) and hasattr(value, "__qualname__")):
         return ("code", getattr(value, "__module__", None), value.__qualname__)
     if isinstance(value, torch.nn.Module):  # (children are described where named_modules reaches them)
         return ("module", type(value).__qualname__)
@@ -250,17 +248,17 @@ class CompiledLayerParts:
             mark_dynamic((q, (0,)), (residual, (0,)), (kv[i], (1,)))
             if i + 1 == len(layers):
                 return graphs.decode_last(layers[i], norm, q, kv[i], bucket.blocks, bucket.bias, residual,
-                                            keys_transposed)
+                                          keys_transposed)
             if self.two_layers_a_graph and i + 2 < len(layers) and state.token_idx is None:
                 mark_dynamic((kv[i + 1], (1,)), (state.store_rows, (0,)))
                 q, k, v, residual = graphs.decode_two(layers[i], layers[i + 1], layers[i + 2], q, kv[i], kv[i + 1],
-                                                        state.store_rows, key_chunks, key_offsets, bucket.blocks,
-                                                        bucket.bias, residual, positions, cos_sin, rotary,
-                                                        keys_transposed)
+                                                      state.store_rows, key_chunks, key_offsets, bucket.blocks,
+                                                      bucket.bias, residual, positions, cos_sin, rotary,
+                                                      keys_transposed)
                 i += 2
                 continue
             q, k, v, residual = graphs.decode_between(layers[i], layers[i + 1], q, kv[i], bucket.blocks, bucket.bias,
-                                                        residual, positions, cos_sin, rotary, keys_transposed)
+                                                      residual, positions, cos_sin, rotary, keys_transposed)
             i += 1
 
 
