@@ -202,27 +202,36 @@ def test_sigterm_drains_in_flight_requests(tmp_path, default_model_dir):
                                    "--max-model-len", "1024"), tmp_path, "drain-worker", {"LOGDIR": str(tmp_path)})
     url = f"http://127.0.0.1:{port}"
     wait_until(lambda: requests.post(f"{url}/worker_get_status", timeout=2).ok, 120, "worker", [worker])
-    results = {}
+    results, started, late_chunks = {}, [threading.Event() for _ in range(4)], []
+    sigterm_sent = threading.Event()
 
     def stream(i):
         chunks = []
-        with requests.post(f"{url}/worker_generate_stream", json={"prompt": f"Story {i}:", "max_new_tokens": 40,
+        with requests.post(f"{url}/worker_generate_stream", json={"prompt": f"Story {i}:", "max_new_tokens": 64,
                                                                   "temperature": 0, "echo": False},
                            stream=True, timeout=120) as r:
             for chunk in r.iter_lines(delimiter=b"\0"):
                 if chunk:
                     chunks.append(json.loads(chunk))
+                    started[i].set()
+                    if sigterm_sent.is_set():
+                        late_chunks.append(i)
         results[i] = chunks[-1]
 
     threads = [threading.Thread(target=stream, args=(i,)) for i in range(4)]
     for t in threads:
         t.start()
-    wait_until(lambda: requests.get(f"{url}/worker_get_engine_stats").json()["num_running"] >= 1, 30, "streams")
+    # Signal only once every request is streaming: one still connecting when the server stops listening is
+    # refused (connection reset), which is not what this test is about.
+    for event in started:
+        assert event.wait(60), "a stream never started"
+    sigterm_sent.set()
     worker.proc.send_signal(signal.SIGTERM)
     for t in threads:
         t.join(60)
     worker.proc.wait(60)  # raises if the worker did not exit once drained
     assert not any(t.is_alive() for t in threads)
+    assert late_chunks, "every stream had finished before SIGTERM: nothing was drained"
     assert len(results) == 4 and all(r["finish_reason"] == "length" and r["error_code"] == 0 for r in results.values())
     worker.stop()
 
