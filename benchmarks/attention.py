@@ -219,6 +219,7 @@ def prefill_variants(torch, length: int, dtype):
 
 
 def main(argv=None) -> int:
+    global BLOCK
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seqs", type=int, default=64)
@@ -230,7 +231,11 @@ def main(argv=None) -> int:
                    help="where each sequence's blocks sit in the pool")
     p.add_argument("--cold", action="store_true", help="sweep the caches before each decode call (a step's "
                    "layers read ~30x the cache one layer reads: in the engine each layer's KV comes from memory)")
+    p.add_argument("--block-size", type=int, default=32, help="tokens per KV block (the engine's block_size)")
+    p.add_argument("--variants", default="", help="comma-separated decode variants to time (default: all)")
+    p.add_argument("--no-prefill", action="store_true", help="decode variants only")
     args = p.parse_args(argv)
+    BLOCK = args.block_size
     import torch
     torch.set_num_threads(args.threads)
     from dashinfer_core.capabilities import detect
@@ -251,13 +256,17 @@ def main(argv=None) -> int:
         flops = 4 * sum(lens) * HQ * D
         floor = max(kv_bytes / roof["bandwidth"], flops / roof["peak"][dtype])
         print(f"\ndecode, {str(dtype)[6:]}: {args.seqs} sequences, contexts {args.min_ctx}-{args.max_ctx} "
-              f"(sum {sum(lens)}), blocks {args.placement}{', caches swept' if args.cold else ''}, KV read "
+              f"(sum {sum(lens)}), blocks of {BLOCK} {args.placement}{', caches swept' if args.cold else ''}, KV read "
               f"{kv_bytes / 2**20:.1f} MiB per layer; roofline {floor * 1e3:.3f} ms")
         print(f"{'variant':<18}{'ms/layer':>10}{'GB/s':>8}{'% bw':>7}{'GFLOP/s':>9}{'% peak':>8}{'x roofline':>12}")
         for name, fn in decode_variants(torch, lens, tables, kv, q).items():
+            if args.variants and name not in args.variants.split(","):
+                continue
             t = best_time(fn, sweep=sweep)
             print(f"{name:<18}{t * 1e3:>10.3f}{kv_bytes / t / 1e9:>8.1f}{100 * kv_bytes / t / roof['bandwidth']:>6.0f}%"
                   f"{flops / t / 1e9:>9.1f}{100 * flops / t / roof['peak'][dtype]:>7.1f}%{t / floor:>12.1f}")
+        if args.no_prefill:
+            continue
         length = args.prefill
         pf_flops = 4 * HQ * D * length * (length + 1) / 2  # causal: half the score matrix
         print(f"\nprefill, {str(dtype)[6:]}: one causal chunk of {length} tokens, {pf_flops / 1e9:.2f} GFLOP "

@@ -1,6 +1,7 @@
 """Engine invariants under randomized load (hypothesis), and faults confined to their request."""
 from __future__ import annotations
 
+import functools
 import random
 
 import torch
@@ -36,9 +37,14 @@ def workloads(draw):
     return dict(requests=requests, blocks=draw(st.integers(6, 24)), budget=draw(st.sampled_from([16, 48, 256])))
 
 
+@functools.lru_cache(maxsize=1)
+def alone_llm(model_dir) -> LLM:
+    """One engine for every reference run (one request at a time, no prefix cache: as a fresh engine answers)."""
+    return LLM(str(model_dir), dtype="float32", device="cpu", block_size=BS, enable_prefix_caching=False)
+
+
 def run_alone(model_dir, prompt, params):
-    llm = LLM(str(model_dir), dtype="float32", device="cpu", block_size=BS, enable_prefix_caching=False)
-    return llm.generate([prompt], SamplingParams(**params))[0].token_ids
+    return alone_llm(model_dir).generate([prompt], SamplingParams(**params))[0].token_ids
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow,
