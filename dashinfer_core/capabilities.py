@@ -259,19 +259,21 @@ def int4_gemv_works() -> bool:
 
 
 @functools.cache
-def int4pack_layout_known() -> bool:
-    """torch's CPU int4 packing is the layout quant/linear.py's unpack_int4pack reads (then 4-bit layers
-    keep that copy only); an unknown layout keeps our own packing beside it."""
+def int4pack_block() -> int:
+    """Rows per block of torch's CPU int4 packing, in the layout quant/linear.py's unpack_int4pack reads
+    (then 4-bit layers keep that copy only): 64 where ATen's kernel is built for AVX-512, 32 for AVX2. 0 for
+    an unknown layout, which keeps our own packing beside it."""
     if not int4_gemv_works():
-        return False
+        return 0
     from .quant.linear import unpack_int4pack
     q = torch.randint(0, 16, (128, 64), generator=torch.Generator().manual_seed(1), dtype=torch.int32)
     try:
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-        return packed.dtype == torch.uint8 and packed.numel() == q.numel() // 2 and \
-            torch.equal(unpack_int4pack(packed, 128, 64).int(), q)
+        if packed.dtype != torch.uint8 or packed.numel() != q.numel() // 2:
+            return 0
+        return next((block for block in (64, 32) if torch.equal(unpack_int4pack(packed, 128, 64, block).int(), q)), 0)
     except Exception:
-        return False
+        return 0
 
 
 @functools.cache

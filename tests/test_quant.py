@@ -113,6 +113,35 @@ def test_int4_bf16_linear_equals_dequantize_then_matmul(rows, group):
         torch.testing.assert_close(out.float(), ref, atol=2e-2 * ref.abs().max().item(), rtol=1e-2)
 
 
+def test_int4_kernel_rows_and_compiled_dequant_route(monkeypatch):
+    """Past int4pack_max_rows (lower where the CPU has no bf16 arithmetic: the dequantizing matmul's fp32 GEMM
+    wins sooner there) the layer reads the kernel's packing through the dequantizing matmul; inside a compiled
+    graph that is an operator, not a graph break, and both routes give the dequantized weight's product."""
+    from dashinfer_core.capabilities import int4_gemv_works, native_bf16
+    from dashinfer_core.quant import linear as qlinear
+    if not int4_gemv_works():
+        pytest.skip("torch's int4 kernel does not work here; test_int4_bf16_linear_equals_dequantize_then_matmul "
+                    "covers the dequantizing matmul")
+    assert qlinear.int4pack_max_rows() == (qlinear.INT4PACK_MAX_ROWS if native_bf16()
+                                           else qlinear.INT4PACK_MAX_ROWS_FP32_GEMM)
+    torch.manual_seed(5)
+    w = torch.randn(128, 96)
+    qw = quantize(w, 4, 32)
+    layer = QuantizedLinear(qw, None, (128,), torch.bfloat16)
+    assert layer.qweight is None and layer.int4pack_block in (32, 64)
+    calls = []
+    real = qlinear._int4pack_dequant_linear
+    monkeypatch.setattr(qlinear, "_int4pack_dequant_linear", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    limit = qlinear.int4pack_max_rows()
+    compiled = torch.compile(layer.forward, fullgraph=True, dynamic=False)
+    for rows in (limit, limit + 1):
+        x = torch.randn(rows, 96).bfloat16()
+        want = x.float() @ dequantize(qw).t()
+        for out in (layer(x), compiled(x)):
+            torch.testing.assert_close(out.float(), want, atol=2e-2 * want.abs().max().item(), rtol=1e-2)
+    assert calls == [limit + 1]  # eagerly; the compiled graph calls the operator
+
+
 @pytest.mark.parametrize("rows", [1, 3, INT8PACK_MAX_ROWS, INT8PACK_MAX_ROWS + 5])
 def test_signed_int8_bf16_linear_equals_dequantize_then_matmul(rows):
     # bf16 on the CPU: decode-sized inputs take torch's int8 GEMV, bigger ones the compiled dequant path;
@@ -169,6 +198,8 @@ def test_quantized_embedded_model_answers(default_model_dir, options):
     if options.get("dtype") == "bfloat16" and options["quantization"] == "iq-int4":  # the int4 kernel's packing
         gemv = stats.fast_paths["int4_gemv"].startswith("on")
         assert all((m.int4_packed0 is not None) == gemv for m in linears)
+        # ... and only that packing, in the layout this CPU's kernel uses (AVX2 packs 32 rows a block, not 64)
+        assert all((m.qweight is None) == gemv for m in linears)
 
 
 def test_gptq_checkpoint_loads_exactly(tmp_path, tiny_models):

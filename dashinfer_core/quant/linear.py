@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..capabilities import (INT4_GROUPS, compile_works, disabled_paths, int4_gemv_works, int4pack_layout_known,
+from ..capabilities import (INT4_GROUPS, compile_works, disabled_paths, int4_gemv_works, int4pack_block,
                             int8_gemm_works, int8_gemv_works, native_bf16)
 from ..compiling import compile_or_eager
 from ..errors import InvalidParameterError, UnsupportedModelError
@@ -40,10 +40,14 @@ class QuantizedLinear(nn.Module):
         # activations would end fp32's exact match with the dequantized model.
         parts = int4pack_parts(qw) if compute_dtype == torch.bfloat16 else None
         self.int4_parts = 0 if parts is None else len(parts)
+        self.int4pack_max_numel = int4pack_max_rows() * self.in_features if parts else 0
+        # Read once: a capability probe called inside a compiled graph is a graph break.
+        self.emulated_bf16 = not native_bf16()
         for i in range(2):
             self.register_buffer(f"int4_packed{i}", parts[i][0] if parts and i < len(parts) else None)
             self.register_buffer(f"int4_scales_zeros{i}", parts[i][1] if parts and i < len(parts) else None)
-        if parts and qw.bits == 4 and qw.shape[0] % 64 == 0 and int4pack_layout_known():
+        self.int4pack_block = int4pack_block() if parts else 0
+        if parts and qw.bits == 4 and self.int4pack_block and qw.shape[0] % self.int4pack_block == 0:
             self.qweight = None
         # fp32 on the CPU: 4-bit integers kept one per byte, which the compiled GEMV reads ~6x faster than
         # nibbles (inductor does not vectorize the unpacking): 1591 against 258 us for a 3072x576 weight.
@@ -59,7 +63,8 @@ class QuantizedLinear(nn.Module):
     def quantized(self) -> QuantizedWeight:
         qweight = self.qweight
         if qweight is None:  # only the int4 kernel's packing is kept
-            qweight = pack_int4(unpack_int4pack(self.int4_packed0, self.out_features, self.in_features))
+            qweight = pack_int4(unpack_int4pack(self.int4_packed0, self.out_features, self.in_features,
+                                                 self.int4pack_block))
         elif self.storage_bits != self.bits:  # 4-bit integers one per byte
             qweight = pack_int4(qweight)
         return QuantizedWeight(qweight, self.scales, self.zeros, self.bits, self.group_size,
@@ -69,9 +74,10 @@ class QuantizedLinear(nn.Module):
         """Rows `index` of the weight in the compute dtype: a quantized embedding's lookup (per step: only
         the rows asked for are unpacked)."""
         k = self.in_features
-        if self.qweight is None:  # the int4 kernel's packing: row r is in block r // 64, nibble (r % 64) // 32
-            blocks = self.int4_packed0.view(-1, k, 32)[index // 64, :, index % 32]  # [T, K]
-            q = torch.where((index % 64 >= 32)[:, None], blocks >> 4, blocks & 0x0F)
+        if self.qweight is None:  # the int4 kernel's packing: row r in block r // B, nibble (r % B) // (B / 2)
+            block = self.int4pack_block
+            blocks = self.int4_packed0.view(-1, k, block // 2)[index // block, :, index % (block // 2)]  # [T, K]
+            q = torch.where((index % block >= block // 2)[:, None], blocks >> 4, blocks & 0x0F)
         elif self.storage_bits == 4:
             q = unpack_int4(self.qweight[index], k)
         else:
@@ -80,7 +86,7 @@ class QuantizedLinear(nn.Module):
         return dequantize(qw, self.compute_dtype)  # 8: the integers come unpacked
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.int4_parts and x.dtype == torch.bfloat16 and x.numel() <= INT4PACK_MAX_ROWS * self.in_features:
+        if self.int4_parts and x.dtype == torch.bfloat16 and x.numel() <= self.int4pack_max_numel:
             flat = x.reshape(-1, self.in_features)
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.int4_packed0, self.group_size,
                                                            self.int4_scales_zeros0)
@@ -90,9 +96,11 @@ class QuantizedLinear(nn.Module):
             y = y.view(*x.shape[:-1], -1)
             return y if self.bias is None else y + self.bias
         if self.qweight is None:
-            y = _int4pack_dequant_linear(x.reshape(-1, self.in_features), self.int4_packed0, self.scales,
-                                         self.zeros, self.group_size,
-                                         x.dtype == torch.bfloat16 and not native_bf16()).view(*x.shape[:-1], -1)
+            dequant_linear = torch.ops.dashinfer.int4pack_dequant_linear if torch.compiler.is_compiling() else \
+                _int4pack_dequant_linear
+            y = dequant_linear(x.reshape(-1, self.in_features), self.int4_packed0, self.scales, self.zeros,
+                               self.group_size, self.int4pack_block,
+                               x.dtype == torch.bfloat16 and self.emulated_bf16).view(*x.shape[:-1], -1)
             return y if self.bias is None else y + self.bias
         if self.activations_int8:
             y = a8w8_linear(x, self.w_int8_t, self.w_scale)
@@ -106,7 +114,7 @@ class QuantizedLinear(nn.Module):
                              self.out_features, self.in_features).view(*x.shape[:-1], self.out_features)
         else:
             y = cpu_dequant_linear(x, self.qweight, self.scales, self.zeros, self.storage_bits, self.group_size,
-                                   self.in_features)
+                                   self.in_features, x.dtype == torch.bfloat16 and self.emulated_bf16)
         return y if self.bias is None else y + self.bias
 
 
@@ -125,17 +133,29 @@ def _dequant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
 
 
 def _int4pack_dequant_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                             group: int, fp32_gemm: bool = False) -> torch.Tensor:
+                             group: int, block: int, fp32_gemm: bool = False) -> torch.Tensor:
     """x @ dequant(W)^T with W's integers read from the int4 kernel's packing (see unpack_int4pack).
-    fp32_gemm: multiply in fp32 (a CPU without bf16 arithmetic, where a bf16 GEMM is emulated). Run eager:
-    inductor's code for the packing's transposed unpack is 3-7x slower than these ops (3072x576 group 32,
-    300 rows, 2 threads: 34.1 against 9.4 ms on an AVX-512 bf16 EPYC; 63 against 34 ms with AVX2 only)."""
+    fp32_gemm: multiply in fp32 (a CPU without bf16 arithmetic, where a bf16 GEMM is emulated). Run eager
+    (inside compiled graphs as the operator below): inductor's code for the packing's transposed unpack is
+    3-7x slower than these ops (3072x576 group 32, 300 rows, 2 threads: 34.1 against 9.4 ms on an AVX-512 bf16
+    EPYC; 63 against 34 ms with AVX2 only; traced into the prefill graphs on an AVX2-only EPYC, single stream
+    time to first token went from ~1.1 to ~4 s)."""
     n, k = scales.shape[0], x.shape[-1]
-    q = unpack_int4pack(packed, n, k)
+    q = unpack_int4pack(packed, n, k, block)
     w = ((q.view(n, k // group, group).float() - zeros[..., None]) * scales[..., None]).view(n, k)
     if fp32_gemm:
         return torch.matmul(x.float(), w.t()).to(x.dtype)
     return torch.matmul(x, w.to(x.dtype).t())
+
+
+# A plain operator (as layers/linear.py's packed_linear): compiled graphs call it whole, without a graph break.
+_LIBRARY = torch.library.Library("dashinfer", "FRAGMENT")
+_LIBRARY.define("int4pack_dequant_linear(Tensor x, Tensor packed, Tensor scales, Tensor zeros, int group, "
+                "int block, bool fp32_gemm) -> Tensor")
+_LIBRARY.impl("int4pack_dequant_linear", _int4pack_dequant_linear, "CPU")
+torch.library.register_fake("dashinfer::int4pack_dequant_linear",
+                            lambda x, packed, scales, zeros, group, block, fp32_gemm:
+                            x.new_empty((x.shape[0], scales.shape[0])), lib=_LIBRARY)
 
 
 def _group_dots(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
@@ -191,11 +211,11 @@ compiled_dequant_gemv = compile_or_eager(_dequant_gemv, name="compiled dequant G
 DEQUANT_GEMV_MAX_ROWS = 4
 
 
-def cpu_dequant_linear(x, qweight, scales, zeros, bits, group, k):
+def cpu_dequant_linear(x, qweight, scales, zeros, bits, group, k, fp32_gemm: bool):
+    """fp32_gemm: bf16 on a CPU without bf16 arithmetic (multiply in fp32)."""
     flat = x.reshape(-1, k)
     if flat.shape[0] <= DEQUANT_GEMV_MAX_ROWS and gemv_serves(bits, group, k) and compiled_dequant_gemv.active:
         return compiled_dequant_gemv(flat, qweight, scales, zeros, bits, group, k).view(*x.shape[:-1], -1)
-    fp32_gemm = x.dtype == torch.bfloat16 and not native_bf16()
     y = compiled_dequant_linear(flat, qweight, scales, zeros, bits, group, k, fp32_gemm)
     return y.view(*x.shape[:-1], -1)
 
@@ -205,15 +225,24 @@ def cpu_dequant_linear(x, qweight, scales, zeros, bits, group, k):
 INT8PACK_MAX_ROWS = 8
 # torch's int4 kernel up to here, then dequantize-and-GEMM (its cost is mostly the fixed dequantization). A
 # 3072x576 group-32 weight, 2 threads, kernel against the dequantizing matmul: AVX-512 bf16 EPYC 2.9 / 5.8 ms at
-# 129 rows, 6.5 / 9.4 at 300, 10.9 / 11.0 at 512; AVX2 only (fp32 GEMM) 4.4 / 9.4 at 129, 12.4 / 12.5 at 300,
-# 34.8 / 24.3 at 1024.
+# 129 rows, 6.5 / 9.4 at 300, 10.9 / 11.0 at 512.
 INT4PACK_MAX_ROWS = 512
+# Without bf16 arithmetic the dequantizing matmul runs an fp32 GEMM, and the kernel's own bf16 code is slow: on
+# an AVX2-only EPYC the four weights of an embedded-model layer took 11.1 / 12.3 ms at 64 rows, 21.1 / 16.8 at
+# 128 and 51.2 / 28.9 at 320 (kernel / dequantizing matmul; 2 threads).
+INT4PACK_MAX_ROWS_FP32_GEMM = 80
 
 
-def unpack_int4pack(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    """The [n, k] integers of torch's CPU int4 packing: rows in blocks of 64, stored [n / 64, k, 32] bytes
-    whose low nibble is row j and high nibble row j + 32 of the block (int4pack_layout_known checks it)."""
-    b = packed.view(n // 64, k, 32)
+def int4pack_max_rows() -> int:
+    """Rows up to which torch's int4 kernel serves a bf16 product on this CPU."""
+    return INT4PACK_MAX_ROWS if native_bf16() else INT4PACK_MAX_ROWS_FP32_GEMM
+
+
+def unpack_int4pack(packed: torch.Tensor, n: int, k: int, block: int) -> torch.Tensor:
+    """The [n, k] integers of torch's CPU int4 packing: rows in blocks of B (64 for its AVX-512 kernel, 32
+    for AVX2), stored [n / B, k, B / 2] bytes whose low nibble is row j and high nibble row j + B / 2 of the
+    block (capabilities.int4pack_block finds B)."""
+    b = packed.view(n // block, k, block // 2)
     return torch.stack((b & 0x0F, b >> 4), dim=1).transpose(2, 3).reshape(n, k)
 
 

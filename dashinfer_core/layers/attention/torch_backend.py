@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ...cache.kv_cache import KVLayer
+from ...capabilities import native_bf16
 from ...compiling import compile_or_eager
 from ...quant.kv import dequantize_kv, quantize_kv
 from .metadata import AttentionMetadata
@@ -356,6 +357,10 @@ class TorchAttention:
                 out.index_copy_(0, bucket.token_idx, o.view(o.shape[0], -1, head_dim))
         block_size = kv_layer.shape[3]
         starts, lens = meta.query_start_loc_host, meta.seq_lens_host
+        # Without bf16 arithmetic torch's CPU flash attention converts bf16 tile by tile: in fp32 it runs 1.5x
+        # as fast (AVX2-only EPYC, 9 query and 3 KV heads, 300 tokens: 3.2 against 4.7 ms with the casts).
+        sdpa_dtype = torch.float32 if q.dtype == torch.bfloat16 and q.device.type == "cpu" and \
+            not native_bf16() else q.dtype
         for i in state.long_prefills:  # the other sequences were answered with the decodes above
             start, end, ctx_len = starts[i], starts[i + 1], lens[i]
             num_new = end - start
@@ -381,7 +386,8 @@ class TorchAttention:
                     q_pos = torch.arange(ctx_len - num_new, ctx_len, device=q.device)
                     mask = torch.arange(ctx_len, device=q.device)[None, :] <= q_pos[:, None]
                     causal = False
-            oi = F.scaled_dot_product_attention(qi, ki.unsqueeze(0), vi.unsqueeze(0), attn_mask=mask,
+            oi = F.scaled_dot_product_attention(qi.to(sdpa_dtype), ki.unsqueeze(0).to(sdpa_dtype),
+                                                vi.unsqueeze(0).to(sdpa_dtype), attn_mask=mask,
                                                 is_causal=causal, scale=scale, enable_gqa=True)
             out[start:end] = oi[0, :, -num_new:].transpose(0, 1)
         return out
