@@ -13,6 +13,11 @@ Rows:
   act-weighted    iq-int4's group-32 search (quant/weights.py) with each error weighted by its input
                   channel's mean square on 256 random tokens (a calibration on random data: what weighting
                   alone can recover)
+  outlier cols 8  integer zero, with the 8 input channels of largest mean square (random tokens) kept exact
+                  and left out of their groups' ranges (the outlier split of LLM.int8 / SpQR)
+  gptq            GPTQ's column-by-column error feedback (integer-zero grid), Hessian from 512 random tokens
+
+--by-type: the integer-zero grid on one kind of projection at a time (the others exact), and on one layer.
 """
 from __future__ import annotations
 
@@ -100,10 +105,51 @@ def weighted_fit(w, group, weight: torch.Tensor):
     return ungrouped(q * scale[..., None] + minimum[..., None], w.shape[1])
 
 
+def outlier_columns(w, group, mean_sq, count: int = 8):
+    cols = mean_sq.topk(count).indices
+    rest = w.clone()
+    rest[:, cols] = 0
+    out = iq_int4(rest, group)
+    out[:, cols] = w[:, cols]
+    return out
+
+
+def gptq(w, group, hessian, damp: float = 0.01, block: int = 128):
+    """Columns quantized in order, each one's error spread over the columns not yet quantized through the
+    inverse Hessian's Cholesky factor; each group's integer-zero grid taken from its updated weights."""
+    work = w.double().clone()
+    k = work.shape[1]
+    h = hessian.double().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    work[:, dead] = 0
+    h += damp * torch.diag(h).mean() * torch.eye(k, dtype=h.dtype)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    out = torch.zeros_like(work)
+    scale = zero = None
+    for start in range(0, k, block):
+        end = min(start + block, k)
+        cols, errs = work[:, start:end].clone(), torch.zeros(work.shape[0], end - start, dtype=work.dtype)
+        for i in range(end - start):
+            if (start + i) % group == 0:
+                g = torch.cat([cols[:, i:], work[:, end:]], 1)[:, :group]
+                lo, hi = g.amin(1).clamp(max=0), g.amax(1).clamp(min=0)
+                scale = ((hi - lo) / QMAX).clamp(min=1e-8)
+                zero = torch.round(-lo / scale).clamp(0, QMAX)
+            q = (torch.clamp(torch.round(cols[:, i] / scale) + zero, 0, QMAX) - zero) * scale
+            out[:, start + i] = q
+            err = (cols[:, i] - q) / hinv[start + i, start + i]
+            cols[:, i:] -= err[:, None] * hinv[start + i, start + i:end][None]
+            errs[:, i] = err
+        work[:, end:] -= errs @ hinv[start:end, end:]
+    return out.float()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--group", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--by-type", action="store_true", help="one kind of projection (or one layer) at a time")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -121,12 +167,22 @@ def main() -> None:
     def perplexity() -> float:
         return math.exp(model(ids, labels=ids).loss.item())
 
-    # Input mean squares per linear layer on random tokens (for the act-weighted row only).
-    mean_sq = {}
-    hooks = [m.register_forward_hook(lambda mod, inp, out, name=name: mean_sq.__setitem__(
-        name, inp[0].detach().pow(2).mean((0, 1)))) for name, m in linears.items()]
+    # Input statistics per linear layer on random tokens: mean squares from the first 256 (act-weighted,
+    # outlier columns), X^T X over 512 (gptq).
+    mean_sq, gram, rows = {}, {}, {}
+
+    def record(name, inp):
+        x = inp[0].detach().reshape(-1, inp[0].shape[-1]).double()
+        mean_sq.setdefault(name, x.pow(2).mean(0).float())
+        gram[name] = gram.get(name, 0) + x.T @ x
+        rows[name] = rows.get(name, 0) + x.shape[0]
+
+    hooks = [m.register_forward_hook(lambda mod, inp, out, name=name: record(name, inp))
+             for name, m in linears.items()]
+    generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        model(torch.randint(0, len(tokenizer), (1, 256), generator=torch.Generator().manual_seed(0)))
+        for _ in range(2):
+            model(torch.randint(0, len(tokenizer), (1, 256), generator=generator))
     for hook in hooks:
         hook.remove()
 
@@ -139,14 +195,25 @@ def main() -> None:
         ("hqq p=0.7", lambda name, w: hqq(w, group)),
         ("hadamard 64", lambda name, w: hadamard(w, group)),
         ("act-weighted", lambda name, w: weighted_fit(w, group, mean_sq[name])),
+        ("outlier cols 8", lambda name, w: outlier_columns(w, group, mean_sq[name])),
+        ("gptq", lambda name, w: gptq(w, group, gram[name] / rows[name])),
     ]
+    selected = lambda name: True  # noqa: E731
+    if args.by_type:
+        kinds = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+        methods = [(kind, lambda name, w: iq_int4(w, group)) for kind in kinds] + \
+            [(f"layer {i}", lambda name, w: iq_int4(w, group)) for i in (0, 1, 15, 28, 29)]
     print(f"SmolLM2-135M-Instruct (embedded), {ids.shape[1]} tokens, int4 groups of {group}; fp32 perplexity "
           f"{base:.3f}\n\n| grid | perplexity | vs fp32 |\n|---|---|---|")
     for label, method in methods:
         start = time.perf_counter()
+        if args.by_type:
+            selected = (lambda name, label=label: name.endswith(label)) if label.endswith("proj") else \
+                (lambda name, label=label: f"layers.{label.split()[1]}." in name)
         with torch.no_grad():
             for name, m in linears.items():
-                m.weight.copy_(method(name, original[name]))
+                if selected(name):
+                    m.weight.copy_(method(name, original[name]))
         ppl = perplexity()
         print(f"| {label} | {ppl:.3f} | {100 * (ppl / base - 1):+.1f} % |  ({time.perf_counter() - start:.0f} s)",
               flush=True)
