@@ -17,7 +17,8 @@ Each CPU fast path has a plain fallback that runs wherever torch runs:
   one. Fallback: the dequantizing matmul.
 - int8_gemm: torch._int_mm for a8w8 (int8 activations x int8 weights, int32 sums). oneDNN's AVX2 kernel
   (no VNNI) sums byte pairs in saturating 16-bit lanes and gets full-range inputs wrong (seen here:
-  off by up to 37,725 of a few hundred thousand). Fallback: the same integer product in fp32.
+  off by up to 37,725 of a few hundred thousand); torch 2.13's on another AVX2-only CPU is exact but ~18x
+  slower than fp32, so it must also win a timing probe. Fallback: the same integer product in fp32.
 - compiled_dequant: weight-only quantized matmuls (iq-int4, grouped iq-int8, and iq-int8 where the
   GEMV is off) as a compiled graph that dequantizes inside the matmul's loads.
 - compiled_layers: the decoder layers' non-attention work as torch.compile'd graphs (CPU, bf16/fp16).
@@ -40,6 +41,7 @@ import os
 import platform
 import shutil
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -276,19 +278,47 @@ def int4pack_block() -> int:
         return 0
 
 
-@functools.cache
 def int8_gemm_works() -> bool:
-    """torch._int_mm gives exact int32 sums for full-range int8 inputs (the case that saturates)."""
-    if "int8_gemm" in disabled_paths() or not hasattr(torch, "_int_mm"):
-        return False
+    return int8_gemm_verdict()[0]
+
+
+@functools.cache
+def int8_gemm_verdict() -> tuple[bool, str]:
+    """(use torch._int_mm, why): it must give exact int32 sums for full-range int8 inputs (the case that
+    saturates) and beat the fallback, the same integer product in fp32. torch 2.13 on an AVX2-only EPYC is exact
+    but ~18x slower than that (54 against 3 ms for 64x576 @ 576x1536)."""
+    if "int8_gemm" in disabled_paths():
+        return False, "disabled by DASHINFER_DISABLE"
+    if not hasattr(torch, "_int_mm"):
+        return False, "this torch has no torch._int_mm; the integer product runs in fp32"
     gen = torch.Generator().manual_seed(0)
     a = torch.randint(-127, 128, (17, 128), generator=gen, dtype=torch.int8)
     b = torch.randint(-127, 128, (128, 32), generator=gen, dtype=torch.int8)
     try:
-        return bool(torch.equal(torch._int_mm(a, b), a.int() @ b.int()))
+        exact = bool(torch.equal(torch._int_mm(a, b), a.int() @ b.int()))
     except Exception as exc:
         log.info("int8 GEMM unavailable: %s", str(exc).splitlines()[0][:120])
-        return False
+        return False, "torch._int_mm fails on this CPU; the integer product runs in fp32"
+    if not exact:
+        return False, "torch._int_mm is inexact on this CPU (saturating int8 kernel); the integer product runs in fp32"
+    a = torch.randint(-127, 128, (32, 512), generator=gen, dtype=torch.int8)
+    b = torch.randint(-127, 128, (512, 512), generator=gen, dtype=torch.int8)
+    int_ms = _best_ms(lambda: torch._int_mm(a, b))
+    float_ms = _best_ms(lambda: torch.matmul(a.float(), b.float()))
+    if int_ms > float_ms:
+        return False, (f"torch._int_mm is slower here than the integer product in fp32 ({int_ms:.2f} against "
+                       f"{float_ms:.2f} ms for 32x512 @ 512x512), which runs instead")
+    return True, "torch._int_mm with int32 sums"
+
+
+def _best_ms(fn, repeats: int = 3) -> float:
+    fn()  # warm-up: first-call allocation and dispatch
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best * 1e3
 
 
 def compile_works() -> tuple[bool, str]:
@@ -366,11 +396,8 @@ def choose_cpu_paths(dtype: torch.dtype, quantization: str | None, group_size: i
         paths["int8_gemm"] = PathChoice(False, "only for a8w8")
     elif "int8_gemm" in off:
         paths["int8_gemm"] = PathChoice(False, "disabled by DASHINFER_DISABLE")
-    elif not int8_gemm_works():
-        paths["int8_gemm"] = PathChoice(False, "torch._int_mm is inexact on this CPU (saturating int8 "
-                                               "kernel); the integer product runs in fp32")
     else:
-        paths["int8_gemm"] = PathChoice(True, "torch._int_mm with int32 sums")
+        paths["int8_gemm"] = PathChoice(*int8_gemm_verdict())
 
     can_compile, why = compile_works()
     for name in ("compiled_dequant", "compiled_layers", "compiled_attention"):

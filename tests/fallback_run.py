@@ -53,7 +53,8 @@ def run(settings: dict) -> dict:
     return {"settings": settings, "paths": stats.fast_paths, "texts": [o.text for o in outs],
             "errors": [o.error for o in outs], "scores": scores,
             "leaked_blocks": stats.num_blocks - stats.num_free_blocks,
-            "compiled_layers_ran": parts is not None and not parts.failed}
+            "compiled_layers_ran": parts is not None and not parts.failed,
+            "compiled_layers_fell_back": [] if parts is None else parts.fell_back}
 
 
 def main() -> int:

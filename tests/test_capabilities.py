@@ -38,6 +38,9 @@ def test_avx2_machine_runs_bf16_compiled_and_int8():
     assert fp32["paths"]["packed_linear"].startswith("on")  # fp32 prepacking is plain AVX2 oneDNN
     if capabilities.detect().cxx_compiler:  # the compiled layers run under AVX2 code generation too
         assert bf16["compiled_layers_ran"] and bf16["paths"]["compiled_layers"].startswith("on")
+        # ... each as whole graphs: a capability probe first asked inside one is a graph break (int8: the
+        # compiled dequant forms' first `.active`)
+        assert bf16["compiled_layers_fell_back"] == [] and int8["compiled_layers_fell_back"] == [], result["runs"]
     # bf16 is an approximation of the fp32 model: ~0.1 nat per token here; a wrong route is off by nats.
     assert mean_abs_diff(bf16["scores"], fp32["scores"]) < 0.3
     assert mean_abs_diff(int8["scores"], fp32["scores"]) < 0.4

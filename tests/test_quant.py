@@ -171,6 +171,23 @@ def test_a8w8_is_close_to_the_float_matmul():
     torch.testing.assert_close(a8w8_linear(x, layer.w_int8_t, layer.w_scale), layer(x))
 
 
+def test_a8w8_routes_agree_and_the_choice_says_why(monkeypatch):
+    """torch._int_mm serves a8w8 only where it is exact and faster than the fp32 product; both routes give
+    the same sums (exact in fp32 below 2**24)."""
+    from dashinfer_core import capabilities
+    from dashinfer_core.quant import linear as linear_mod
+    use, why = capabilities.int8_gemm_verdict()
+    assert why and (use == why.startswith("torch._int_mm with")), why
+    torch.manual_seed(3)
+    w, x = torch.randn(48, 256), torch.randn(5, 256)
+    layer = QuantizedLinear(quantize(w, 8, None), None, (48,), torch.float32, activations_int8=True)
+    outs = {}
+    for route in (True, False) if "inexact" not in why else (False,):  # a saturating _int_mm is wrong, not slow
+        monkeypatch.setattr(linear_mod, "int8_gemm_works", lambda route=route: route)
+        outs[route] = a8w8_linear(x, layer.w_int8_t, layer.w_scale)
+    assert all(torch.equal(out, outs[False]) for out in outs.values())
+
+
 CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
 QUESTIONS = ["What is the largest planet in our solar system?", "How many days are in a week?", "What is 2 plus 2?"]
 

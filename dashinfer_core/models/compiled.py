@@ -138,6 +138,12 @@ class LayerGraphs:
         return any(part.failed and not (isinstance(part.fallback, CompiledOrEager) and part.fallback.active)
                    for part in vars(self).values())
 
+    @property
+    def fell_back(self) -> list[str]:
+        """Parts whose whole-graph form failed (they run a guarded form, or eagerly): a graph break in the
+        model's code."""
+        return [part.name for part in vars(self).values() if part.failed]
+
 
 # Dynamo guards every attribute of the layers a graph is given (~700 guard lines for a two-layer decode graph),
 # checked at every call. Skipping them is sound only where every model that reaches the graphs has the same
@@ -216,6 +222,10 @@ class CompiledLayerParts:
     @property
     def failed(self) -> bool:
         return self.graphs.failed
+
+    @property
+    def fell_back(self) -> list[str]:
+        return self.graphs.fell_back
 
     def run(self, layers, norm, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         positions, cos_sin, rotary, graphs = ctx.positions, ctx.cos_sin, ctx.rotary, self.graphs

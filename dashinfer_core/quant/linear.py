@@ -41,8 +41,11 @@ class QuantizedLinear(nn.Module):
         parts = int4pack_parts(qw) if compute_dtype == torch.bfloat16 else None
         self.int4_parts = 0 if parts is None else len(parts)
         self.int4pack_max_numel = int4pack_max_rows() * self.in_features if parts else 0
-        # Read once: a capability probe called inside a compiled graph is a graph break.
+        # Read once: a capability probe called inside a compiled graph is a graph break. So is the first
+        # `.active` of the compiled dequant forms (it asks compile_works): settle both here, not in forward.
         self.emulated_bf16 = not native_bf16()
+        if qw.qweight.device.type == "cpu":
+            _ = compiled_dequant_linear.active, compiled_dequant_gemv.active
         for i in range(2):
             self.register_buffer(f"int4_packed{i}", parts[i][0] if parts and i < len(parts) else None)
             self.register_buffer(f"int4_scales_zeros{i}", parts[i][1] if parts and i < len(parts) else None)
