@@ -80,6 +80,30 @@ def test_a_failing_onednn_call_falls_back_to_f_linear(monkeypatch):
     assert torch.float32 in capabilities._dropped and not capabilities.onednn_linear_on(torch.float32)
 
 
+def test_bf16_products_widen_to_fp32_where_bf16_is_emulated(monkeypatch):
+    """Without bf16 arithmetic, bf16 products of two rows or more run in fp32 (the weight widened in chunks);
+    the answer is the fp32 product rounded to bf16, chunked or not."""
+    from dashinfer_core.layers import linear as linear_mod
+    from dashinfer_core.layers.linear import Linear
+    Linear(8, 4, False, torch.bfloat16)
+    assert linear_mod._bf16_emulated == (not capabilities.native_bf16())  # settled by a bf16 layer
+    monkeypatch.setattr(linear_mod, "UPCAST_CHUNK_ELEMENTS", 64 * 5)  # 5 rows of the weight a chunk
+    torch.manual_seed(4)
+    x, w, b = torch.randn(2, 3, 64).bfloat16(), torch.randn(23, 64).bfloat16(), torch.randn(23).bfloat16()
+    want = F.linear(x.float(), w.float(), b.float()).bfloat16()
+    one_ulp = dict(rtol=2 ** -7, atol=1e-6)  # fp32 sums in another order may round to the next bf16
+    torch.testing.assert_close(linear_mod.upcast_linear(x, w, b).float(), want.float(), **one_ulp)
+    torch.testing.assert_close(linear_mod.upcast_linear(x, w, None).float(),
+                               F.linear(x.float(), w.float()).bfloat16().float(), **one_ulp)
+    calls = []
+    monkeypatch.setattr(linear_mod, "_bf16_emulated", True)
+    monkeypatch.setattr(linear_mod, "upcast_linear", lambda *a: calls.append(a[0].shape) or want)
+    linear_mod.linear(x, w, b)
+    linear_mod.linear(x[:1, :1], w, b)  # one row stays bf16 (the emulated GEMV is faster than widening)
+    linear_mod.linear(x.float(), w.float(), b.float())
+    assert calls == [x.shape]
+
+
 def test_single_row_gemv_route_is_timed_once_per_shape(monkeypatch):
     """One fp32 row: MKL or oneDNN, picked by timing both once per weight shape (the weight evicted from
     the caches before each timed call); later calls reuse the pick; either route gives F.linear's answer."""

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..capabilities import drop_onednn_dtype, onednn_linear_on
+from ..capabilities import drop_onednn_dtype, native_bf16, onednn_linear_on
 
 # On x86 CPUs oneDNN's GEMM runs 2-3x faster than the MKL sgemm behind F.linear (measured on the
 # AMD EPYC dev machine: 450 vs 210 GFLOP/s fp32 at 512 rows), for the same fp32 arithmetic. Which
@@ -75,7 +75,34 @@ def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return _run_packed(x, weight, bias)  # eagerly without the custom op's dispatch (~10 us a call)
 
 
+# Without bf16 arithmetic (AVX2, AVX-512 without avx512_bf16) torch's bf16 GEMM is emulated and slow past one row:
+# on an AVX2-only EPYC, 1 thread, a [1536, 576] weight took 1.53 ms at 8 rows and 12.2 at 64 (fp32: 0.34, 1.53), the
+# embedded model's LM head 415 ms at 64 rows. There the weight is widened to fp32 in chunks of this many elements
+# (4 MB: the widened copy stays in cache, and no large buffer is faulted in each call) and the fp32 GEMM runs:
+# 0.49 / 1.84 ms, and 68 ms for the LM head (19 against 50 ms at 8 rows; one row stays bf16: 8.7 against 14.9).
+UPCAST_CHUNK_ELEMENTS = 1 << 20
+# Set by Linear.__init__ (eagerly, at model construction): a capability probe called inside a compiled graph is
+# a graph break.
+_bf16_emulated = False
+
+
+def upcast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ W^T (+ bias) for bf16 x and W, computed in fp32 (the weight widened a chunk of rows at a time)."""
+    flat = x.reshape(-1, x.shape[-1]).float()
+    n, k = weight.shape
+    step = max(1, UPCAST_CHUNK_ELEMENTS // k)
+    if n <= step:
+        y = F.linear(flat, weight.float(), None if bias is None else bias.float())
+    else:
+        y = torch.cat([F.linear(flat, weight[start:start + step].float()) for start in range(0, n, step)], dim=1)
+        if bias is not None:
+            y = y + bias.float()
+    return y.to(x.dtype).view(*x.shape[:-1], n)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    if _bf16_emulated and x.dtype == torch.bfloat16 and x.numel() > x.shape[-1] and x.device.type == "cpu":
+        return upcast_linear(x, weight, bias)
     # Inside torch.compile (models/compiled.py) inductor cannot lower the oneDNN op; F.linear there.
     if not torch.compiler.is_compiling() and x.device.type == "cpu" and onednn_linear_on(x.dtype):
         one_fp32_row = x.dtype == torch.float32 and x.numel() == x.shape[-1]
@@ -148,6 +175,9 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
         self.packed = False  # pack(): the weight is a placeholder, its packed copy in _PACKED
+        if dtype == torch.bfloat16:
+            global _bf16_emulated
+            _bf16_emulated = not native_bf16()
         self.mkl_small = False  # pack() left a small fp32 weight plain: F.linear (MKL) runs it
 
     def shard_range(self, shard: int) -> tuple[int, int]:
