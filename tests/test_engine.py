@@ -181,13 +181,24 @@ def test_presence_and_frequency_penalties_discourage_repeats(llm):
 
 def test_kept_logits_buffer_gives_the_same_tokens_and_is_reused(tiny_llm, monkeypatch):
     """Decode logits past KEPT_LOGITS_MIN_BYTES go into one kept tensor (a fresh one that large is mapped and
-    unmapped every step); lowered to 0 here so every decode step takes that route: same greedy tokens."""
+    unmapped every step); lowered to 0 here so every decode step takes that route: same greedy tokens. A packed
+    LM head (untied, fp32 where oneDNN packs it) fills the kept tensor in row chunks: the same logits, bit for bit,
+    as one product, a short last chunk included."""
     from dashinfer_core.engine import runner as runner_module
+    from dashinfer_core.models import llama as llama_module
     prompts = mixed_prompts(6, min_len=3, max_len=30, seed=7)
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     runner = tiny_llm.engine.runner
+    model = runner.model
     fresh = [o.token_ids for o in tiny_llm.generate(prompts, params)]
     assert runner._logits_buffer is None  # tiny logits: below the threshold, fresh tensors
+    vocab = tiny_llm.engine.vocab_size
+    monkeypatch.setattr(llama_module, "PACKED_HEAD_CHUNK_BYTES", 4 * vocab * 4)  # 4 rows a chunk
+    hidden = torch.randn(11, model.embed_tokens.shape[1], generator=torch.Generator().manual_seed(3))
+    out = torch.full((11, vocab), float("nan"))
+    with torch.inference_mode():
+        assert model.compute_logits(hidden, out=out) is out
+        assert torch.equal(out, model.compute_logits(hidden))
     monkeypatch.setattr(runner_module, "KEPT_LOGITS_MIN_BYTES", 0)
     kept = [o.token_ids for o in tiny_llm.generate(prompts, params)]
     buffer = runner._logits_buffer
