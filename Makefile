@@ -2,9 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# --no-compile: byte-compiling every installed module (torch, litellm, transformers) was half of set-up's
-# time (150 -> 80 s on a 2-core AVX2 EPYC); Python compiles the few it imports on first use instead.
-PIP := $(PY) -m pip install -q --no-compile --disable-pip-version-check -c constraints.txt
+PIP := $(PY) -m pip install -q --disable-pip-version-check -c constraints.txt
 STAMP := $(VENV)/.installed
 # Tests and the demo run torch on one thread: with two, any other load on a 2-core machine makes
 # torch collapse (see README "Threads").
