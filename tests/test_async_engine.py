@@ -161,6 +161,47 @@ def test_a_failed_start_raises_in_the_caller_and_leaves_no_loop(tmp_path):
     assert "dashinfer-step-loop" not in {t.name for t in threading.enumerate()} - before
 
 
+WARM_UP_PROBE = r"""
+import asyncio, sys
+from torch._dynamo.utils import counters
+from dashinfer_core import AsyncEngine, SamplingParams
+async def one(engine, prompt, n):
+    async for out in engine.generate(prompt, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)):
+        pass
+async def first_requests(engine):
+    await one(engine, [5, 6, 7], 4)  # a short prompt (the decode path), then one decode at a time
+    await one(engine, list(range(3, 40)), 3)  # a longer one
+    first = asyncio.create_task(one(engine, list(range(50, 90)), 8))
+    await asyncio.sleep(0.3)
+    await asyncio.gather(first, one(engine, list(range(90, 120)), 4))  # two decoding, one beside a prompt
+for dtype in ("float32", "bfloat16"):
+    before = counters["stats"]["unique_graphs"]
+    engine = AsyncEngine(model=sys.argv[1], dtype=dtype, device="cpu", block_size=16)
+    warm = counters["stats"]["unique_graphs"]
+    asyncio.run(first_requests(engine))
+    compiled = engine.get_stats().fast_paths["compiled_attention"].split(":")[0]
+    print(dtype, compiled, warm - before, counters["stats"]["unique_graphs"] - warm)
+    engine.shutdown()
+"""
+
+
+def test_start_up_builds_the_compiled_graphs_the_first_requests_need(tiny_models):
+    """AsyncEngine (what the servers run) warms up before its constructor returns: in a fresh process the
+    first requests, one alone, then two at once beside a prompt, compile nothing more (they would wait
+    seconds for it), in float32 (attention compiled) and bfloat16 (the layers too)."""
+    import os
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", WARM_UP_PROBE, str(tiny_models["llama"])],
+                         env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [line.split() for line in out.stdout.splitlines()[-2:]]
+    assert [line[0] for line in lines] == ["float32", "bfloat16"], out.stdout
+    for dtype, compiled, built_at_start, built_after in lines:
+        assert int(built_after) == 0, out.stdout
+        assert (int(built_at_start) > 0) == (compiled == "on"), out.stdout  # the warm-up built them
+
+
 POOL_PROBE = r"""
 import os, threading, torch
 from dashinfer_core.engine.openmp_pool import release_thread_pool

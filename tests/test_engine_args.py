@@ -110,7 +110,9 @@ def test_the_default_token_budget_and_an_explicit_one_wins(tiny_models):
     assert offline.engine.scheduler.max_num_batched_tokens == 4096
     chosen = LLM(model, dtype="bfloat16", device="cpu", kv_cache_memory=4 << 20, max_num_batched_tokens=300)
     assert chosen.engine.scheduler.max_num_batched_tokens == 300
-    served = AsyncEngine(EngineConfig(model=model, dtype="bfloat16", device="cpu", kv_cache_memory=4 << 20))
+    # (eager: its start-up warm-up would compile bf16 layer graphs this check never runs, ~25 s on an AVX2 CPU)
+    served = AsyncEngine(EngineConfig(model=model, dtype="bfloat16", device="cpu", kv_cache_memory=4 << 20,
+                                      enforce_eager=True))
     try:
         assert served.engine.scheduler.max_num_batched_tokens == 512
     finally:

@@ -91,6 +91,7 @@ class AsyncEngine:
         try:
             self.engine = LLMEngine(config)
             self.engine.set_work_callback(self._wake)
+            self.engine.warm_up()  # before the constructor returns: a server registers once it is warm
         except BaseException as exc:  # raised to the constructor's caller
             self._start_error = exc
             return

@@ -296,6 +296,20 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
+    def warm_up(self) -> None:
+        """Build the compiled graphs of one- and two-sequence decode steps now, before any request
+        (ModelRunner.warm_up); servers call it at start-up. A failure is logged, not raised: the first
+        request then meets the same path and reports it to its caller."""
+        if self.requests or self.num_steps:
+            raise RuntimeError("warm_up runs before the first request (it writes KV block 0)")
+        start = time.monotonic()
+        try:
+            self.runner.warm_up()
+        except Exception:
+            logger.exception("warm-up step failed")
+            return
+        logger.info("warmed up in %.1f s", time.monotonic() - start)
+
     def has_runnable_work(self) -> bool:
         """False when every unfinished request is only waiting for its guided pattern to compile."""
         return self.scheduler.has_unfinished() or self.guided.has_news() or self.runner.broken or \
