@@ -180,6 +180,30 @@ def test_closing_a_stream_frees_its_blocks(stack):
     assert stats["num_free_blocks"] == stats["num_blocks"]
 
 
+@pytest.mark.parametrize("route", ["completions", "chat/completions"])
+def test_a_client_gone_mid_request_ends_its_generation(stack, route):
+    """Non-streamed: the API server and the worker both notice the client left and the request is aborted,
+    rather than generating hundreds of tokens for nobody."""
+    stats_url = f"{stack['worker']}/worker_get_engine_stats"
+    body = {"model": MODEL, "temperature": 0.8, "max_tokens": 900, "ignore_eos": True,
+            **({"prompt": "Here is a very long story about dragons:"} if route == "completions" else
+               {"messages": [{"role": "user", "content": "Tell me a very long story about dragons."}]})}
+    aborted_before = finished_count(stack, "abort")
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{stack['api']}/{route}", json=body, timeout=httpx.Timeout(60, read=2.5))
+    stats = wait_until(lambda: (s := requests.get(stats_url).json())["num_requests"] == 0 and s, 30,
+                       "the abandoned request to leave the engine")
+    assert stats["num_free_blocks"] == stats["num_blocks"]
+    assert finished_count(stack, "abort") == aborted_before + 1  # ended by the abort, not by its 900 tokens
+
+
+def finished_count(stack, reason: str) -> float:
+    """The worker's dashinfer:request_success_total for one finished_reason."""
+    text = requests.get(f"{stack['worker']}/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("dashinfer:request_success_total{") and f'finished_reason="{reason}"' in line)
+
+
 def test_two_workers_share_traffic_and_survive_a_kill(stack, client):
     second, second_url = start_worker(stack["log_dir"], stack["controller"], "worker-b")
     stack["procs"].append(second)

@@ -91,11 +91,12 @@ def checked_routes(app, peek: int = 2) -> None:
     - FastChat streams a worker's error (bad parameter, context overflow) inside a 200 response: the
       first chunks are read before answering, so an error among them becomes a plain HTTP 400 with
       FastChat's error body, as the non-streaming routes do."""
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
     from fastapi.routing import APIRoute
     from starlette.requests import Request
 
     from .chat_route import chat_completion
+    from .disconnect import CLIENT_CLOSED_REQUEST, unless_disconnected
     from .openai_fields import FieldError, check_embeddings_request, check_request
 
     def wrap(endpoint, chat: bool):
@@ -132,8 +133,11 @@ def checked_routes(app, peek: int = 2) -> None:
             if isinstance(n, int) and n > MAX_N:
                 return JSONResponse({"object": "error", "message": f"n: must be <= {MAX_N}, got {n}",
                                      "code": 40302}, status_code=400)
-            _EXTRA_PARAMS.set(extras)
-            response = await (chat_completion(request, include_usage) if chat else endpoint(*args, **kwargs))
+            _EXTRA_PARAMS.set(extras)  # (the task below runs in a copy of this context)
+            response = await unless_disconnected(
+                raw_request, chat_completion(request, include_usage) if chat else endpoint(*args, **kwargs))
+            if response is None:  # the client has gone: its generation was cancelled (and aborted by the worker)
+                return Response(status_code=CLIENT_CLOSED_REQUEST)
             if not isinstance(response, StreamingResponse):
                 return response
             iterator = response.body_iterator

@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 
 import uvicorn
 from fastapi import BackgroundTasks, FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastchat.constants import ErrorCode
 from fastchat.serve.base_model_worker import BaseModelWorker
 
@@ -33,6 +33,7 @@ from dashinfer_core import (AsyncEngine, EngineConfig, EngineDeadError, InvalidP
 from dashinfer_core.engine_args import add_engine_args, engine_config_from_args
 
 from .conversation import choose_conversation
+from .disconnect import CLIENT_CLOSED_REQUEST, unless_disconnected
 from .limits import BodyLimitMiddleware, json_body
 
 app = FastAPI()
@@ -337,7 +338,8 @@ async def api_generate(request: Request):
     await acquire_slot()
     request_id = uuid.uuid4().hex
     try:
-        return JSONResponse(await worker.generate(params, request_id))
+        result = await unless_disconnected(request, worker.generate(params, request_id))
+        return JSONResponse(result) if result is not None else Response(status_code=CLIENT_CLOSED_REQUEST)
     finally:
         release_slot()
         worker.engine.abort(request_id)
@@ -358,7 +360,6 @@ async def api_get_embeddings(request: Request):
 @app.get("/metrics")
 async def api_metrics():
     """Prometheus metrics of this worker's engine (dashinfer_core.metrics)."""
-    from fastapi.responses import Response
     body, content_type = worker.metrics.exposition()
     return Response(body, media_type=content_type)
 
