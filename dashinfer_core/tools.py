@@ -216,9 +216,15 @@ def check_tool_messages(messages: list) -> None:
 
 def template_messages(messages: list) -> list:
     """Messages for the chat template: tool-call arguments as objects (what Qwen's, Llama's and Mistral's
-    templates expect; OpenAI sends them as JSON text)."""
+    templates expect; OpenAI sends them as JSON text), and content given as OpenAI's text parts as one string
+    (joined by newlines, as vLLM does: most templates concatenate the content as a string; a list with image
+    parts stays a list, for the vision-language templates that walk it)."""
     out = []
     for message in messages:
+        content = message.get("content")
+        if isinstance(content, list) and all(isinstance(part, dict) and part.get("type") == "text"
+                                             for part in content):
+            message = {**message, "content": "\n".join(str(part.get("text", "")) for part in content)}
         calls = message.get("tool_calls")
         if calls:
             message = {**message, "tool_calls": [

@@ -76,6 +76,10 @@ def test_chat_and_completion_match_the_engine(client, local):
     assert r.choices[0].message.content == local.chat(CAPITAL, SamplingParams(max_tokens=32, temperature=0))[0].text
     assert r.choices[0].finish_reason == "stop"
     assert r.usage.prompt_tokens == 37 and r.usage.completion_tokens > 0
+    # OpenAI's text parts: the same prompt as the string
+    parts = chat(client, [{"role": "user", "content": [{"type": "text", "text": CAPITAL[0]["content"]}]}],
+                 max_tokens=32)
+    assert parts.choices[0].message.content == r.choices[0].message.content and parts.usage.prompt_tokens == 37
     c = client.completions.create(model=MODEL, prompt="The capital of France is", temperature=0, max_tokens=12)
     assert c.choices[0].text == local.generate("The capital of France is",
                                                SamplingParams(max_tokens=12, temperature=0))[0].text

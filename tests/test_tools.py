@@ -124,6 +124,18 @@ def test_a_template_without_tools_gets_them_in_a_system_message(smollm):
     assert text.startswith("<|im_start|>system\nYou can call functions")
 
 
+def test_text_parts_render_as_the_string_they_join(smollm):
+    """OpenAI's content parts ([{"type": "text", "text": ...}]), which SmolLM2's template cannot concatenate
+    itself: rendered as the newline-joined string, system and user turns alike."""
+    tok = smollm.get_tokenizer()
+    parts = [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+             {"role": "user", "content": [{"type": "text", "text": "Say hi"}, {"type": "text", "text": "twice."}]}]
+    joined = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi\ntwice."}]
+    assert plan_chat(tok, parts, SamplingParams()).prompt_ids == plan_chat(tok, joined, SamplingParams()).prompt_ids
+    params = SamplingParams(max_tokens=6, temperature=0.0)
+    assert smollm.chat([parts], params)[0].text == smollm.chat([joined], params)[0].text
+
+
 # ---- forced calls through the engine ------------------------------------------------------------
 def test_forced_calls_always_validate(smollm):
     """20 sampled calls, required (one call each) or named: every one parses and validates."""
