@@ -409,7 +409,8 @@ class ToolStreamParser:
         if parsed.content and not self.calls_sent and self.content_sent == 0 and self.request.format == LLAMA3:
             return self._content(parsed.content, len(parsed.content)), [], True
         content = ""
-        if self.request.format == HERMES:  # text after the last call
+        if self.request.format == HERMES and self.request.choice == "auto":  # text after the last call (required:
+            # the whole output is the array of calls)
             tail = text.rpartition(HERMES_CLOSE)[2].strip()
             content = tail
         return content, self._new_calls(parsed.tool_calls), True

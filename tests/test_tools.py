@@ -228,7 +228,8 @@ def test_forced_outputs_stream_as_deltas():
     assert _stream(ToolStreamParser(named), text, 1) == ("", [{"name": "get_time", "arguments": text}])
     required = parse_tool_request(TOOLS, "required")
     text = json.dumps([{"name": "get_weather", "arguments": WEATHER}, {"name": "get_time", "arguments": TIME}])
-    _, calls = _stream(ToolStreamParser(required), text, 2)
+    content, calls = _stream(ToolStreamParser(required), text, 2)
+    assert content == "" and required.format == HERMES  # the array is the calls, not content beside them
     assert [(c["name"], json.loads(c["arguments"])) for c in calls] == [("get_weather", WEATHER),
                                                                        ("get_time", TIME)]
     # cut by max_tokens: no call, the text is the content
