@@ -83,6 +83,11 @@ def test_chat_and_completion_match_the_engine(client, local):
     c = client.completions.create(model=MODEL, prompt="The capital of France is", temperature=0, max_tokens=12)
     assert c.choices[0].text == local.generate("The capital of France is",
                                                SamplingParams(max_tokens=12, temperature=0))[0].text
+    # n choices: the prompt counted once, the completions of every choice
+    three = client.completions.create(model=MODEL, prompt="The capital of France is", temperature=0, max_tokens=4,
+                                      n=3)
+    assert three.usage.prompt_tokens == c.usage.prompt_tokens and 3 <= three.usage.completion_tokens <= 12
+    assert three.usage.total_tokens == c.usage.prompt_tokens + three.usage.completion_tokens
 
 
 def test_streaming_equals_non_streamed(client):

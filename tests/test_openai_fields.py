@@ -314,7 +314,7 @@ def test_fastchat_field_policy():
               modalities=["text"], tools_unused=None) == ({"tool_choice": "none", "tools": [],
                                                            "parallel_tool_calls": False}, {})
     # tools, tool_choice, include_usage and chat_template_kwargs are this stack's own (chat route, worker)
-    assert ok(tools=[TOOL], tool_choice="required", stream_options={"include_usage": True},
+    assert ok(tools=[TOOL], tool_choice="required", stream=True, stream_options={"include_usage": True},
               chat_template_kwargs={"enable_thinking": False})[0] == \
         {"tools": [TOOL], "tool_choice": "required", "chat_template_kwargs": {"enable_thinking": False}}
     tool_turns = [*CAPITAL, {"role": "assistant", "content": None, "tool_calls": [
@@ -355,14 +355,17 @@ def test_fastchat_field_policy():
                       (dict(messages=[{"role": "user", "content": "x", "tool_calls": []}]), "messages[0].tool_calls"),
                       (dict(messages=[{"role": "assistant", "content": None}]), "messages[0].content"),
                       (dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]),
-                       "messages[0].content[0]")):
+                       "messages[0].content[0]"),
+                      (dict(messages=[]), "messages"), (dict(messages="Hi"), "messages"),
+                      (dict(stream_options={"include_usage": True}), "stream_options"),
+                      (dict(stop=""), "stop"), (dict(stop=["a", ""]), "stop")):
         with pytest.raises(FieldError) as err:
             ok(**kw)
         assert err.value.param == field and str(err.value).startswith(field), (kw, str(err.value))
     for kw, field in ((dict(suffix="x"), "suffix"), (dict(best_of=2), "best_of"), (dict(use_beam_search=True),
                                                                                    "use_beam_search"),
                       (dict(prompt=[1, 2, 3]), "prompt"), (dict(tools=[TOOL]), "tools"),
-                      (dict(stream_options={"include_usage": True}), "stream_options")):
+                      (dict(stream=True, stream_options={"include_usage": True}), "stream_options")):
         with pytest.raises(FieldError) as err:
             ok(chat=False, **kw)
         assert err.value.param == field, (kw, str(err.value))
@@ -404,7 +407,7 @@ def test_litellm_field_policy():
         [{"role": "system", "content": "a\nb"}]
     assert conversation([{"role": "tool", "tool_call_id": "c1", "content": "x"}], "m") == \
         [{"role": "tool", "tool_call_id": "c1", "content": "x"}]
-    for messages, field in (([{"role": "function", "content": "x"}], "messages[0].role"),
+    for messages, field in (([], "messages"), ([{"role": "function", "content": "x"}], "messages[0].role"),
                             ([{"role": "user", "content": "x", "name": "bob"}], "messages[0].name"),
                             ([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}],
                              "messages[0].content[0]")):

@@ -139,6 +139,11 @@ def checked_routes(app, peek: int = 2) -> None:
             if response is None:  # the client has gone: its generation was cancelled (and aborted by the worker)
                 return Response(status_code=CLIENT_CLOSED_REQUEST)
             if not isinstance(response, StreamingResponse):
+                usage = getattr(response, "usage", None)
+                if not chat and isinstance(n, int) and n > 1 and usage is not None:
+                    # FastChat adds up the usage of the n requests it sends per prompt: each prompt counted n times
+                    usage.prompt_tokens //= n
+                    usage.total_tokens = usage.prompt_tokens + (usage.completion_tokens or 0)
                 return response
             iterator = response.body_iterator
             head = []

@@ -121,9 +121,11 @@ def guided_fields(body: dict) -> dict:
 def check_messages(messages) -> list | None:
     """The chat messages for the worker (which renders them with the model's own chat template: tool
     calls, tool results and images included), `developer` as `system`; None when FastChat's request
-    model will say what is wrong with them."""
-    if not isinstance(messages, list):
+    model will say what is wrong with them (no messages at all)."""
+    if messages is None:
         return None
+    if not isinstance(messages, list) or not messages:  # (FastChat's model takes a string: a prompt, not a chat)
+        raise FieldError("messages", "must be a non-empty list of messages")
     out = []
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
@@ -192,6 +194,8 @@ def check_request(body: dict, chat: bool) -> tuple[dict, dict]:
             continue
         if chat and name in CHAT_WORKER_FIELDS:
             continue
+        if name == "stream_options" and not body.get("stream"):
+            raise FieldError(name, "only with stream: true")
         if name == "stream_options" and isinstance(value, dict) and set(value) <= {"include_usage"} and \
                 (chat or not value.get("include_usage")):
             continue
@@ -201,6 +205,9 @@ def check_request(body: dict, chat: bool) -> tuple[dict, dict]:
             continue
         raise FieldError(name, _unsupported(name, value) if not (name == "stream_options" and not chat)
                          else "include_usage is only served on /v1/chat/completions here")
+    stop = body.get("stop")
+    if stop == "" or (isinstance(stop, list) and "" in stop):  # (FastChat's server would drop a plain "")
+        raise FieldError("stop", "each stop string must be a non-empty string of at most 512 characters")
     if not chat:
         prompt = body.get("prompt")
         if isinstance(prompt, list) and prompt and not all(isinstance(p, str) for p in prompt):

@@ -270,8 +270,12 @@ def conversation(messages: list, model: str) -> list[dict]:
     """Chat messages as the chat template takes them (tool calls and tool results included); what it
     would lose is refused with the field named. `developer` is OpenAI's newer name for `system`. Image
     parts stay as parts (the engine refuses them for a text-only model)."""
+    if not isinstance(messages, list) or not messages:
+        raise _bad_request("messages: must be a non-empty list of messages", model)
     out = []
     for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise _bad_request(f"messages[{i}]: must be an object with a role and content", model)
         role = message.get("role")
         if role not in ("system", "user", "assistant", "developer", "tool"):
             raise _bad_request(f"messages[{i}].role: must be one of system, user, assistant, developer, tool, got "
