@@ -371,6 +371,21 @@ def test_fastchat_field_policy():
         assert err.value.param == field, (kw, str(err.value))
 
 
+def test_fastchat_streams_wait_for_a_queued_worker(monkeypatch):
+    """FastChat's server would drop a stream after 100 s without a byte from the worker (a plain-text 500)."""
+    import types
+
+    from dashinfer_fastchat.openai_api_server import WORKER_WAIT_SECONDS, patch_worker_timeout
+    server = types.SimpleNamespace(WORKER_API_TIMEOUT=100)
+    monkeypatch.delenv("FASTCHAT_WORKER_API_TIMEOUT", raising=False)
+    patch_worker_timeout(server)
+    assert server.WORKER_API_TIMEOUT == WORKER_WAIT_SECONDS >= 3600
+    server.WORKER_API_TIMEOUT = 30
+    monkeypatch.setenv("FASTCHAT_WORKER_API_TIMEOUT", "30")  # the user's own choice stands
+    patch_worker_timeout(server)
+    assert server.WORKER_API_TIMEOUT == 30
+
+
 def test_litellm_field_policy():
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     import litellm

@@ -201,6 +201,18 @@ def checked_routes(app, peek: int = 2) -> None:
                                         dependencies=route.dependencies, name=route.name)
 
 
+WORKER_WAIT_SECONDS = 3 * 3600  # FastChat's own bound on a non-streamed worker call (its aiohttp total timeout)
+
+
+def patch_worker_timeout(server) -> None:
+    """FastChat's server gives up on a stream whose worker sends nothing for FASTCHAT_WORKER_API_TIMEOUT seconds
+    (100 by default) and answers a plain-text 500: a streamed request still queued behind long prompts on a
+    slow CPU met it (found by a black-box pass). The worker queues rather than fails, and a client that gives
+    up disconnects, which aborts its request: wait as long as for a non-streamed call, unless told otherwise."""
+    if "FASTCHAT_WORKER_API_TIMEOUT" not in os.environ:
+        server.WORKER_API_TIMEOUT = WORKER_WAIT_SECONDS
+
+
 def main() -> None:
     import uvicorn
     patch_fastchat_protocol()
@@ -208,6 +220,7 @@ def main() -> None:
 
     from .limits import BodyLimitMiddleware
     args = server.create_openai_api_server()
+    patch_worker_timeout(server)
     server.app.add_middleware(BodyLimitMiddleware)
     forward_extra_params(server)
     checked_routes(server.app)
