@@ -109,6 +109,23 @@ def test_stop_n_and_max_tokens(client):
     assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 3
 
 
+def test_streamed_completion_logprobs_come_once_per_token(client):
+    """Each token's logprobs arrive once, in order, per choice: together the streamed ones are the non-streamed."""
+    kw = dict(model=MODEL, prompt="The capital of France is", temperature=0, max_tokens=8, logprobs=2)
+    whole = client.completions.create(**kw).choices[0].logprobs
+    for n in (1, 2):
+        tokens, logprobs = {}, {}
+        for chunk in client.completions.create(**kw, n=n, stream=True):
+            for choice in chunk.choices:
+                if choice.logprobs is not None:
+                    tokens.setdefault(choice.index, []).extend(choice.logprobs.tokens)
+                    logprobs.setdefault(choice.index, []).extend(choice.logprobs.token_logprobs)
+        assert sorted(tokens) == list(range(n)), tokens
+        for index in range(n):
+            assert tokens[index] == whole.tokens and len(whole.tokens) == 8, (tokens, whole.tokens)
+            assert logprobs[index] == pytest.approx(whole.token_logprobs, abs=1e-4)
+
+
 def test_chat_prompt_is_the_model_template(stack, local):
     from fastchat.conversation import Conversation, SeparatorStyle
     conv = requests.post(f"{stack['worker']}/worker_get_conv_template", json={"model": MODEL}).json()["conv"]

@@ -81,6 +81,32 @@ def forward_extra_params(server) -> None:
     server.get_gen_params = get_gen_params
 
 
+class LogprobsTrimmer:
+    """FastChat's streamed /v1/completions sends each choice's logprobs from its first token in every chunk
+    (the worker's are cumulative, as its text is): keep only the tokens not sent yet, per choice. Only for one
+    prompt: with several, FastChat numbers every prompt's choices from 0 and holds finish chunks to the end,
+    so a chunk's choice cannot be told apart."""
+
+    def __init__(self):
+        self.sent: dict[int, int] = {}  # choice index -> tokens whose logprobs were sent
+
+    def __call__(self, chunk):
+        text = chunk if isinstance(chunk, str) else chunk.decode()
+        if not text.startswith("data: {") or '"logprobs"' not in text:
+            return chunk
+        body = json.loads(text[len("data: "):])
+        for choice in body.get("choices") or []:
+            logprobs = choice.get("logprobs")
+            if not isinstance(logprobs, dict) or not isinstance(logprobs.get("tokens"), list):
+                continue
+            start, total = self.sent.get(choice.get("index", 0), 0), len(logprobs["tokens"])
+            for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+                if isinstance(logprobs.get(key), list):
+                    logprobs[key] = logprobs[key][start:]
+            self.sent[choice.get("index", 0)] = max(start, total)
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
 def checked_routes(app, peek: int = 2) -> None:
     """Wrap FastChat's /v1/chat/completions, /v1/completions and /v1/embeddings (whose body is checked:
     text input only, no `dimensions`):
@@ -159,11 +185,16 @@ def checked_routes(app, peek: int = 2) -> None:
                 if len(head) >= peek:
                     break
 
+            prompt = getattr(request, "prompt", None)
+            single_prompt = isinstance(prompt, str) or (isinstance(prompt, list) and len(prompt) == 1)
+            trim = LogprobsTrimmer() if not chat and getattr(request, "logprobs", None) is not None and \
+                single_prompt else None
+
             async def replay():
                 for chunk in head:
-                    yield chunk
+                    yield chunk if trim is None else trim(chunk)
                 async for chunk in iterator:
-                    yield chunk
+                    yield chunk if trim is None else trim(chunk)
             return StreamingResponse(replay(), media_type=response.media_type)
         signature = inspect.signature(endpoint)
         kept = [p for p in signature.parameters.values() if not (chat and p.name == "request")]
