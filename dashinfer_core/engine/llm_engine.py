@@ -297,8 +297,8 @@ class LLMEngine:
         return bool(self.requests)
 
     def warm_up(self) -> None:
-        """Build the compiled graphs of one- and two-sequence decode steps now, before any request
-        (ModelRunner.warm_up); servers call it at start-up. A failure is logged, not raised: the first
+        """Build the compiled graphs of the step shapes a server meets first now, before any request
+        (ModelRunner.warm_up); AsyncEngine calls it at start-up. A failure is logged, not raised: the first
         request then meets the same path and reports it to its caller."""
         if self.requests or self.num_steps:
             raise RuntimeError("warm_up runs before the first request (it writes KV block 0)")
